@@ -1,0 +1,10 @@
+"""Inversion-free numerics: R factors (one-shot, streamed) and the solver."""
+from ctxlr.linalg.qr import canonical_signs
+from ctxlr.linalg.qr import fold_r
+from ctxlr.linalg.qr import qr_r
+from ctxlr.linalg.qr import regularize_r
+from ctxlr.linalg.solvers import ctx_factors
+from ctxlr.linalg.solvers import error_of_each_rank
+from ctxlr.linalg.solvers import Factors
+from ctxlr.linalg.solvers import rank_for_ratio
+from ctxlr.linalg.solvers import saves_parameters

@@ -1,0 +1,119 @@
+"""The R factor of tall matrices, one-shot and streamed (MATH.md §2–3).
+
+`R` is the `d × d` upper-triangular factor of a QR decomposition of the
+calibration matrix `X` (`n × d`, rows are tokens), with a non-negative
+diagonal: then `RᵀR = XᵀX` and `||X M||_F = ||R M||_F` for every `M`, so the
+solvers never need `X`, nor its Gram matrix, again.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from ctxlr.linalg import checks
+
+
+def canonical_signs(r: jax.Array) -> jax.Array:
+  """Flips rows of `r` so that its diagonal is non-negative.
+
+  R is unique up to the signs of its rows; this picks the representative with
+  `diag(R) >= 0` (a zero diagonal entry keeps its row's sign).
+
+  Args:
+    r: float[d, d] (or float[m, d], m <= d) upper-triangular matrix.
+
+  Returns:
+    The same matrix with rows multiplied by ±1.
+  """
+  diag = jnp.diagonal(r)
+  signs = jnp.where(diag < 0, -1, 1).astype(r.dtype)
+  return r * signs[:, None]
+
+
+@jax.jit
+def _qr_r(x: jax.Array) -> jax.Array:
+  n, d = x.shape
+  x = x.astype(checks.compute_dtype(x.dtype))
+  r = jnp.linalg.qr(x, mode='r')              # f[min(n, d), d]
+  if n < d:                                     # wide X: pad to d × d
+    r = jnp.pad(r, ((0, d - n), (0, 0)))
+  return canonical_signs(r)                     # f[d, d]
+
+
+def qr_r(x: jax.Array) -> jax.Array:
+  """R factor of `X`, square and with a non-negative diagonal.
+
+  >>> qr_r(jnp.ones((100, 8))).shape
+  (8, 8)
+
+  Args:
+    x: X, float[n, d]; any n >= 1. For n < d the `n × d` trapezoidal factor
+      is padded with zero rows (still `RᵀR = XᵀX`).
+
+  Returns:
+    R, float[d, d] upper triangular, in float32 at least (float64 for float64
+    input with x64 enabled).
+  """
+  checks.check_matrix('x', x)
+  if x.shape[0] == 0:
+    raise ValueError(f'x has shape {x.shape}: no rows (empty calibration).')
+  checks.check_finite('x', x)
+  return _qr_r(jnp.asarray(x))
+
+
+@jax.jit
+def _fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
+  dtype = checks.compute_dtype(r.dtype, block.dtype)
+  stacked = jnp.concatenate([r.astype(dtype), block.astype(dtype)])  # [d+b, d]
+  return _qr_r(stacked)
+
+
+def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
+  """One streaming step: `R ← qr_r([R; X_block])` (MATH.md §3).
+
+  Starting from `R = 0` and folding blocks `X_1, X_2, …` gives the R of the
+  stacked X. Zero rows change nothing, so a short last block may be
+  zero-padded to keep one compiled shape.
+
+  Args:
+    r: R so far, float[d, d] (zeros to start).
+    block: X_block, float[b, d]; any b >= 1.
+
+  Returns:
+    The new R, float[d, d], non-negative diagonal.
+  """
+  checks.check_matrix('r', r)
+  d = r.shape[1]
+  checks.check_matrix('r', r, rows=d)
+  checks.check_matrix('block', block, cols=d)
+  checks.check_finite('block', block)
+  return _fold_r(jnp.asarray(r), jnp.asarray(block))
+
+
+@jax.jit
+def _regularize_r(r: jax.Array, mu: jax.Array) -> jax.Array:
+  d = r.shape[1]
+  dtype = checks.compute_dtype(r.dtype)
+  ridge = jnp.sqrt(jnp.asarray(mu, dtype)) * jnp.eye(d, dtype=dtype)
+  return _qr_r(jnp.concatenate([r.astype(dtype), ridge]))    # qr of [2d, d]
+
+
+def regularize_r(r: jax.Array, mu: float | jax.Array) -> jax.Array:
+  """R of `[X; √μ I]` from the R of X: the ridge-regularized problem (§4).
+
+  `min ||X(K−K')||² + μ||K−K'||²` is the plain problem on `[X; √μ I]`, whose
+  R is `qr_r([R; √μ I])`: X is not needed again. μ is traced (no recompile
+  per value).
+
+  Args:
+    r: R of X, float[d, d] (or any float[m, d] with the same Gram, e.g. X).
+    mu: μ >= 0, a scalar.
+
+  Returns:
+    R_μ, float[d, d], non-negative diagonal.
+  """
+  checks.check_matrix('r', r)
+  if jnp.ndim(mu) != 0:
+    raise ValueError(f'mu must be a scalar; got shape {jnp.shape(mu)}.')
+  checks.check_nonnegative('mu', mu)
+  checks.check_finite('r', r)
+  return _regularize_r(jnp.asarray(r), mu)

@@ -1,0 +1,121 @@
+"""The inversion-free context-aware solver (MATH.md §2, §7).
+
+Given the R of the calibration inputs X (see `qr.py`) and a kernel K
+(`y = x @ K`), the rank-r minimiser of `||X(K − K')||_F` is `K V_r V_rᵀ`, with
+`V_r` the top right singular vectors of `R K`. QR and SVD only: no Gram matrix,
+no inverse.
+"""
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ctxlr.linalg import checks
+
+_HIGHEST = jax.lax.Precision.HIGHEST   # no TF32/bf16 passes on accelerators
+
+
+class Factors(NamedTuple):
+  """A rank-r factorisation `K' = a @ b` and the spectrum it came from."""
+  a: jax.Array      # shape=(d_in, rank), dtype of the kernel
+  b: jax.Array      # shape=(rank, d_out), dtype of the kernel
+  sigma: jax.Array  # shape=(min(m, d_out),), compute dtype, descending
+
+
+@functools.partial(jax.jit, static_argnames='rank')
+def _ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
+  dtype = checks.compute_dtype(kernel.dtype, r.dtype)
+  k = kernel.astype(dtype)
+  rk = jnp.matmul(r.astype(dtype), k, precision=_HIGHEST)   # f[m, d_out]
+  _, sigma, vt = jnp.linalg.svd(rk, full_matrices=False)    # vt: f[p, d_out]
+  vt_r = vt[:rank]                                          # f[rank, d_out]
+  a = jnp.matmul(k, vt_r.T, precision=_HIGHEST)             # f[d_in, rank]
+  return Factors(a.astype(kernel.dtype), vt_r.astype(kernel.dtype), sigma)
+
+
+def ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
+  """Context-aware rank-`rank` factors of K from the R of X (MATH.md §2).
+
+  Minimises `||X(K − a b)||_F` over rank-`rank` products. With `R K = U Σ Vᵀ`,
+  `a = K V_r` and `b = V_rᵀ`, so `a b` is the projection `K V_r V_rᵀ`.
+
+  >>> x = jax.random.normal(jax.random.key(0), (256, 16))
+  >>> kernel = jax.random.normal(jax.random.key(1), (16, 24))
+  >>> f = ctx_factors(kernel, qr_r(x), rank=4)
+  >>> f.a.shape, f.b.shape, f.sigma.shape
+  ((16, 4), (4, 24), (16,))
+
+  Args:
+    kernel: K, float[d_in, d_out]; y = x @ K. Any float dtype (bf16 storage
+      is computed in float32 and the factors cast back).
+    r: R of the calibration X, float[d_in, d_in] (`qr_r`, `fold_r`,
+      `regularize_r`). Any float[m, d_in] with the same Gram works, X included.
+    rank: 1 <= rank <= min(d_in, d_out). Static.
+
+  Returns:
+    Factors(a: [d_in, rank], b: [rank, d_out] in the kernel's dtype, sigma:
+    all singular values of `R K` in the compute dtype). The weighted error of
+    every rank is `error_of_each_rank(sigma)`.
+  """
+  checks.check_matrix('kernel', kernel)
+  d_in, d_out = kernel.shape
+  checks.check_matrix('r', r, cols=d_in)
+  checks.check_rank(rank, d_in, d_out)
+  checks.check_finite('kernel', kernel)
+  checks.check_finite('r', r)
+  return _ctx_factors(jnp.asarray(kernel), jnp.asarray(r), rank=rank)
+
+
+def error_of_each_rank(sigma: jax.Array) -> jax.Array:
+  """`||X(K − K_k)||_F` for every rank k = 0 … p, from the spectrum of R K.
+
+  The optimal rank-k error is `sqrt(Σ_{i>k} σ_i²)` (Eckart–Young), so one SVD
+  gives the whole curve. Tail sums are accumulated from the smallest σ up.
+
+  Args:
+    sigma: singular values of R K, float[p], descending.
+
+  Returns:
+    float[p + 1]: entry k is the error at rank k (entry 0 is `||XK||_F`,
+    entry p is 0). Divide by entry 0 for relative errors.
+  """
+  sigma = jnp.asarray(sigma)
+  tail = jnp.cumsum(jnp.square(sigma)[::-1])[::-1]           # Σ_{i>=k} σ_i²
+  return jnp.sqrt(jnp.concatenate([tail, jnp.zeros((1,), tail.dtype)]))
+
+
+def rank_for_ratio(d_in: int, d_out: int, ratio: float) -> int:
+  """The rank that keeps a fraction `ratio` of a layer's parameters (§7).
+
+  A rank-r factored `d_in × d_out` layer stores `r (d_in + d_out)` numbers,
+  so `r = floor(ratio · d_in d_out / (d_in + d_out))`, clipped to
+  `[1, min(d_in, d_out)]`. Whether factoring pays at all is
+  `saves_parameters`.
+
+  >>> rank_for_ratio(576, 1536, 0.5)
+  209
+
+  Args:
+    d_in: input features of the layer.
+    d_out: output features of the layer.
+    ratio: kept fraction of parameters, in (0, 1].
+
+  Returns:
+    The rank, an int.
+  """
+  if not 0 < ratio <= 1:
+    raise ValueError(f'ratio must be in (0, 1]; got {ratio}.')
+  if d_in < 1 or d_out < 1:
+    raise ValueError(f'Layer sizes must be positive; got ({d_in}, {d_out}).')
+  rank = math.floor(ratio * d_in * d_out / (d_in + d_out))
+  return max(1, min(rank, d_in, d_out))
+
+
+def saves_parameters(d_in: int, d_out: int, rank: int) -> bool:
+  """True if rank-`rank` factors store fewer numbers than the dense kernel.
+
+  Layers where it is False stay dense (MATH.md §7).
+  """
+  return rank * (d_in + d_out) < d_in * d_out
