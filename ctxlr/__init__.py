@@ -7,6 +7,7 @@ from ctxlr.linalg import canonical_signs
 from ctxlr.linalg import ctx_factors
 from ctxlr.linalg import error_of_each_rank
 from ctxlr.linalg import Factors
+from ctxlr.linalg import layer_mu
 from ctxlr.linalg import fold_r
 from ctxlr.linalg import qr_r
 from ctxlr.linalg import rank_for_ratio

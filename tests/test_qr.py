@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ctxlr
-from tests import reference
+from ctxlr import reference
 
 
 def _rel(a, b):

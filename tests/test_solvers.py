@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ctxlr
-from tests import reference
+from ctxlr import reference
 
 # Excess (err − opt) / ||XK||_F must stay at float32 rounding level.
 F32_EXCESS = 2e-6

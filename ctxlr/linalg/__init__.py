@@ -6,5 +6,6 @@ from ctxlr.linalg.qr import regularize_r
 from ctxlr.linalg.solvers import ctx_factors
 from ctxlr.linalg.solvers import error_of_each_rank
 from ctxlr.linalg.solvers import Factors
+from ctxlr.linalg.solvers import layer_mu
 from ctxlr.linalg.solvers import rank_for_ratio
 from ctxlr.linalg.solvers import saves_parameters

@@ -119,3 +119,45 @@ def saves_parameters(d_in: int, d_out: int, rank: int) -> bool:
   Layers where it is False stay dense (MATH.md §7).
   """
   return rank * (d_in + d_out) < d_in * d_out
+
+
+MU_RULES = ('energy', 'error_ratio')
+
+
+def layer_mu(kernel: jax.Array, r: jax.Array, mu0: float, *, rank: int,
+             rule: str = 'energy') -> jax.Array:
+  """Per-layer μ from one global μ₀ (MATH.md §4).
+
+  `energy`: `μ = μ₀ ||X||_F² / d_in = μ₀ ||R||_F² / d_in`, the mean eigenvalue
+  of XᵀX: scales with the layer's activations and never vanishes.
+  `error_ratio`: `μ = μ₀ (||X(K − K₀)||_F / ||K − K₀||_F)²` with K₀ the μ = 0
+  rank-`rank` solution, so both terms of (P_μ) are of comparable size. When
+  the data are insufficient (rank(XK) <= rank) K₀ fits them exactly, the
+  numerator is 0 and this rule gives μ = 0 — exactly where regularization is
+  needed; prefer `energy` then.
+
+  Args:
+    kernel: K, float[d_in, d_out].
+    r: R of X, float[m, d_in].
+    mu0: μ₀ >= 0.
+    rank: the rank to be solved for (used by `error_ratio`).
+    rule: 'energy' or 'error_ratio'.
+
+  Returns:
+    μ, a float32 (or float64) scalar.
+  """
+  if rule not in MU_RULES:
+    raise ValueError(f'rule must be one of {MU_RULES}; got {rule!r}.')
+  checks.check_nonnegative('mu0', mu0)
+  d_in = kernel.shape[0]
+  dtype = checks.compute_dtype(kernel.dtype, r.dtype)
+  r = jnp.asarray(r, dtype)
+  if rule == 'energy':
+    return mu0 * jnp.sum(jnp.square(r)) / d_in
+  f = ctx_factors(kernel, r, rank=rank)
+  data_err2 = jnp.square(error_of_each_rank(f.sigma)[rank])
+  k = jnp.asarray(kernel, dtype)
+  change2 = jnp.sum(jnp.square(
+      k - jnp.matmul(f.a.astype(dtype), f.b.astype(dtype), precision=_HIGHEST)))
+  return jnp.where(change2 > 0, mu0 * data_err2 / jnp.where(
+      change2 > 0, change2, 1), 0.)

@@ -1,4 +1,8 @@
-"""Float64 NumPy references and controlled test matrices (no ctxlr code)."""
+"""Float64 NumPy references and controlled test matrices.
+
+Plain NumPy in float64, independent of the JAX solvers: tests and experiments
+measure the solvers against these. Nothing in the solvers imports this file.
+"""
 import numpy as np
 
 

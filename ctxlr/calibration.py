@@ -1,0 +1,178 @@
+"""Calibration: run data through a model once, fold each target layer's input.
+
+The chosen `nnx.Linear` layers are temporarily wrapped in taps. One jitted
+step runs the model on a batch and folds every tapped input into its layer's
+statistics (MATH.md §3), so memory is O(Σ d_in²) whatever the number of tokens
+and no activation is kept. Layers fed the *same* array (q/k/v of attention,
+gate/up of a SwiGLU MLP) are detected while tracing and share one set of
+statistics, computed once.
+"""
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Callable, Iterable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from ctxlr import statistics
+from ctxlr import surgery
+from ctxlr.linalg import qr
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_RECORDER = contextvars.ContextVar('ctxlr_calibration_recorder', default=None)
+
+
+class _Recorder:
+  """Collects the inputs of tapped layers during one trace of the model."""
+
+  def __init__(self):
+    self.inputs: dict[str, jax.Array] = {}   # group -> x, float[tokens, d]
+    self.group_of: dict[str, str] = {}       # layer -> group (first sharer)
+    self._by_id: dict[int, str] = {}
+
+  def record(self, name: str, x: jax.Array) -> None:
+    key = id(x)
+    if key in self._by_id:                   # same traced array: shared input
+      self.group_of[name] = self._by_id[key]
+      return
+    self._by_id[key] = name
+    self.group_of[name] = name
+    self.inputs[name] = x.reshape(-1, x.shape[-1])
+
+
+class _Tap(nnx.Module):
+  """Stands in for a Linear during calibration: records, then passes on."""
+
+  def __init__(self, inner: nnx.Module, name: str):
+    self.inner = inner
+    self.name = name
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    recorder = _RECORDER.get()
+    if recorder is not None:
+      recorder.record(self.name, x)
+    return self.inner(x)
+
+
+@contextlib.contextmanager
+def tapped(model: nnx.Module, names: Iterable[str]):
+  """Wraps the named layers in taps for the duration of the block."""
+  names = list(names)
+  originals = {n: surgery.get_module(model, n) for n in names}
+  for n, m in originals.items():
+    surgery.replace_module(model, n, _Tap(m, n))
+  try:
+    yield
+  finally:
+    for n, m in originals.items():
+      surgery.replace_module(model, n, m)
+
+
+@dataclasses.dataclass(frozen=True)
+class Want:
+  """Which statistics to accumulate (R is always kept: reports use it)."""
+  gram: bool = False
+  abs_sum: bool = False
+
+
+def _init(d: int, want: Want) -> dict[str, jax.Array]:
+  s = dict(r=jnp.zeros((d, d), jnp.float32), count=jnp.zeros((), jnp.int32))
+  if want.gram:
+    s['gram'] = jnp.zeros((d, d), jnp.float32)
+  if want.abs_sum:
+    s['abs_sum'] = jnp.zeros((d,), jnp.float32)
+  return s
+
+
+def _update(s: dict[str, jax.Array], x: jax.Array) -> dict[str, jax.Array]:
+  """One block of every statistic: fold R, add XᵀX and Σ|x| in float32."""
+  x = x.astype(jnp.float32)                                     # f32[b, d]
+  out = dict(s, r=qr._fold_r(s['r'], x), count=s['count'] + x.shape[0])
+  if 'gram' in s:
+    out['gram'] = s['gram'] + jnp.matmul(x.T, x, precision=_HIGHEST)
+  if 'abs_sum' in s:
+    out['abs_sum'] = s['abs_sum'] + jnp.abs(x).sum(0)
+  return out
+
+
+def _finalize(s: dict[str, jax.Array]) -> statistics.LayerStats:
+  return statistics.LayerStats(r=s['r'], gram=s.get('gram'),
+                               abs_sum=s.get('abs_sum'),
+                               count=int(s['count']))
+
+
+def default_call(model: nnx.Module, batch: Any) -> Any:
+  return model(batch)
+
+
+def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
+              *, want: Want = Want(), call: Callable = default_call,
+              desc: str = 'calibrate'
+              ) -> tuple[dict[str, statistics.LayerStats], dict[str, str]]:
+  """Streams `batches` through `model`, folding each layer's input.
+
+  Args:
+    model: an NNX model; it is not changed (taps are removed on exit).
+    batches: iterable of model inputs (e.g. int32 ids [batch, seq]); all
+      batches should share one shape (one compile).
+    layers: dotted paths of the layers to calibrate (`surgery.select_linears`).
+    want: extra statistics for the Gram baselines.
+    call: `call(model, batch)` runs the model (default `model(batch)`).
+    desc: tqdm label.
+
+  Returns:
+    (stats, group_of): `stats[group]` is the LayerStats of that group's input
+    and `group_of[layer]` names the group of each layer (layers sharing an
+    input share a group).
+
+  Raises:
+    ValueError: on an empty stream, or NaN/Inf in a layer's input (naming the
+      layer and the batch index).
+  """
+  layers = list(layers)
+  recorder_box = {}
+  with tapped(model, layers):
+    graphdef, state = nnx.split(model)
+
+    def trace(state, batch):
+      recorder = _Recorder()
+      token = _RECORDER.set(recorder)
+      try:
+        call(nnx.merge(graphdef, state), batch)
+      finally:
+        _RECORDER.reset(token)
+      recorder_box['last'] = recorder
+      return recorder
+
+    @jax.jit
+    def step(state, batch, stats):
+      recorder = trace(state, batch)
+      new = {g: _update(stats[g], x) for g, x in recorder.inputs.items()}
+      finite = {g: jnp.isfinite(x).all() for g, x in recorder.inputs.items()}
+      return new, finite
+
+    stats = None
+    for index, batch in enumerate(tqdm.tqdm(batches, desc=desc,
+                                            unit='batch')):
+      if stats is None:                       # discover groups and shapes
+        shapes = jax.eval_shape(lambda s, b: trace(s, b).inputs, state, batch)
+        rec = recorder_box['last']
+        missing = set(layers) - set(rec.group_of)
+        if missing:
+          raise ValueError(f'Layers {sorted(missing)} were not called by the '
+                           'model during calibration.')
+        group_of = dict(rec.group_of)
+        stats = {g: _init(x.shape[-1], want) for g, x in shapes.items()}
+      stats, finite = step(state, batch, stats)
+      bad = sorted(g for g, ok in jax.device_get(finite).items() if not ok)
+      if bad:
+        sharers = [n for n in layers if group_of[n] in bad]
+        raise ValueError(f'NaN or Inf in the input of layer(s) {sharers} at '
+                         f'calibration batch {index}.')
+  if stats is None:
+    raise ValueError('The calibration stream is empty: no batch to fold.')
+  return {g: _finalize(s) for g, s in stats.items()}, group_of

@@ -1,0 +1,88 @@
+"""Calibration folds each layer's input into R; shared inputs fold once."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxlr import calibration
+from ctxlr import reference
+from ctxlr import surgery
+from tests import toy_model
+
+
+def _inputs_of_layer0(model, batches):
+  """float64 inputs of layers.0's q_proj (= norm(embed(ids))) and down_proj."""
+  block = model.layers[0]
+  xs, downs = [], []
+  for ids in batches:
+    h = model.embed(ids)
+    x = block.norm(h)
+    xs.append(np.asarray(x, np.float64).reshape(-1, 16))
+    q, k, v = block.attn.q_proj(x), block.attn.k_proj(x), block.attn.v_proj(x)
+    w = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / 4.)
+    h = h + block.attn.o_proj(w @ v)
+    x = block.norm(h)
+    inner = jax.nn.silu(block.mlp.gate_proj(x)) * block.mlp.up_proj(x)
+    downs.append(np.asarray(inner, np.float64).reshape(-1, 40))
+  return np.concatenate(xs), np.concatenate(downs)
+
+
+@pytest.fixture(scope='module')
+def calibrated():
+  model = toy_model.Toy()
+  rng = np.random.default_rng(0)
+  batches = [jnp.asarray(rng.integers(0, 64, (2, 10))) for _ in range(4)]
+  names = list(surgery.select_linears(model))
+  stats, group_of = calibration.calibrate(
+      model, batches, names, want=calibration.Want(gram=True, abs_sum=True))
+  return model, batches, names, stats, group_of
+
+
+def test_shared_inputs_fold_once(calibrated):
+  _, _, names, stats, group_of = calibrated
+  assert set(group_of) == set(names)
+  for i in range(2):
+    p = f'layers.{i}.'
+    q = group_of[p + 'attn.q_proj']
+    assert group_of[p + 'attn.k_proj'] == q == group_of[p + 'attn.v_proj']
+    assert group_of[p + 'mlp.gate_proj'] == group_of[p + 'mlp.up_proj']
+    assert group_of[p + 'attn.o_proj'] == p + 'attn.o_proj'
+  assert len(stats) == 2 * 4               # qkv, o, gate/up, down per block
+
+
+def test_statistics_match_float64_reference(calibrated):
+  model, batches, _, stats, group_of = calibrated
+  x, inner = _inputs_of_layer0(model, batches)
+  s = stats[group_of['layers.0.attn.k_proj']]
+  assert s.count == 80
+  ref_r = reference.r_factor(x)
+  assert np.linalg.norm(np.asarray(s.r) - ref_r) / np.linalg.norm(ref_r) < 1e-5
+  np.testing.assert_allclose(s.gram, x.T @ x, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(s.abs_sum, np.abs(x).sum(0), rtol=1e-5)
+  down = stats['layers.0.mlp.down_proj']
+  ref_r = reference.r_factor(inner)
+  assert np.linalg.norm(np.asarray(down.r) - ref_r) / np.linalg.norm(
+      ref_r) < 1e-5
+
+
+def test_taps_are_removed(calibrated):
+  model = calibrated[0]
+  assert type(model.layers[0].attn.q_proj).__name__ == 'Linear'
+
+
+def test_nan_names_layer_and_batch():
+  model = toy_model.Toy()
+  model.layers[1].attn.o_proj.kernel[...] = jnp.full((16, 16), jnp.nan)
+  batches = [jnp.zeros((1, 4), jnp.int32)] * 3
+  with pytest.raises(ValueError, match=r"\['layers.1.mlp.down_proj', "
+                     r"'layers.1.mlp.gate_proj', 'layers.1.mlp.up_proj'\] "
+                     r"at calibration batch 0"):
+    calibration.calibrate(model, batches,
+                          surgery.select_linears(model, include=('*mlp*',)))
+  assert type(model.layers[1].mlp.up_proj).__name__ == 'Linear'
+
+
+def test_empty_stream_raises():
+  model = toy_model.Toy()
+  with pytest.raises(ValueError, match='calibration stream is empty'):
+    calibration.calibrate(model, iter([]), surgery.select_linears(model))

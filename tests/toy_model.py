@@ -1,0 +1,47 @@
+"""A tiny NNX transformer-like model for surgery and calibration tests."""
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+
+class Block(nnx.Module):
+  """q/k/v share an input; gate/up share an input; o and down do not."""
+
+  def __init__(self, d: int, f: int, rngs: nnx.Rngs):
+    self.attn = nnx.Dict(
+        q_proj=nnx.Linear(d, d, use_bias=False, rngs=rngs),
+        k_proj=nnx.Linear(d, d, use_bias=False, rngs=rngs),
+        v_proj=nnx.Linear(d, d, use_bias=False, rngs=rngs),
+        o_proj=nnx.Linear(d, d, use_bias=True, rngs=rngs))
+    self.mlp = nnx.Dict(
+        gate_proj=nnx.Linear(d, f, use_bias=False, rngs=rngs),
+        up_proj=nnx.Linear(d, f, use_bias=False, rngs=rngs),
+        down_proj=nnx.Linear(f, d, use_bias=False, rngs=rngs))
+    self.norm = nnx.RMSNorm(d, rngs=rngs)
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    x = self.norm(h)
+    q, k, v = self.attn.q_proj(x), self.attn.k_proj(x), self.attn.v_proj(x)
+    w = jax.nn.softmax(q @ jnp.swapaxes(k, -1, -2) / q.shape[-1] ** 0.5)
+    h = h + self.attn.o_proj(w @ v)
+    x = self.norm(h)
+    return h + self.mlp.down_proj(
+        jax.nn.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x))
+
+
+class Toy(nnx.Module):
+
+  def __init__(self, vocab=64, d=16, f=40, layers=2, *, seed=0):
+    rngs = nnx.Rngs(seed)
+    self.embed = nnx.Embed(vocab, d, rngs=rngs)
+    self.layers = nnx.List([Block(d, f, rngs) for _ in range(layers)])
+    self.lm_head = nnx.Linear(d, vocab, rngs=rngs)
+
+  def hidden(self, ids: jax.Array, upto: int | None = None) -> jax.Array:
+    h = self.embed(ids)
+    for layer in list(self.layers)[:upto]:
+      h = layer(h)
+    return h
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return self.lm_head(self.hidden(ids))
