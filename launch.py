@@ -27,8 +27,9 @@ _WORKDIR = flags.DEFINE_string(
 flags.mark_flags_as_required(['config'])
 
 
-def default_workdir(path: str, arg: str | None) -> str:
+def default_workdir(config_arg: str) -> str:
   """`results/<file stem>[_<arg>]` for `--config=path.py[:arg]`."""
+  path, _, arg = config_arg.partition(':')
   name = os.path.splitext(os.path.basename(path))[0]
   return os.path.join('results', f'{name}_{arg}' if arg else name)
 
@@ -40,9 +41,8 @@ def main(argv):
   from ctxlr import results  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
-  config_flag = flags.FLAGS['config']
   workdir = _WORKDIR.value or default_workdir(
-      config_flags.get_config_filename(config_flag), config_flag.config_arg)
+      config_flags.get_config_filename(flags.FLAGS['config']))
   os.makedirs(workdir, exist_ok=True)
   logging.info('JAX devices: %s', jax.devices())
   logging.info('Workdir: %s', workdir)

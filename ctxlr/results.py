@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 
-def _default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
   """JSON encoding of NumPy/JAX scalars and arrays."""
   if isinstance(obj, np.generic):
     return obj.item()
@@ -30,7 +30,7 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as indented JSON, atomically; NaN/Inf are written as such."""
-  write_text(path, json.dumps(obj, indent=2, default=_default) + '\n')
+  write_text(path, json.dumps(obj, indent=2, default=json_default) + '\n')
 
 
 def read_json(path: str) -> Any:

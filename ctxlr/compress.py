@@ -1,0 +1,317 @@
+"""Compress an NNX model in place: calibrate, allocate ranks, solve, swap.
+
+    >>> report = ctxlr.compress(model, batches, ratio=0.8)
+    >>> report['kept_ratio'], report['layers']['layers.0.attn.q_proj']['rank']
+
+Every method of `ctxlr.baselines.METHODS` runs through the same pipeline and
+sees exactly the same calibration data. The functional core
+(`factorize_layers`) takes kernels and statistics and returns factors, for
+users whose parameters are a plain pytree (e.g. Linen).
+"""
+import functools
+import logging
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from ctxlr import allocation
+from ctxlr import baselines
+from ctxlr import calibration
+from ctxlr import statistics
+from ctxlr import store as store_lib
+from ctxlr import surgery
+from ctxlr.linalg import solvers
+
+ALLOCATIONS = ('uniform', 'global')
+MODES = ('one_shot', 'sequential')
+_GRAM_METHODS = ('svd_llm', 'svd_llm_eps', 'svd_llm_v2', 'corda')
+
+
+def stats_wanted(method: str) -> calibration.Want:
+  """The extra statistics a method needs beyond R."""
+  return calibration.Want(gram=method in _GRAM_METHODS,
+                          abs_sum=method == 'asvd')
+
+
+def check_options(*, ratio: float, method: str, mu: float,
+                  allocation_rule: str, mu_rule: str, mode: str) -> None:
+  """Raises before any long work if an option is out of range."""
+  if not 0 < ratio <= 1:
+    raise ValueError(f'ratio must be in (0, 1]; got {ratio}.')
+  if method not in baselines.METHODS:
+    raise ValueError(f'method must be one of {sorted(baselines.METHODS)}; '
+                     f'got {method!r}.')
+  if not mu >= 0:
+    raise ValueError(f'mu must be >= 0; got {mu}.')
+  if mu > 0 and method != 'ctxlr':
+    raise ValueError(f'mu > 0 (regularization) is a ctxlr option; method '
+                     f'{method!r} has none.')
+  if allocation_rule not in ALLOCATIONS:
+    raise ValueError(f'allocation must be one of {ALLOCATIONS}; got '
+                     f'{allocation_rule!r}.')
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {MODES}; got {mode!r}.')
+  if mu_rule not in solvers.MU_RULES:
+    raise ValueError(f'mu_rule must be one of {solvers.MU_RULES}; got '
+                     f'{mu_rule!r}.')
+
+
+def relative_error(kernel: jax.Array, r: jax.Array, a: jax.Array,
+                   b: jax.Array) -> float:
+  """`||X(K − a b)||_F / ||X K||_F`, exactly, from R (never X)."""
+  hi = jax.lax.Precision.HIGHEST
+  k = jnp.asarray(kernel, jnp.float32)
+  rk = jnp.matmul(r, k, precision=hi)
+  approx = jnp.matmul(r, jnp.matmul(a.astype(jnp.float32),
+                                    b.astype(jnp.float32), precision=hi),
+                      precision=hi)
+  den = jnp.linalg.norm(rk)
+  return float(jnp.linalg.norm(rk - approx) / jnp.where(den > 0, den, 1.))
+
+
+def numerical_rank(r: jax.Array) -> int:
+  """Rank of X from its R: singular values above d·eps·σ_max (float32)."""
+  s = jnp.linalg.svd(jnp.asarray(r, jnp.float32), compute_uv=False)
+  tol = max(r.shape) * jnp.finfo(jnp.float32).eps * s[0]
+  return int((s > tol).sum())
+
+
+def assign_ranks(shapes: Mapping[str, tuple[int, int]],
+                 kernels: Mapping[str, jax.Array],
+                 stats: Mapping[str, statistics.LayerStats], *, ratio: float,
+                 rule: str = 'uniform') -> dict[str, int | None]:
+  """Per-layer ranks for a kept ratio: uniform, or global from σ(R K).
+
+  `stats` may be None for the uniform rule.
+  """
+  if rule == 'uniform':
+    return allocation.uniform_ranks(shapes, ratio)
+  sigmas = {}
+  for name in tqdm.tqdm(shapes, desc='spectra', unit='layer'):
+    p = min(shapes[name])
+    sigmas[name] = np.asarray(solvers.ctx_factors(
+        kernels[name], stats[name].r, rank=1).sigma)[:p]
+  return allocation.global_ranks(shapes, sigmas, ratio)
+
+
+def factorize_layers(kernels: Mapping[str, jax.Array],
+                     stats: Mapping[str, statistics.LayerStats],
+                     ranks: Mapping[str, int | None], *, method: str = 'ctxlr',
+                     mu: float = 0.0, mu_rule: str = 'energy',
+                     store: store_lib.RunStore | None = None
+                     ) -> dict[str, dict[str, Any]]:
+  """The functional core: kernels + statistics -> factors and a report.
+
+  Args:
+    kernels: {layer: K float[d_in, d_out]}.
+    stats: {layer: LayerStats of that layer's input} (shared objects are
+      fine).
+    ranks: {layer: rank, or None to keep dense}.
+    method: a name in `baselines.METHODS`.
+    mu: μ₀ for ctxlr's layer-scaled regularization (0: none).
+    mu_rule: 'energy' or 'error_ratio' (`solvers.layer_mu`).
+    store: if given, layers it holds are loaded instead of solved, and each
+      newly solved layer is saved to it at once.
+
+  Returns:
+    {layer: dict(a, b, rank, rel_err, mu, data_rank, tokens, retries, eps,
+    failed, nonfinite)} for the layers with a rank (dense ones are absent).
+  """
+  done = set(store.finished_layers()) if store is not None else set()
+  out = {n: store.load_layer(n) for n in kernels if n in done}
+  todo = [n for n in kernels if ranks[n] is not None and n not in done]
+  data_ranks = {}                   # per shared input (q/k/v share one R)
+  for name in tqdm.tqdm(todo, desc=f'solve ({method})', unit='layer'):
+    kernel, layer_stats, rank = kernels[name], stats[name], ranks[name]
+    layer_mu = 0.
+    if mu > 0:
+      layer_mu = float(solvers.layer_mu(kernel, layer_stats.r, mu, rank=rank,
+                                        rule=mu_rule))
+    factors, info = baselines.solve(method, kernel, layer_stats, rank=rank,
+                                    mu=layer_mu)
+    if id(layer_stats.r) not in data_ranks:
+      data_ranks[id(layer_stats.r)] = numerical_rank(layer_stats.r)
+    result = dict(
+        a=factors.a, b=factors.b, rank=rank, mu=layer_mu,
+        rel_err=relative_error(kernel, layer_stats.r, factors.a, factors.b),
+        data_rank=data_ranks[id(layer_stats.r)],
+        tokens=layer_stats.count,
+        **info._asdict())
+    out[name] = result
+    if store is not None:
+      store.save_layer(name, result)
+  return {n: out[n] for n in kernels if n in out}
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(int(np.prod(x.shape)) for x in
+             jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
+             method: str = 'ctxlr', mu: float = 0.0, mu_rule: str = 'energy',
+             allocation_rule: str = 'uniform', mode: str = 'one_shot',
+             include: Iterable[str] = surgery.DEFAULT_INCLUDE,
+             exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
+             call: Callable = calibration.default_call,
+             checkpoint_dir: str | None = None,
+             data_id: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Compresses the chosen `nnx.Linear` layers of `model` in place.
+
+  Args:
+    model: an NNX model.
+    batches: calibration inputs, an iterable of what `call(model, batch)`
+      takes (default: `model(batch)`, e.g. int32 ids [batch, seq]).
+    ratio: kept fraction of the chosen layers' parameters, in (0, 1].
+    method: 'ctxlr' or a baseline of `ctxlr.baselines.METHODS`.
+    mu: μ₀ of the layer-scaled regularization (ctxlr only; 0 = none).
+    mu_rule: 'energy' (default) or 'error_ratio', see `solvers.layer_mu`.
+    allocation_rule: 'uniform' or 'global' (spend the budget where the exact
+      error curves say it buys most; computed from a one-shot pass).
+    mode: 'one_shot' (every layer calibrated on the dense model, one pass) or
+      'sequential' (block by block, each block calibrated on the outputs of
+      the already-compressed blocks before it; needs `model.embed(batch)` and
+      a list `model.layers` of blocks mapping hidden states to hidden states,
+      and keeps the calibration hidden states in memory).
+    include, exclude: fnmatch patterns on dotted layer paths.
+    call: how to run the model on one batch (one-shot mode).
+    checkpoint_dir: if given, calibration statistics and every finished
+      layer are saved there as they complete, and a rerun with the same
+      model and options resumes without recomputing them (`store.RunStore`).
+    data_id: JSON-able description of the calibration data (e.g. its config),
+      part of the checkpoint's fingerprint, so that other data are refused.
+
+  Returns:
+    A report: kept_ratio (over the chosen layers), model_ratio (whole model
+    parameters after / before), seconds per phase, and per layer: rank (None:
+    kept dense), rel_err = ||X(K−K')||/||XK||, data_rank (numerical rank of
+    the calibration inputs), tokens, and the method's
+    retries/eps/failed/nonfinite.
+  """
+  check_options(ratio=ratio, method=method, mu=mu,
+                allocation_rule=allocation_rule, mu_rule=mu_rule, mode=mode)
+  shapes = surgery.select_linears(model, include, exclude)
+  if mode == 'sequential':
+    _check_sequential(model, shapes)
+    batches = list(batches)                   # read twice: keep them
+  kernels = {n: surgery.get_module(model, n).kernel[...] for n in shapes}
+  params_before = count_params(model)
+  store = None
+  if checkpoint_dir is not None:
+    store = store_lib.RunStore(checkpoint_dir, dict(
+        kernels=store_lib.fingerprint_arrays(kernels), method=method,
+        ratio=ratio, mu=mu, mu_rule=mu_rule, allocation=allocation_rule,
+        mode=mode, data=data_id))
+  solve = functools.partial(factorize_layers, method=method, mu=mu,
+                            mu_rule=mu_rule, store=store)
+  seconds = {}
+  t = time.perf_counter()
+  stats = None
+  if mode == 'one_shot' or allocation_rule == 'global':
+    stats = _one_shot_stats(model, batches, shapes, call=call, store=store,
+                            want=(stats_wanted(method) if mode == 'one_shot'
+                                  else calibration.Want()))
+  seconds['calibrate'] = time.perf_counter() - t
+  t = time.perf_counter()
+  ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
+                       rule=allocation_rule)
+  seconds['allocate'] = time.perf_counter() - t
+  t = time.perf_counter()
+  if mode == 'one_shot':
+    solved = solve(kernels, stats, ranks)
+    apply_factors(model, solved)
+  else:
+    solved = _sequential(model, batches, kernels, ranks, solve=solve,
+                         want=stats_wanted(method), seconds=seconds)
+  seconds['solve'] = time.perf_counter() - t - seconds.get(
+      'calibrate_sequential', 0.)
+  return make_report(shapes, ranks, solved, seconds=seconds,
+                     params_before=params_before,
+                     params_after=count_params(model))
+
+
+def _one_shot_stats(model, batches, shapes, *, call, store, want):
+  """Every layer's statistics from one pass over the dense model."""
+  if store is not None and store.has_stats():
+    group_stats, group_of = store.load_stats()
+  else:
+    group_stats, group_of = calibration.calibrate(
+        model, batches, shapes, want=want, call=call)
+    if store is not None:
+      store.save_stats(group_stats, group_of)
+  return {n: group_stats[group_of[n]] for n in shapes}
+
+
+def _check_sequential(model: nnx.Module, shapes) -> None:
+  if not (callable(getattr(model, 'embed', None)) and
+          isinstance(getattr(model, 'layers', None), (list, nnx.List))):
+    raise ValueError("mode='sequential' needs model.embed(batch) and a list "
+                     f'model.layers of blocks; {type(model).__name__} has '
+                     'not both. Use the default one_shot mode.')
+  outside = [n for n in shapes if not n.startswith('layers.')]
+  if outside:
+    raise ValueError(f"mode='sequential' compresses layers inside "
+                     f'model.layers only; also selected: {outside[:3]}.')
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_block(graphdef, state, h):
+  return nnx.merge(graphdef, state)(h)
+
+
+def _sequential(model, batches, kernels, ranks, *, solve, want, seconds):
+  """Block by block: calibrate on compressed predecessors, solve, swap."""
+  if not batches:
+    raise ValueError('The calibration stream is empty: no batch to fold.')
+  hs = [model.embed(b) for b in batches]       # float32[batch, seq, hidden]
+  solved, spent = {}, 0.
+  for i, block in enumerate(model.layers):
+    prefix = f'layers.{i}.'
+    names = [n for n in kernels if n.startswith(prefix)]
+    if names:
+      t = time.perf_counter()
+      group_stats, group_of = calibration.calibrate(
+          block, hs, [n[len(prefix):] for n in names], want=want,
+          call=lambda m, h: m(h), desc=f'calibrate block {i}')
+      spent += time.perf_counter() - t
+      stats = {n: group_stats[group_of[n[len(prefix):]]] for n in names}
+      done = solve({n: kernels[n] for n in names}, stats, ranks)
+      apply_factors(model, done)
+      solved.update(done)
+    graphdef, state = nnx.split(block)
+    hs = [_run_block(graphdef, state, h) for h in hs]
+  seconds['calibrate_sequential'] = spent
+  return solved
+
+
+def apply_factors(model: nnx.Module, solved: Mapping[str, dict]) -> None:
+  """Swaps each solved layer for a FactoredLinear, in place."""
+  for name, result in solved.items():
+    linear = surgery.get_module(model, name)
+    surgery.replace_module(model, name, surgery.factored_from_linear(
+        linear, result['a'], result['b']))
+
+
+def make_report(shapes, ranks, solved, *, seconds, params_before,
+                params_after) -> dict[str, Any]:
+  """The report `compress` returns (JSON-ready apart from nothing)."""
+  layers = {}
+  for name, (d_in, d_out) in shapes.items():
+    row = dict(d_in=d_in, d_out=d_out, rank=ranks[name])
+    if name in solved:
+      row.update({k: v for k, v in solved[name].items() if k not in ('a', 'b')})
+      if row['data_rank'] < row['rank']:
+        logging.warning(
+            '%s: calibration inputs have numerical rank %d < rank %d: the '
+            'data cannot determine this layer; use mu > 0 (regularized).',
+            name, row['data_rank'], row['rank'])
+        row['insufficient_data'] = True
+    layers[name] = row
+  return dict(kept_ratio=allocation.kept_ratio(shapes, ranks),
+              model_ratio=params_after / params_before, seconds=seconds,
+              layers=layers)

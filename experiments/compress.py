@@ -1,0 +1,137 @@
+"""Compress the default model: calibrate, solve, swap, evaluate, save."""
+import os
+import time
+
+from absl import logging
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+
+from ctxlr import checkpoint
+from ctxlr import compress as compress_lib
+from ctxlr import data
+from ctxlr import evaluation
+from ctxlr import models
+from ctxlr import results
+
+matplotlib.use('Agg')
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+
+def load_model(model_config):
+  dtype = jnp.dtype(model_config.param_dtype)
+  return models.load_llama(model_config.path or None, param_dtype=dtype)
+
+
+def token_sequences(corpus, split, tokenizer, spec):
+  n = max(1, spec.num_tokens // spec.seq_len)
+  return data.sequences(corpus, split, tokenizer, seq_len=spec.seq_len,
+                        num_sequences=n)
+
+
+def evaluate(model, tokenizer, eval_config, label):
+  out = {}
+  for corpus in eval_config.corpora:
+    seqs = token_sequences(corpus, 'eval', tokenizer, eval_config)
+    p = evaluation.perplexity(model, seqs, batch_size=eval_config.batch_size,
+                              desc=f'{label} {corpus}')
+    out[corpus] = dict(perplexity=p.perplexity, tokens=p.num_tokens,
+                       tokens_per_second=p.tokens_per_second)
+  return out
+
+
+def run(config, workdir: str) -> None:
+  t = time.perf_counter()
+  model, tokenizer = load_model(config.model)
+  load_seconds = time.perf_counter() - t
+  t = time.perf_counter()
+  dense = evaluate(model, tokenizer, config.eval, 'dense')
+  dense_seconds = time.perf_counter() - t
+  calib = token_sequences(config.calib.corpus, 'calib', tokenizer,
+                          config.calib)
+  report = compress_lib.compress(
+      model, list(data.batches(calib, config.calib.batch_size,
+                               drop_remainder=True)),
+      ratio=config.ratio, method=config.method, mu=config.mu,
+      mu_rule=config.mu_rule, allocation_rule=config.allocation,
+      mode=config.mode, include=config.include, exclude=config.exclude,
+      checkpoint_dir=os.path.join(workdir, 'progress'),
+      data_id=config.calib.to_dict())
+  t = time.perf_counter()
+  compressed = evaluate(model, tokenizer, config.eval, 'compressed')
+  report['seconds'].update(load=load_seconds, eval_dense=dense_seconds,
+                           eval_compressed=time.perf_counter() - t)
+  out = dict(method=config.method, ratio=config.ratio, mode=config.mode,
+             allocation=config.allocation, mu=config.mu,
+             calib_tokens=int(calib.size), dense=dense, compressed=compressed,
+             **report)
+  results.write_json(os.path.join(workdir, 'results.json'), out)
+  if config.save:
+    checkpoint.save(model, os.path.join(workdir, 'model'),
+                    base=config.model.to_dict())
+    checkpoint.export_factors(model, os.path.join(workdir,
+                                                  'factors.safetensors'),
+                              metadata=dict(config=config.to_dict()))
+  summary = summarize(out)
+  results.write_text(os.path.join(workdir, 'summary.md'), summary)
+  plot(workdir)
+  logging.info('Wrote %s', workdir)
+  print(summary)
+
+
+def summarize(out: dict) -> str:
+  rows = [dict(set=c, dense=out['dense'][c]['perplexity'],
+               compressed=out['compressed'][c]['perplexity'],
+               tokens=out['compressed'][c]['tokens'])
+          for c in out['dense']]
+  layers = out['layers'].values()
+  factored = [l for l in layers if l['rank'] is not None]
+  flagged = [n for n, l in out['layers'].items()
+             if l.get('insufficient_data')]
+  lines = [
+      f"# {out['method']} at kept ratio {out['ratio']} ({out['mode']}, "
+      f"{out['allocation']} ranks, {out['calib_tokens']} calibration tokens)",
+      '',
+      f"Achieved: {out['kept_ratio']:.4f} of the projections' parameters, "
+      f"{out['model_ratio']:.4f} of the whole model's. "
+      f'{len(factored)} of {len(layers)} layers factored.',
+      '',
+      results.markdown_table(rows, ['set', 'dense', 'compressed', 'tokens'],
+                             dict(dense='.3f', compressed='.3f')),
+      'Seconds per phase: ' + ', '.join(
+          f'{k} {v:.1f}' for k, v in out['seconds'].items()),
+      '',
+      'Relative weighted error ||X(K-K\')||/||XK|| per layer: median '
+      f"{np.median([l['rel_err'] for l in factored]):.4f}, max "
+      f"{max(l['rel_err'] for l in factored):.4f}."
+      if factored else 'No layer factored.',
+  ]
+  if flagged:
+    lines += ['', f'Insufficient calibration data (numerical rank < rank) '
+              f'in {len(flagged)} layers, e.g. {flagged[:3]}.']
+  return '\n'.join(lines) + '\n'
+
+
+def plot(workdir: str) -> None:
+  """Per-layer relative error by projection type, from results.json alone."""
+  out = results.read_json(os.path.join(workdir, 'results.json'))
+  by_kind = {}
+  for name, layer in out['layers'].items():
+    if layer['rank'] is None:
+      continue
+    parts = name.split('.')
+    by_kind.setdefault(parts[-1], []).append((int(parts[1]),
+                                              layer['rel_err']))
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for kind, points in sorted(by_kind.items()):
+    points.sort()
+    ax.plot([p[0] for p in points], [p[1] for p in points], 'o-', ms=3,
+            label=kind)
+  ax.set_xlabel('block')
+  ax.set_ylabel("||X(K - K')||_F / ||XK||_F")
+  ax.set_yscale('log')
+  ax.set_title(f"{out['method']}, kept ratio {out['ratio']}")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'layer_errors.png'), dpi=120)
+  plt.close(fig)

@@ -1,0 +1,41 @@
+r"""The main job: compress the default model end to end.
+
+  python launch.py --config=experiments/configs/compress.py
+  python launch.py --config=experiments/configs/compress.py:quick   # < 2 min
+  python launch.py --config=experiments/configs/compress.py \
+      --config.ratio=0.6 --config.method=svd_llm --config.mode=sequential
+
+Calibrates on Wikipedia's calibration split, solves every attention and MLP
+projection, swaps in factored layers, and reports perplexity on the held-out
+Wikipedia and State-of-the-Union sets, time per phase and per-layer errors.
+The compressed model is saved with orbax and its factors as safetensors.
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+  config = ml_collections.ConfigDict()
+  config.experiment = 'compress'
+  config.model = dict(path='', param_dtype='float32')   # '': bundled SmolLM2
+  config.calib = dict(corpus='wikipedia', num_tokens=8192, seq_len=512,
+                      batch_size=4)
+  config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=8192,
+                     seq_len=512, batch_size=4)
+  config.ratio = 0.8             # kept fraction of the projections' parameters
+  config.method = 'ctxlr'        # or svd, asvd, svd_llm, svd_llm_eps, ...
+  config.mu = 0.0                # μ₀ of the layer-scaled ridge (ctxlr)
+  config.mu_rule = 'energy'      # or 'error_ratio' (MATH.md §4)
+  config.allocation = 'uniform'  # or 'global'
+  config.mode = 'one_shot'       # or 'sequential'
+  config.include = ('*_proj',)   # attention and MLP projections
+  config.exclude = ()
+  config.save = True             # orbax checkpoint + safetensors factors
+  if arg == 'quick':             # a CI-sized run: two blocks, few tokens
+    config.calib = dict(corpus='wikipedia', num_tokens=512, seq_len=128,
+                        batch_size=2)
+    config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=512,
+                       seq_len=128, batch_size=2)
+    config.include = ('layers.0.*', 'layers.1.*')
+  elif arg:
+    raise ValueError(f'Unknown config arg {arg!r}; expected "quick" or none.')
+  return config

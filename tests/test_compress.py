@@ -1,0 +1,198 @@
+"""End-to-end compression of a toy NNX model: optimality, resume, errors."""
+import os
+import subprocess
+import sys
+
+from flax import nnx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctxlr import compress
+from ctxlr import reference
+from ctxlr import surgery
+from tests import toy_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _batches(seed=0, count=3):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.integers(0, 64, (2, 12))) for _ in range(count)]
+
+
+def test_one_shot_ctxlr_is_layerwise_optimal_in_float64():
+  model, dense = toy_model.Toy(), toy_model.Toy()
+  batches = _batches()
+  report = compress.compress(model, batches, ratio=0.5,
+                             include=('layers.0.*',))
+  # Reference: layer 0's q/k/v input captured from the dense model.
+  x = np.concatenate([np.asarray(dense.layers[0].norm(dense.embed(b)),
+                                 np.float64).reshape(-1, 16) for b in batches])
+  for name in ('layers.0.attn.q_proj', 'layers.0.attn.v_proj'):
+    kernel = np.asarray(surgery.get_module(dense, name).kernel[...])
+    layer = surgery.get_module(model, name)
+    rank = report['layers'][name]['rank']
+    assert isinstance(layer, surgery.FactoredLinear) and layer.rank == rank
+    opt = reference.optimal_errors(x, kernel)
+    err = reference.weighted_error(x, kernel, layer.a[...], layer.b[...])
+    assert (err - opt[rank]) / opt[0] < 2e-6
+    np.testing.assert_allclose(report['layers'][name]['rel_err'],
+                               opt[rank] / opt[0], rtol=1e-4)
+  assert isinstance(model.layers[1].attn.q_proj, type(dense.layers[1].attn
+                                                      .q_proj))   # untouched
+
+
+def test_report_ratios_and_dense_fallback():
+  model = toy_model.Toy()
+  report = compress.compress(model, _batches(), ratio=0.5)
+  layers = report['layers']
+  assert layers['layers.0.attn.q_proj']['rank'] == 4      # 0.5·256/32
+  assert layers['layers.0.mlp.up_proj']['rank'] == 5      # 0.5·640/56
+  assert 0.4 < report['kept_ratio'] <= 0.5
+  assert report['model_ratio'] < 1
+  model = toy_model.Toy()
+  report = compress.compress(model, _batches(), ratio=1.0)
+  # MATH.md §7: 16x16 at rank 8 stores 256 = 16·16 numbers: stays dense;
+  # 16x40 at rank floor(640/56) = 11 stores 616 < 640: factored.
+  assert report['layers']['layers.0.attn.q_proj']['rank'] is None
+  assert report['layers']['layers.0.mlp.up_proj']['rank'] == 11
+  assert isinstance(model.layers[0].attn.q_proj, type(toy_model.Toy().lm_head))
+  assert isinstance(model.layers[0].mlp.up_proj, surgery.FactoredLinear)
+
+
+def test_global_allocation_spends_the_same_budget_better():
+  shapes_total = None
+  results = {}
+  for rule in ('uniform', 'global'):
+    model = toy_model.Toy()
+    report = compress.compress(model, _batches(), ratio=0.5,
+                               allocation_rule=rule)
+    errs = [r['rel_err'] ** 2 for r in report['layers'].values()]
+    results[rule] = (report['kept_ratio'], sum(errs))
+    shapes_total = len(errs)
+  assert shapes_total == 14
+  assert results['global'][0] <= 0.5 + 1e-9
+  assert results['global'][1] < results['uniform'][1]
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(ratio=0.), r'ratio must be in \(0, 1\]'),
+    (dict(ratio=1.5), r'ratio must be in \(0, 1\]'),
+    (dict(ratio=.5, method='nope'), 'method must be one of'),
+    (dict(ratio=.5, mu=-1.), 'mu must be >= 0'),
+    (dict(ratio=.5, mu=1., method='svd_llm'), 'mu > 0'),
+    (dict(ratio=.5, allocation_rule='best'), 'allocation must be one of'),
+    (dict(ratio=.5, include=('*nothing*',)), "Pattern '\\*nothing\\*'"),
+])
+def test_bad_options_raise_before_work(kwargs, match):
+  def exploding():
+    raise AssertionError('data were read before the options were checked')
+    yield  # pylint: disable=unreachable
+  with pytest.raises(ValueError, match=match):
+    compress.compress(toy_model.Toy(), exploding(), **kwargs)
+
+
+def test_empty_calibration_raises():
+  with pytest.raises(ValueError, match='calibration stream is empty'):
+    compress.compress(toy_model.Toy(), [], ratio=0.5)
+
+
+def _worker(checkpoint_dir, out, kill_after=None):
+  cmd = [sys.executable, '-m', 'tests.compress_worker', checkpoint_dir, out]
+  if kill_after is not None:
+    cmd.append(str(kill_after))
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300,
+                        text=True)
+
+
+def test_sigkill_then_resume_gives_identical_factors(tmp_path):
+  full = _worker(str(tmp_path / 'a'), str(tmp_path / 'full.npz'))
+  assert full.returncode == 0, full.stderr[-2000:]
+  killed = _worker(str(tmp_path / 'b'), str(tmp_path / 'x.npz'), kill_after=5)
+  assert killed.returncode == -9                      # really SIGKILLed
+  layers = sorted(os.listdir(tmp_path / 'b' / 'layers'))
+  assert len([f for f in layers if f.endswith('.safetensors')]) == 5
+  assert not any(f.endswith('.tmp') for f in layers)
+  resumed = _worker(str(tmp_path / 'b'), str(tmp_path / 'resumed.npz'))
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'calibrate' not in resumed.stderr           # statistics reloaded
+  a, b = np.load(tmp_path / 'full.npz'), np.load(tmp_path / 'resumed.npz')
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_mismatched_or_corrupt_checkpoint_is_refused(tmp_path):
+  ckpt = str(tmp_path / 'run')
+  compress.compress(toy_model.Toy(), _batches(), ratio=0.5,
+                    checkpoint_dir=ckpt, data_id={'seed': 0})
+  with pytest.raises(ValueError, match=r"differs in \['ratio'\]"):
+    compress.compress(toy_model.Toy(), _batches(), ratio=0.6,
+                      checkpoint_dir=ckpt, data_id={'seed': 0})
+  with pytest.raises(ValueError, match=r"differs in \['kernels'\]"):
+    compress.compress(toy_model.Toy(seed=1), _batches(), ratio=0.5,
+                      checkpoint_dir=ckpt, data_id={'seed': 0})
+  with pytest.raises(ValueError, match=r"differs in \['data'\]"):
+    compress.compress(toy_model.Toy(), _batches(), ratio=0.5,
+                      checkpoint_dir=ckpt, data_id={'seed': 1})
+  path = os.path.join(ckpt, 'layers', 'layers.0.attn.q_proj.safetensors')
+  with open(path, 'r+b') as f:
+    f.seek(-4, os.SEEK_END)
+    f.write(b'\x00\x01\x02\x03')
+  with pytest.raises(ValueError, match='corrupted'):
+    compress.compress(toy_model.Toy(), _batches(), ratio=0.5,
+                      checkpoint_dir=ckpt, data_id={'seed': 0})
+
+
+def test_sequential_calibrates_on_compressed_predecessors():
+  batches = _batches()
+  seq, one = toy_model.Toy(), toy_model.Toy()
+  rep_seq = compress.compress(seq, batches, ratio=0.5, mode='sequential')
+  compress.compress(one, batches, ratio=0.5)
+  # Block 0 sees the same (dense) inputs in both modes: same factors.
+  np.testing.assert_allclose(seq.layers[0].attn.q_proj.a[...] @
+                             seq.layers[0].attn.q_proj.b[...],
+                             one.layers[0].attn.q_proj.a[...] @
+                             one.layers[0].attn.q_proj.b[...], atol=1e-5)
+  # Block 1 is calibrated on the outputs of the compressed block 0: its
+  # stats are the R of those outputs (float64 reference).
+  x = np.concatenate([np.asarray(
+      seq.layers[1].norm(seq.layers[0](seq.embed(b))), np.float64).reshape(
+          -1, 16) for b in batches])
+  dense_k = np.asarray(toy_model.Toy().layers[1].attn.q_proj.kernel[...])
+  rank = rep_seq['layers']['layers.1.attn.q_proj']['rank']
+  opt = reference.optimal_errors(x, dense_k)
+  layer = seq.layers[1].attn.q_proj
+  err = reference.weighted_error(x, dense_k, layer.a[...], layer.b[...])
+  assert (err - opt[rank]) / opt[0] < 2e-6
+
+
+def test_sequential_needs_blocks():
+  class Wrapped(nnx.Module):
+    def __init__(self):
+      self.inner = toy_model.Toy()
+
+    def __call__(self, ids):
+      return self.inner(ids)
+  with pytest.raises(ValueError, match="mode='sequential' needs model.embed"):
+    compress.compress(Wrapped(), _batches(), ratio=0.5, mode='sequential')
+
+
+def test_save_load_orbax_and_safetensors_give_identical_logits(tmp_path):
+  from ctxlr import checkpoint  # pylint: disable=g-import-not-at-top
+  model = toy_model.Toy()
+  compress.compress(model, _batches(), ratio=0.5)
+  ids = jnp.arange(10).reshape(1, 10)
+  logits = model(ids)
+  checkpoint.save(model, str(tmp_path / 'ckpt'), base={'toy': True})
+  restored = checkpoint.load(str(tmp_path / 'ckpt'), toy_model.Toy)
+  assert isinstance(restored.layers[1].mlp.up_proj, surgery.FactoredLinear)
+  np.testing.assert_array_equal(restored(ids), logits)
+  checkpoint.export_factors(model, str(tmp_path / 'f.safetensors'))
+  dense = toy_model.Toy()     # same dense weights (seed 0): biases, norms
+  checkpoint.import_factors(dense, str(tmp_path / 'f.safetensors'))
+  np.testing.assert_array_equal(dense(ids), logits)
+  with pytest.raises(ValueError, match='another model'):
+    checkpoint.import_factors(toy_model.Toy(d=8), str(tmp_path /
+                                                      'f.safetensors'))
