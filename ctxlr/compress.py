@@ -299,19 +299,22 @@ def apply_factors(model: nnx.Module, solved: Mapping[str, dict]) -> None:
 
 def make_report(shapes, ranks, solved, *, seconds, params_before,
                 params_after) -> dict[str, Any]:
-  """The report `compress` returns (JSON-ready apart from nothing)."""
-  layers = {}
+  """The report `compress` returns; warns once about undetermined layers."""
+  layers, short = {}, []
   for name, (d_in, d_out) in shapes.items():
     row = dict(d_in=d_in, d_out=d_out, rank=ranks[name])
     if name in solved:
       row.update({k: v for k, v in solved[name].items() if k not in ('a', 'b')})
-      if row['data_rank'] < row['rank']:
-        logging.warning(
-            '%s: calibration inputs have numerical rank %d < rank %d: the '
-            'data cannot determine this layer; use mu > 0 (regularized).',
-            name, row['data_rank'], row['rank'])
-        row['insufficient_data'] = True
+      row['insufficient_data'] = row['data_rank'] < row['rank']
+      if row['insufficient_data']:
+        short.append(f"{name} ({row['data_rank']} < {row['rank']})")
     layers[name] = row
+  if short:
+    logging.warning(
+        '%d layer(s) have calibration inputs of numerical rank below their '
+        'rank, so the data cannot determine them: %s%s. Use more tokens or '
+        'mu > 0 (the regularized solve).', len(short), ', '.join(short[:5]),
+        ', …' if len(short) > 5 else '')
   return dict(kept_ratio=allocation.kept_ratio(shapes, ranks),
               model_ratio=params_after / params_before, seconds=seconds,
               layers=layers)

@@ -3,67 +3,41 @@ import os
 import time
 
 from absl import logging
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
 from ctxlr import checkpoint
 from ctxlr import compress as compress_lib
-from ctxlr import data
-from ctxlr import evaluation
-from ctxlr import models
 from ctxlr import results
+from experiments import common
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
-def load_model(model_config):
-  dtype = jnp.dtype(model_config.param_dtype)
-  return models.load_llama(model_config.path or None, param_dtype=dtype)
-
-
-def token_sequences(corpus, split, tokenizer, spec):
-  n = max(1, spec.num_tokens // spec.seq_len)
-  return data.sequences(corpus, split, tokenizer, seq_len=spec.seq_len,
-                        num_sequences=n)
-
-
-def evaluate(model, tokenizer, eval_config, label):
-  out = {}
-  for corpus in eval_config.corpora:
-    seqs = token_sequences(corpus, 'eval', tokenizer, eval_config)
-    p = evaluation.perplexity(model, seqs, batch_size=eval_config.batch_size,
-                              desc=f'{label} {corpus}')
-    out[corpus] = dict(perplexity=p.perplexity, tokens=p.num_tokens,
-                       tokens_per_second=p.tokens_per_second)
-  return out
-
-
 def run(config, workdir: str) -> None:
   t = time.perf_counter()
-  model, tokenizer = load_model(config.model)
+  model, tokenizer = common.load_model(config.model)
   load_seconds = time.perf_counter() - t
   t = time.perf_counter()
-  dense = evaluate(model, tokenizer, config.eval, 'dense')
+  dense = common.evaluate(model, tokenizer, config.eval, 'dense')
   dense_seconds = time.perf_counter() - t
-  calib = token_sequences(config.calib.corpus, 'calib', tokenizer,
-                          config.calib)
+  batches = common.calibration_batches(tokenizer, config.calib)
   report = compress_lib.compress(
-      model, list(data.batches(calib, config.calib.batch_size,
-                               drop_remainder=True)),
+      model, batches,
       ratio=config.ratio, method=config.method, mu=config.mu,
       mu_rule=config.mu_rule, allocation_rule=config.allocation,
       mode=config.mode, include=config.include, exclude=config.exclude,
       checkpoint_dir=os.path.join(workdir, 'progress'),
       data_id=config.calib.to_dict())
   t = time.perf_counter()
-  compressed = evaluate(model, tokenizer, config.eval, 'compressed')
+  compressed = common.evaluate(model, tokenizer, config.eval, 'compressed')
   report['seconds'].update(load=load_seconds, eval_dense=dense_seconds,
                            eval_compressed=time.perf_counter() - t)
   out = dict(method=config.method, ratio=config.ratio, mode=config.mode,
              allocation=config.allocation, mu=config.mu,
-             calib_tokens=int(calib.size), dense=dense, compressed=compressed,
+             calib_tokens=sum(int(b.size) for b in batches), dense=dense,
+             compressed=compressed,
              **report)
   results.write_json(os.path.join(workdir, 'results.json'), out)
   if config.save:

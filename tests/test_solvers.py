@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import ctxlr
+from ctxlr import baselines
 from ctxlr import reference
+from ctxlr import statistics
 
 # Excess (err − opt) / ||XK||_F must stay at float32 rounding level.
 F32_EXCESS = 2e-6
@@ -37,6 +39,32 @@ def test_optimal_at_every_rank_in_float32(cond, deficient, d_in, d_out):
     assert f.a.shape == (d_in, k) and f.b.shape == (k, d_out)
     err = reference.weighted_error(x, kernel, f.a, f.b)
     assert (err - opt[k]) / norm_xk <= F32_EXCESS
+
+
+@pytest.fixture(scope='module')
+def ill_conditioned():
+  """X 2048 x 256 with cond 1e6 (controlled SVD), K 256 x 256, float32."""
+  x, kernel = _problem(0, 2048, 256, 256, cond=1e6)
+  return x, kernel, statistics.stats_from_x(jnp.asarray(x))
+
+
+# The same float32 data through the Gram route fails where QR does not.
+def test_ctxlr_optimal_where_gram_methods_are_not(ill_conditioned):
+  x, kernel, stats = ill_conditioned
+  rank = 200
+  opt = reference.optimal_errors(x, kernel)
+  ratio = {}
+  for method in ('ctxlr', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2'):
+    f, info = baselines.solve(method, jnp.asarray(kernel), stats, rank=rank)
+    err = reference.weighted_error(x, kernel, f.a, f.b)
+    ratio[method] = err / opt[rank]
+    if method == 'ctxlr':
+      assert (err - opt[rank]) / opt[0] <= 2e-6             # measured 5.9e-8
+    if method == 'svd_llm_v2':                # f32 Gram has λ < 0: NaN
+      assert info.nonfinite
+  assert ratio['ctxlr'] < 1.05                               # measured 1.007
+  assert ratio['svd_llm_eps'] > 3.                           # measured 7.0
+  assert ratio['svd_llm'] > 3.                               # measured 21.1
 
 
 def test_sigma_gives_every_ranks_error():

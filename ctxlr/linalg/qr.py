@@ -33,7 +33,10 @@ def canonical_signs(r: jax.Array) -> jax.Array:
 def _qr_r(x: jax.Array) -> jax.Array:
   n, d = x.shape
   x = x.astype(checks.compute_dtype(x.dtype))
-  r = jnp.linalg.qr(x, mode='r')              # f[min(n, d), d]
+  # mode='raw' is LAPACK geqrf alone; mode='r' would also build (and then
+  # drop) Q with orgqr, about doubling the cost on CPU.
+  packed, _ = jnp.linalg.qr(x, mode='raw')     # f[d, n]: R above diagonal
+  r = jnp.triu(packed.mT[:min(n, d)])           # f[min(n, d), d]
   if n < d:                                     # wide X: pad to d × d
     r = jnp.pad(r, ((0, d - n), (0, 0)))
   return canonical_signs(r)                     # f[d, d]

@@ -1,0 +1,99 @@
+"""Perplexity vs calibration size for every method (MATH.md §4–5)."""
+import os
+
+from absl import logging
+import matplotlib
+import ml_collections
+
+from ctxlr import results
+from experiments import common
+from experiments import compare_methods
+
+matplotlib.use('Agg')
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+
+def parse_run(run: str) -> tuple[str, float]:
+  method, _, mu = run.partition('@')
+  return method, float(mu) if mu else 0.
+
+
+def calib_spec(config, num_tokens: int) -> ml_collections.ConfigDict:
+  """`num_tokens` as whole sequences (one shorter one if fewer tokens)."""
+  seq_len = min(config.calib.seq_len, num_tokens)
+  return ml_collections.ConfigDict(dict(
+      corpus=config.calib.corpus, seq_len=seq_len, num_tokens=num_tokens,
+      batch_size=config.calib.batch_size))
+
+
+def run(config, workdir: str) -> None:
+  path = os.path.join(workdir, 'results.json')
+  out = results.read_json(path) if os.path.exists(path) else dict(rows=[])
+  done = {(r['run'], r['num_tokens']) for r in out['rows']}
+  model, tokenizer = common.load_model(config.model)
+  if 'dense' not in out:
+    out['dense'] = {c: v['perplexity'] for c, v in common.evaluate(
+        model, tokenizer, config.eval, 'dense').items()}
+  for num_tokens in config.num_tokens:
+    todo = [r for r in config.runs if (r, num_tokens) not in done]
+    if not todo:
+      continue
+    batches = common.calibration_batches(tokenizer,
+                                         calib_spec(config, num_tokens))
+    stats = compare_methods.one_shot_stats(model, batches, config.include,
+                                           config.exclude)
+    for run_name in todo:
+      method, mu = parse_run(run_name)
+      compressed, report = common.compress_copy(
+          model, stats, method=method, ratio=config.ratio, mu=mu,
+          mu_rule=config.mu_rule)
+      ppl = common.evaluate(compressed, tokenizer, config.eval,
+                            f'{run_name}@{num_tokens} tokens')
+      row = compare_methods.summary_row(f'{method}:uniform', config.ratio,
+                                        report, ppl)
+      row.update(run=run_name, mu0=mu, num_tokens=num_tokens,
+                 insufficient_layers=sum(
+                     bool(l.get('insufficient_data'))
+                     for l in report['layers'].values()))
+      out['rows'].append(row)
+      results.write_json(path, out)
+      logging.info('%s', row)
+  summary = summarize(out)
+  results.write_text(os.path.join(workdir, 'summary.md'), summary)
+  plot(workdir)
+  print(summary)
+
+
+def summarize(out: dict) -> str:
+  corpora = list(out['dense'])
+  columns = (['num_tokens', 'run'] + [f'ppl_{c}' for c in corpora] +
+             ['failed_layers', 'retried_layers', 'nonfinite_layers',
+              'insufficient_layers'])
+  rows = sorted(out['rows'], key=lambda r: (r['num_tokens'], r['run']))
+  dense = ', '.join(f'{c} {p:.2f}' for c, p in out['dense'].items())
+  return (f'Dense perplexity: {dense}.\n\n' + results.markdown_table(
+      rows, columns, {f'ppl_{c}': '.4g' for c in corpora}))
+
+
+def plot(workdir: str) -> None:
+  """Perplexity vs calibration tokens per run, from results.json alone."""
+  out = results.read_json(os.path.join(workdir, 'results.json'))
+  corpora = list(out['dense'])
+  fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4),
+                           squeeze=False)
+  for ax, corpus in zip(axes[0], corpora):
+    for run_name in dict.fromkeys(r['run'] for r in out['rows']):
+      rows = sorted((r for r in out['rows'] if r['run'] == run_name),
+                    key=lambda r: r['num_tokens'])
+      ax.plot([r['num_tokens'] for r in rows],
+              [r[f'ppl_{corpus}'] for r in rows], 'o-', ms=3, label=run_name)
+    ax.axhline(out['dense'][corpus], color='k', ls='--', label='dense')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('calibration tokens')
+    ax.set_ylabel('perplexity')
+    ax.set_title(f'held-out {corpus}')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'perplexity_vs_tokens.png'), dpi=120)
+  plt.close(fig)
