@@ -3,7 +3,7 @@
     r = ctxlr.qr_r(x)                         # or fold_r over blocks
     f = ctxlr.ctx_factors(kernel, r, rank=8)  # minimises ||X(K - a b)||_F
 """
-from ctxlr.compress import compress
+from ctxlr.pipeline import compress
 from ctxlr.linalg import canonical_signs
 from ctxlr.linalg import ctx_factors
 from ctxlr.linalg import error_of_each_rank

@@ -5,10 +5,10 @@ from typing import Any, Mapping
 from flax import nnx
 import jax.numpy as jnp
 
-from ctxlr import compress as compress_lib
 from ctxlr import data
 from ctxlr import evaluation
 from ctxlr import models
+from ctxlr import pipeline
 from ctxlr import surgery
 
 
@@ -56,13 +56,13 @@ def compress_copy(dense: nnx.Module, stats: Mapping[str, Any], *,
   shapes = {n: surgery.get_module(model, n).kernel.shape for n in stats}
   kernels = {n: surgery.get_module(model, n).kernel[...] for n in stats}
   t = time.perf_counter()
-  ranks = compress_lib.assign_ranks(shapes, kernels, stats, ratio=ratio,
+  ranks = pipeline.assign_ranks(shapes, kernels, stats, ratio=ratio,
                                     rule=allocation)
-  solved = compress_lib.factorize_layers(kernels, stats, ranks, method=method,
+  solved = pipeline.factorize_layers(kernels, stats, ranks, method=method,
                                          mu=mu, mu_rule=mu_rule)
-  compress_lib.apply_factors(model, solved)
-  report = compress_lib.make_report(
+  pipeline.apply_factors(model, solved)
+  report = pipeline.make_report(
       shapes, ranks, solved, seconds=dict(solve=time.perf_counter() - t),
-      params_before=compress_lib.count_params(dense),
-      params_after=compress_lib.count_params(model))
+      params_before=pipeline.count_params(dense),
+      params_after=pipeline.count_params(model))
   return model, report

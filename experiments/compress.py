@@ -7,7 +7,7 @@ import matplotlib
 import numpy as np
 
 from ctxlr import checkpoint
-from ctxlr import compress as compress_lib
+from ctxlr import pipeline
 from ctxlr import results
 from experiments import common
 
@@ -23,7 +23,7 @@ def run(config, workdir: str) -> None:
   dense = common.evaluate(model, tokenizer, config.eval, 'dense')
   dense_seconds = time.perf_counter() - t
   batches = common.calibration_batches(tokenizer, config.calib)
-  report = compress_lib.compress(
+  report = pipeline.compress(
       model, batches,
       ratio=config.ratio, method=config.method, mu=config.mu,
       mu_rule=config.mu_rule, allocation_rule=config.allocation,

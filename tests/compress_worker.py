@@ -12,8 +12,9 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from ctxlr import compress
+from ctxlr import pipeline
 from ctxlr import store
+from ctxlr import surgery
 from tests import toy_model
 
 
@@ -35,11 +36,11 @@ def main(checkpoint_dir, out, kill_after=None):
         os.kill(os.getpid(), signal.SIGKILL)
     store.RunStore.save_layer = save_then_die
   model = toy_model.Toy()
-  report = compress.compress(model, batches(), ratio=0.5, method='ctxlr',
+  report = pipeline.compress(model, batches(), ratio=0.5, method='ctxlr',
                              checkpoint_dir=checkpoint_dir, data_id={'seed': 0})
   factors = {}
   for name in report['layers']:
-    layer = compress.surgery.get_module(model, name)
+    layer = surgery.get_module(model, name)
     factors[name + '/a'] = np.asarray(layer.a[...])
     factors[name + '/b'] = np.asarray(layer.b[...])
   np.savez(out, **factors)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ctxlr import compress
+from ctxlr import pipeline
 from ctxlr import reference
 from ctxlr import surgery
 from tests import toy_model
@@ -24,7 +24,7 @@ def _batches(seed=0, count=3):
 def test_one_shot_ctxlr_is_layerwise_optimal_in_float64():
   model, dense = toy_model.Toy(), toy_model.Toy()
   batches = _batches()
-  report = compress.compress(model, batches, ratio=0.5,
+  report = pipeline.compress(model, batches, ratio=0.5,
                              include=('layers.0.*',))
   # Reference: layer 0's q/k/v input captured from the dense model.
   x = np.concatenate([np.asarray(dense.layers[0].norm(dense.embed(b)),
@@ -45,14 +45,14 @@ def test_one_shot_ctxlr_is_layerwise_optimal_in_float64():
 
 def test_report_ratios_and_dense_fallback():
   model = toy_model.Toy()
-  report = compress.compress(model, _batches(), ratio=0.5)
+  report = pipeline.compress(model, _batches(), ratio=0.5)
   layers = report['layers']
   assert layers['layers.0.attn.q_proj']['rank'] == 4      # 0.5·256/32
   assert layers['layers.0.mlp.up_proj']['rank'] == 5      # 0.5·640/56
   assert 0.4 < report['kept_ratio'] <= 0.5
   assert report['model_ratio'] < 1
   model = toy_model.Toy()
-  report = compress.compress(model, _batches(), ratio=1.0)
+  report = pipeline.compress(model, _batches(), ratio=1.0)
   # MATH.md §7: 16x16 at rank 8 stores 256 = 16·16 numbers: stays dense;
   # 16x40 at rank floor(640/56) = 11 stores 616 < 640: factored.
   assert report['layers']['layers.0.attn.q_proj']['rank'] is None
@@ -66,7 +66,7 @@ def test_global_allocation_spends_the_same_budget_better():
   results = {}
   for rule in ('uniform', 'global'):
     model = toy_model.Toy()
-    report = compress.compress(model, _batches(), ratio=0.5,
+    report = pipeline.compress(model, _batches(), ratio=0.5,
                                allocation_rule=rule)
     errs = [r['rel_err'] ** 2 for r in report['layers'].values()]
     results[rule] = (report['kept_ratio'], sum(errs))
@@ -90,12 +90,12 @@ def test_bad_options_raise_before_work(kwargs, match):
     raise AssertionError('data were read before the options were checked')
     yield  # pylint: disable=unreachable
   with pytest.raises(ValueError, match=match):
-    compress.compress(toy_model.Toy(), exploding(), **kwargs)
+    pipeline.compress(toy_model.Toy(), exploding(), **kwargs)
 
 
 def test_empty_calibration_raises():
   with pytest.raises(ValueError, match='calibration stream is empty'):
-    compress.compress(toy_model.Toy(), [], ratio=0.5)
+    pipeline.compress(toy_model.Toy(), [], ratio=0.5)
 
 
 def _worker(checkpoint_dir, out, kill_after=None):
@@ -125,31 +125,31 @@ def test_sigkill_then_resume_gives_identical_factors(tmp_path):
 
 def test_mismatched_or_corrupt_checkpoint_is_refused(tmp_path):
   ckpt = str(tmp_path / 'run')
-  compress.compress(toy_model.Toy(), _batches(), ratio=0.5,
+  pipeline.compress(toy_model.Toy(), _batches(), ratio=0.5,
                     checkpoint_dir=ckpt, data_id={'seed': 0})
   with pytest.raises(ValueError, match=r"differs in \['ratio'\]"):
-    compress.compress(toy_model.Toy(), _batches(), ratio=0.6,
+    pipeline.compress(toy_model.Toy(), _batches(), ratio=0.6,
                       checkpoint_dir=ckpt, data_id={'seed': 0})
   with pytest.raises(ValueError, match=r"differs in \['kernels'\]"):
-    compress.compress(toy_model.Toy(seed=1), _batches(), ratio=0.5,
+    pipeline.compress(toy_model.Toy(seed=1), _batches(), ratio=0.5,
                       checkpoint_dir=ckpt, data_id={'seed': 0})
   with pytest.raises(ValueError, match=r"differs in \['data'\]"):
-    compress.compress(toy_model.Toy(), _batches(), ratio=0.5,
+    pipeline.compress(toy_model.Toy(), _batches(), ratio=0.5,
                       checkpoint_dir=ckpt, data_id={'seed': 1})
   path = os.path.join(ckpt, 'layers', 'layers.0.attn.q_proj.safetensors')
   with open(path, 'r+b') as f:
     f.seek(-4, os.SEEK_END)
     f.write(b'\x00\x01\x02\x03')
   with pytest.raises(ValueError, match='corrupted'):
-    compress.compress(toy_model.Toy(), _batches(), ratio=0.5,
+    pipeline.compress(toy_model.Toy(), _batches(), ratio=0.5,
                       checkpoint_dir=ckpt, data_id={'seed': 0})
 
 
 def test_sequential_calibrates_on_compressed_predecessors():
   batches = _batches()
   seq, one = toy_model.Toy(), toy_model.Toy()
-  rep_seq = compress.compress(seq, batches, ratio=0.5, mode='sequential')
-  compress.compress(one, batches, ratio=0.5)
+  rep_seq = pipeline.compress(seq, batches, ratio=0.5, mode='sequential')
+  pipeline.compress(one, batches, ratio=0.5)
   # Block 0 sees the same (dense) inputs in both modes: same factors.
   np.testing.assert_allclose(seq.layers[0].attn.q_proj.a[...] @
                              seq.layers[0].attn.q_proj.b[...],
@@ -176,13 +176,13 @@ def test_sequential_needs_blocks():
     def __call__(self, ids):
       return self.inner(ids)
   with pytest.raises(ValueError, match="mode='sequential' needs model.embed"):
-    compress.compress(Wrapped(), _batches(), ratio=0.5, mode='sequential')
+    pipeline.compress(Wrapped(), _batches(), ratio=0.5, mode='sequential')
 
 
 def test_save_load_orbax_and_safetensors_give_identical_logits(tmp_path):
   from ctxlr import checkpoint  # pylint: disable=g-import-not-at-top
   model = toy_model.Toy()
-  compress.compress(model, _batches(), ratio=0.5)
+  pipeline.compress(model, _batches(), ratio=0.5)
   ids = jnp.arange(10).reshape(1, 10)
   logits = model(ids)
   checkpoint.save(model, str(tmp_path / 'ckpt'), base={'toy': True})
