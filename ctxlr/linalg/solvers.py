@@ -133,8 +133,9 @@ def layer_mu(kernel: jax.Array, r: jax.Array, mu0: float, *, rank: int,
   `error_ratio`: `μ = μ₀ (||X(K − K₀)||_F / ||K − K₀||_F)²` with K₀ the μ = 0
   rank-`rank` solution, so both terms of (P_μ) are of comparable size. When
   the data are insufficient (rank(XK) <= rank) K₀ fits them exactly, the
-  numerator is 0 and this rule gives μ = 0 — exactly where regularization is
-  needed; prefer `energy` then.
+  numerator is 0 (in floating point a rounding-level number, measured
+  <= 1e-20 of the energy rule's μ) and this rule gives μ ≈ 0 — exactly where
+  regularization is needed; prefer `energy` then.
 
   Args:
     kernel: K, float[d_in, d_out].
