@@ -16,6 +16,7 @@ from ctxlr.linalg import qr_r
 from ctxlr.linalg import rank_for_ratio
 from ctxlr.linalg import regularize_r
 from ctxlr.linalg import saves_parameters
+from ctxlr.linalg import weighted_spectrum
 from ctxlr.pipeline import compress
 
 __version__ = '0.1.0'

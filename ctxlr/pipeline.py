@@ -94,8 +94,8 @@ def assign_ranks(shapes: Mapping[str, tuple[int, int]],
   sigmas = {}
   for name in tqdm.tqdm(shapes, desc='spectra', unit='layer'):
     p = min(shapes[name])
-    sigmas[name] = np.asarray(solvers.ctx_factors(
-        kernels[name], stats[name].r, rank=1).sigma)[:p]
+    sigmas[name] = np.asarray(solvers.weighted_spectrum(
+        kernels[name], stats[name].r))[:p]
   return allocation.global_ranks(shapes, sigmas, ratio)
 
 

@@ -161,3 +161,14 @@ def test_saves_parameters():
 def test_bad_input_raises(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_weighted_spectrum_is_sigma_of_rk():
+  x, kernel = _problem(6, 64, 16, 24, cond=1e2)
+  r = ctxlr.qr_r(x)
+  expected = np.linalg.svd(np.asarray(x, np.float64) @ kernel,
+                           compute_uv=False)[:16]
+  np.testing.assert_allclose(ctxlr.weighted_spectrum(kernel, r), expected,
+                             rtol=1e-5, atol=1e-6 * expected[0])
+  with pytest.raises(ValueError, match='r has shape'):
+    ctxlr.weighted_spectrum(kernel, jnp.eye(5))

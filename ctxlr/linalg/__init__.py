@@ -15,3 +15,4 @@ from ctxlr.linalg.solvers import Factors
 from ctxlr.linalg.solvers import layer_mu
 from ctxlr.linalg.solvers import rank_for_ratio
 from ctxlr.linalg.solvers import saves_parameters
+from ctxlr.linalg.solvers import weighted_spectrum

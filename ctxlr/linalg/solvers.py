@@ -68,6 +68,32 @@ def ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
   return _ctx_factors(jnp.asarray(kernel), jnp.asarray(r), rank=rank)
 
 
+@jax.jit
+def _weighted_spectrum(kernel: jax.Array, r: jax.Array) -> jax.Array:
+  dtype = checks.compute_dtype(kernel.dtype, r.dtype)
+  rk = jnp.matmul(r.astype(dtype), kernel.astype(dtype), precision=_HIGHEST)
+  return jnp.linalg.svd(rk, compute_uv=False)
+
+
+def weighted_spectrum(kernel: jax.Array, r: jax.Array) -> jax.Array:
+  """σ(R K) alone (no singular vectors): `ctx_factors(...).sigma`, cheaper.
+
+  Enough for `error_of_each_rank` and rank allocation.
+
+  Args:
+    kernel: K, float[d_in, d_out].
+    r: R of X, float[m, d_in].
+
+  Returns:
+    float[min(m, d_out)], descending.
+  """
+  checks.check_matrix('kernel', kernel)
+  checks.check_matrix('r', r, cols=kernel.shape[0])
+  checks.check_finite('kernel', kernel)
+  checks.check_finite('r', r)
+  return _weighted_spectrum(jnp.asarray(kernel), jnp.asarray(r))
+
+
 def error_of_each_rank(sigma: jax.Array) -> jax.Array:
   """`||X(K − K_k)||_F` for every rank k = 0 … p, from the spectrum of R K.
 
