@@ -39,7 +39,8 @@ def stats_wanted(method: str) -> calibration.Want:
 
 
 def check_options(*, ratio: float, method: str, mu: float,
-                  allocation_rule: str, mu_rule: str, mode: str) -> None:
+                  allocation_rule: str, mu_rule: str, mode: str,
+                  auto_mu: float = 0.0) -> None:
   """Raises before any long work if an option is out of range."""
   if not 0 < ratio <= 1:
     raise ValueError(f'ratio must be in (0, 1]; got {ratio}.')
@@ -48,9 +49,11 @@ def check_options(*, ratio: float, method: str, mu: float,
                      f'got {method!r}.')
   if not mu >= 0:
     raise ValueError(f'mu must be >= 0; got {mu}.')
-  if mu > 0 and method != 'ctxlr':
-    raise ValueError(f'mu > 0 (regularization) is a ctxlr option; method '
-                     f'{method!r} has none.')
+  if not auto_mu >= 0:
+    raise ValueError(f'auto_mu must be >= 0; got {auto_mu}.')
+  if (mu > 0 or auto_mu > 0) and method != 'ctxlr':
+    raise ValueError(f'mu > 0 / auto_mu > 0 (regularization) is a ctxlr '
+                     f'option; method {method!r} has none.')
   if allocation_rule not in ALLOCATIONS:
     raise ValueError(f'allocation must be one of {ALLOCATIONS}; got '
                      f'{allocation_rule!r}.')
@@ -103,6 +106,7 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
                      stats: Mapping[str, statistics.LayerStats],
                      ranks: Mapping[str, int | None], *, method: str = 'ctxlr',
                      mu: float = 0.0, mu_rule: str = 'energy',
+                     auto_mu: float = 0.0,
                      store: store_lib.RunStore | None = None
                      ) -> dict[str, dict[str, Any]]:
   """The functional core: kernels + statistics -> factors and a report.
@@ -115,12 +119,17 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
     method: a name in `baselines.METHODS`.
     mu: μ₀ for ctxlr's layer-scaled regularization (0: none).
     mu_rule: 'energy' or 'error_ratio' (`solvers.layer_mu`).
+    auto_mu: if > 0 (ctxlr only), a layer whose calibration inputs have
+      numerical rank below its rank (the data cannot determine it, MATH.md §5)
+      is solved with the energy-scaled ridge of this μ₀ even when `mu` is 0.
     store: if given, layers it holds are loaded instead of solved, and each
       newly solved layer is saved to it at once.
 
   Returns:
-    {layer: dict(a, b, rank, rel_err, mu, data_rank, tokens, retries, eps,
-    failed, nonfinite)} for the layers with a rank (dense ones are absent).
+    {layer: dict(a, b, rank, rel_err, mu (the layer's μ), auto_mu (whether
+    it was regularized because its data were insufficient), data_rank,
+    tokens, retries, eps, failed, nonfinite)} for the layers with a rank
+    (dense ones are absent).
   """
   done = set(store.finished_layers()) if store is not None else set()
   out = {n: store.load_layer(n) for n in kernels if n in done}
@@ -128,16 +137,21 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
   data_ranks = {}                   # per shared input (q/k/v share one R)
   for name in tqdm.tqdm(todo, desc=f'solve ({method})', unit='layer'):
     kernel, layer_stats, rank = kernels[name], stats[name], ranks[name]
-    layer_mu = 0.
-    if mu > 0:
-      layer_mu = float(solvers.layer_mu(kernel, layer_stats.r, mu, rank=rank,
-                                        rule=mu_rule))
-    factors, info = baselines.solve(method, kernel, layer_stats, rank=rank,
-                                    mu=layer_mu)
     if id(layer_stats.r) not in data_ranks:
       data_ranks[id(layer_stats.r)] = numerical_rank(layer_stats.r)
+    mu0, rule = mu, mu_rule
+    auto = bool(mu == 0 and auto_mu > 0 and
+                data_ranks[id(layer_stats.r)] < rank)
+    if auto:                       # error_ratio would give 0 here (§4)
+      mu0, rule = auto_mu, 'energy'
+    layer_mu = 0.
+    if mu0 > 0:
+      layer_mu = float(solvers.layer_mu(kernel, layer_stats.r, mu0, rank=rank,
+                                        rule=rule))
+    factors, info = baselines.solve(method, kernel, layer_stats, rank=rank,
+                                    mu=layer_mu)
     result = dict(
-        a=factors.a, b=factors.b, rank=rank, mu=layer_mu,
+        a=factors.a, b=factors.b, rank=rank, mu=layer_mu, auto_mu=auto,
         rel_err=relative_error(kernel, layer_stats.r, factors.a, factors.b),
         data_rank=data_ranks[id(layer_stats.r)],
         tokens=layer_stats.count,
@@ -155,7 +169,8 @@ def count_params(model: nnx.Module) -> int:
 
 def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
              method: str = 'ctxlr', mu: float = 0.0, mu_rule: str = 'energy',
-             allocation_rule: str = 'uniform', mode: str = 'one_shot',
+             auto_mu: float = 0.0, allocation_rule: str = 'uniform',
+             mode: str = 'one_shot',
              include: Iterable[str] = surgery.DEFAULT_INCLUDE,
              exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
              call: Callable = calibration.default_call,
@@ -171,6 +186,9 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     method: 'ctxlr' or a baseline of `ctxlr.baselines.METHODS`.
     mu: μ₀ of the layer-scaled regularization (ctxlr only; 0 = none).
     mu_rule: 'energy' (default) or 'error_ratio', see `solvers.layer_mu`.
+    auto_mu: if > 0, layers with insufficient calibration data (numerical
+      rank of their inputs below their rank) get the energy-scaled ridge with
+      this μ₀ automatically (ctxlr only; see `factorize_layers`).
     allocation_rule: 'uniform' or 'global' (spend the budget where the exact
       error curves say it buys most; computed from a one-shot pass).
     mode: 'one_shot' (every layer calibrated on the dense model, one pass) or
@@ -193,7 +211,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     the calibration inputs), tokens, and the method's
     retries/eps/failed/nonfinite.
   """
-  check_options(ratio=ratio, method=method, mu=mu,
+  check_options(ratio=ratio, method=method, mu=mu, auto_mu=auto_mu,
                 allocation_rule=allocation_rule, mu_rule=mu_rule, mode=mode)
   shapes = surgery.select_linears(model, include, exclude)
   if mode == 'sequential':
@@ -205,10 +223,10 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
   if checkpoint_dir is not None:
     store = store_lib.RunStore(checkpoint_dir, dict(
         kernels=store_lib.fingerprint_arrays(kernels), method=method,
-        ratio=ratio, mu=mu, mu_rule=mu_rule, allocation=allocation_rule,
-        mode=mode, data=data_id))
+        ratio=ratio, mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
+        allocation=allocation_rule, mode=mode, data=data_id))
   solve = functools.partial(factorize_layers, method=method, mu=mu,
-                            mu_rule=mu_rule, store=store)
+                            mu_rule=mu_rule, auto_mu=auto_mu, store=store)
   seconds = {}
   t = time.perf_counter()
   stats = None
@@ -310,11 +328,13 @@ def make_report(shapes, ranks, solved, *, seconds, params_before,
         short.append(f"{name} ({row['data_rank']} < {row['rank']})")
     layers[name] = row
   if short:
+    remedied = all(layers[n.split(' ')[0]].get('auto_mu') for n in short)
     logging.warning(
         '%d layer(s) have calibration inputs of numerical rank below their '
-        'rank, so the data cannot determine them: %s%s. Use more tokens or '
-        'mu > 0 (the regularized solve).', len(short), ', '.join(short[:5]),
-        ', …' if len(short) > 5 else '')
+        'rank, so the data cannot determine them: %s%s. %s', len(short),
+        ', '.join(short[:5]), ', …' if len(short) > 5 else '',
+        'They were regularized (auto_mu).' if remedied else
+        'Use more tokens, or the regularized solve (mu > 0 or auto_mu > 0).')
   return dict(kept_ratio=allocation.kept_ratio(shapes, ranks),
               model_ratio=params_after / params_before, seconds=seconds,
               layers=layers)

@@ -26,7 +26,8 @@ def run(config, workdir: str) -> None:
   report = pipeline.compress(
       model, batches,
       ratio=config.ratio, method=config.method, mu=config.mu,
-      mu_rule=config.mu_rule, allocation_rule=config.allocation,
+      mu_rule=config.mu_rule, auto_mu=config.auto_mu,
+      allocation_rule=config.allocation,
       mode=config.mode, include=config.include, exclude=config.exclude,
       checkpoint_dir=os.path.join(workdir, 'progress'),
       data_id=config.calib.to_dict())

@@ -196,3 +196,28 @@ def test_save_load_orbax_and_safetensors_give_identical_logits(tmp_path):
   with pytest.raises(ValueError, match='another model'):
     checkpoint.import_factors(toy_model.Toy(d=8), str(tmp_path /
                                                       'f.safetensors'))
+
+
+def test_insufficient_data_is_flagged_and_auto_regularized_toward_k_star():
+  import ctxlr  # pylint: disable=g-import-not-at-top
+  batches = [jnp.arange(5, dtype=jnp.int32)[None]]      # 5 tokens < d_in = 16
+  plain, auto = toy_model.Toy(), toy_model.Toy()
+  rep0 = pipeline.compress(plain, batches, ratio=0.9, include=('layers.0.*',))
+  rep1 = pipeline.compress(auto, batches, ratio=0.9, include=('layers.0.*',),
+                           auto_mu=1e-7)
+  name = 'layers.0.attn.q_proj'                         # 16x16 at rank 7 > 5
+  assert rep0['layers'][name]['insufficient_data']
+  assert rep0['layers'][name]['mu'] == 0 and not rep0['layers'][name]['auto_mu']
+  assert rep1['layers'][name]['auto_mu'] and rep1['layers'][name]['mu'] > 0
+  # K_mu -> K_* (the minimiser closest to K) as mu -> 0; mu = 0 is elsewhere.
+  dense = toy_model.Toy()
+  x = np.asarray(dense.layers[0].norm(dense.embed(batches[0])),
+                 np.float64).reshape(-1, 16)
+  kernel = np.asarray(dense.layers[0].attn.q_proj.kernel[...], np.float64)
+  star = ctxlr.desired_solution(kernel, x, rank=7)
+  k_star = np.asarray(star.a, np.float64) @ np.asarray(star.b, np.float64)
+  def dist(model):
+    layer = model.layers[0].attn.q_proj
+    k = np.asarray(layer.a[...], np.float64) @ np.asarray(layer.b[...])
+    return np.linalg.norm(k - k_star) / np.linalg.norm(k_star)
+  assert dist(auto) < 1e-2 < 0.1 < dist(plain)

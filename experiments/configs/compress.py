@@ -25,6 +25,7 @@ def get_config(arg=None):
   config.method = 'ctxlr'        # or svd, asvd, svd_llm, svd_llm_eps, ...
   config.mu = 0.0                # μ₀ of the layer-scaled ridge (ctxlr)
   config.mu_rule = 'energy'      # or 'error_ratio' (MATH.md §4)
+  config.auto_mu = 0.0           # μ₀ for layers with too few tokens (0: off)
   config.allocation = 'uniform'  # or 'global'
   config.mode = 'one_shot'       # or 'sequential'
   config.include = ('*_proj',)   # attention and MLP projections
