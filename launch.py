@@ -37,6 +37,8 @@ def default_workdir(config_arg: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  from ctxlr import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()   # multi-host: from CTXLR_* env; no-op otherwise
   import jax  # pylint: disable=g-import-not-at-top  (after flags are parsed)
   from ctxlr import results  # pylint: disable=g-import-not-at-top
 

@@ -4,6 +4,7 @@
     f = ctxlr.ctx_factors(kernel, r, rank=8)  # minimises ||X(K - a b)||_F
     report = ctxlr.compress(model, batches, ratio=0.8)   # an NNX model
 """
+from ctxlr.linalg import accumulate_r
 from ctxlr.linalg import canonical_signs
 from ctxlr.linalg import ctx_factors
 from ctxlr.linalg import desired_solution

@@ -16,3 +16,12 @@ from ctxlr.linalg.solvers import layer_mu
 from ctxlr.linalg.solvers import rank_for_ratio
 from ctxlr.linalg.solvers import saves_parameters
 from ctxlr.linalg.solvers import weighted_spectrum
+from ctxlr.linalg.streaming import accumulate_r
+from ctxlr.linalg.streaming import fold_padded
+from ctxlr.linalg.streaming import RAccumulator
+from ctxlr.linalg.tsqr import accumulate_r_sharded
+from ctxlr.linalg.tsqr import combine_r
+from ctxlr.linalg.tsqr import fold_sharded
+from ctxlr.linalg.tsqr import reduce_r
+from ctxlr.linalg.tsqr import ShardedRAccumulator
+from ctxlr.linalg.tsqr import zeros_sharded

@@ -104,8 +104,8 @@ def check_size(name: str, value: Any) -> int:
   return int(value)
 
 
-def host_block(block: Any, index: int, d: int) -> np.ndarray:
-  """Block `index` of a stream as a host array, after every check."""
+def host_block(block: Any, index: int, d: int, dtype: Any) -> np.ndarray:
+  """Block `index` of a stream as a host array in `dtype`, after checks."""
   shape = np.shape(block)
   if len(shape) != 2:
     raise ValueError(f'block {index} must be a matrix (rows, d); got shape '
@@ -124,6 +124,12 @@ def host_block(block: Any, index: int, d: int) -> np.ndarray:
     raise ValueError(f'block {index} contains '
                      f'{finite.size - np.count_nonzero(finite)} NaN or Inf '
                      'value(s); refusing to fold it.')
+  if x.dtype != dtype:
+    with np.errstate(over='ignore'):        # overflow is checked just below
+      x = x.astype(dtype)
+    if not np.isfinite(x).all():
+      raise ValueError(f'block {index} has values beyond the range of '
+                       f'{np.dtype(dtype).name}, the accumulation dtype.')
   return x
 
 
@@ -178,7 +184,7 @@ class RAccumulator:
         with d columns and at least one row, or holds NaN/Inf. The stream
         stays usable (the bad block is not folded).
     """
-    x = host_block(block, self.num_blocks, self.d)
+    x = host_block(block, self.num_blocks, self.d, self.dtype)
     self.num_blocks += 1
     start, n = 0, x.shape[0]
     while start < n:

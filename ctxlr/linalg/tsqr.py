@@ -27,6 +27,7 @@ import functools
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -75,7 +76,7 @@ def combine_r(r: jax.Array, axis_name: str, *, axis_size: int,
   while step < p:                            # butterfly over the first p
     recv = jax.lax.ppermute(r, axis_name, [(i, i ^ step) for i in range(p)])
     low = (idx & step) == 0                  # same stacking order on both
-    r = jnp.where(low, _qr_stack(r, recv), _qr_stack(recv, r))
+    r = _qr_stack(jnp.where(low, r, recv), jnp.where(low, recv, r))
     step *= 2
   if extra:                                  # and get the result back
     recv = jax.lax.ppermute(r, axis_name, [(i, p + i) for i in range(extra)])
@@ -267,6 +268,9 @@ def reduce_r(rs: Any, *, mesh: jax.sharding.Mesh, axis: str = 'rows',
              combine: str = 'tree') -> Any:
   """One R per leaf from per-device R's: the end of data-parallel folding.
 
+  Runs once, outside `jit` (it checks values and raises); inside your own
+  `shard_map`, `combine_r` is the same reduction without the checks.
+
   Args:
     rs: pytree (e.g. `{layer_name: r}`) of float[D, d, d] per-device R's
       stacked along `axis` (D = mesh.shape[axis]); d may differ per leaf.
@@ -352,7 +356,6 @@ class ShardedRAccumulator(streaming.RAccumulator):
   def _check_not_empty(self) -> None:
     if jax.process_count() == 1:
       return super()._check_not_empty()
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     counts = multihost_utils.process_allgather(np.int64(self.num_rows))
     if not np.any(counts):
       raise ValueError('The stream is empty on every process: no rows to '
