@@ -21,6 +21,7 @@ import tqdm
 from ctxlr import statistics
 from ctxlr import surgery
 from ctxlr.linalg import qr
+from ctxlr.linalg import tsqr
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _RECORDER = contextvars.ContextVar('ctxlr_calibration_recorder', default=None)
@@ -79,8 +80,10 @@ class Want:
   abs_sum: bool = False
 
 
-def _init(d: int, want: Want) -> dict[str, jax.Array]:
-  s = dict(r=jnp.zeros((d, d), jnp.float32), count=jnp.zeros((), jnp.int32))
+def _init(d: int, want: Want, mesh, axis) -> dict[str, jax.Array]:
+  r = (jnp.zeros((d, d), jnp.float32) if mesh is None else
+       tsqr.zeros_sharded(d, mesh=mesh, axis=axis))    # f32[D, d, d]
+  s = dict(r=r, count=jnp.zeros((), jnp.int32))
   if want.gram:
     s['gram'] = jnp.zeros((d, d), jnp.float32)
   if want.abs_sum:
@@ -88,21 +91,60 @@ def _init(d: int, want: Want) -> dict[str, jax.Array]:
   return s
 
 
-def _update(s: dict[str, jax.Array], x: jax.Array) -> dict[str, jax.Array]:
-  """One block of every statistic: fold R, add XᵀX and Σ|x| in float32."""
+def _update(s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None,
+            mesh, axis) -> tuple[dict[str, jax.Array], jax.Array]:
+  """One block of every statistic: fold R, add XᵀX and Σ|x| in float32.
+
+  `rows` (bool[b], or None for all) marks real rows; padding rows are zeroed,
+  which changes none of the statistics. With a mesh, each device folds its
+  rows into its own R (no communication). Returns (stats, all finite).
+  """
   x = x.astype(jnp.float32)                                     # f32[b, d]
-  out = dict(s, r=qr._fold_r(s['r'], x), count=s['count'] + x.shape[0])
+  if rows is not None:
+    x = jnp.where(rows[:, None], x, 0.)
+  count = s['count'] + (x.shape[0] if rows is None else rows.sum())
+  if mesh is None:
+    r, ok = qr._fold_r(s['r'], x), jnp.isfinite(x).all()
+  else:
+    r, ok = tsqr.fold_sharded(s['r'], x, mesh=mesh, axis=axis)
+    ok = ok.all()
+  out = dict(s, r=r, count=count)
   if 'gram' in s:
     out['gram'] = s['gram'] + jnp.matmul(x.T, x, precision=_HIGHEST)
   if 'abs_sum' in s:
     out['abs_sum'] = s['abs_sum'] + jnp.abs(x).sum(0)
-  return out
+  return out, ok
 
 
-def _finalize(s: dict[str, jax.Array]) -> statistics.LayerStats:
-  return statistics.LayerStats(r=s['r'], gram=s.get('gram'),
-                               abs_sum=s.get('abs_sum'),
-                               count=int(s['count']))
+def _finalize(stats: dict[str, dict[str, jax.Array]], mesh, axis
+              ) -> dict[str, statistics.LayerStats]:
+  rs = {g: s['r'] for g, s in stats.items()}
+  if mesh is not None:                     # one tree reduction, every layer
+    rs = tsqr.reduce_r(rs, mesh=mesh, axis=axis)
+  return {g: statistics.LayerStats(r=rs[g], gram=s.get('gram'),
+                                   abs_sum=s.get('abs_sum'),
+                                   count=int(s['count']))
+          for g, s in stats.items()}
+
+
+def _shard_batch(batch: Any, mesh, axis: str) -> tuple[Any, jax.Array]:
+  """Pads the leading (batch) axis to a multiple of the devices; shards it.
+
+  Returns (batch, mask bool[padded batch]): padded entries are masked out.
+  """
+  size = mesh.shape[axis]
+  leaves = jax.tree.leaves(batch)
+  n = np.shape(leaves[0])[0]
+  if any(np.shape(l)[0] != n for l in leaves):
+    raise ValueError('Data-parallel calibration needs batches whose arrays '
+                     'share a leading batch axis.')
+  pad = -n % size
+  sharding = jax.sharding.NamedSharding(mesh, jax.P(axis))
+  batch = jax.tree.map(lambda l: jax.device_put(np.pad(
+      np.asarray(l), [(0, pad)] + [(0, 0)] * (np.ndim(l) - 1)), sharding),
+                       batch)
+  mask = jax.device_put(np.arange(n + pad) < n, sharding)
+  return batch, mask
 
 
 def default_call(model: nnx.Module, batch: Any) -> Any:
@@ -111,6 +153,7 @@ def default_call(model: nnx.Module, batch: Any) -> Any:
 
 def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
               *, want: Want = Want(), call: Callable = default_call,
+              mesh: jax.sharding.Mesh | None = None, axis: str = 'data',
               desc: str = 'calibrate'
               ) -> tuple[dict[str, statistics.LayerStats], dict[str, str]]:
   """Streams `batches` through `model`, folding each layer's input.
@@ -122,6 +165,12 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
     layers: dotted paths of the layers to calibrate (`surgery.select_linears`).
     want: extra statistics for the Gram baselines.
     call: `call(model, batch)` runs the model (default `model(batch)`).
+    mesh: if given, data-parallel: each batch is split over the devices of
+      `axis` (its leading axis padded with masked entries to a multiple of
+      the device count), each device folds its share into its own R's, and
+      one tree reduction at the end gives every layer's R (`tsqr.reduce_r`).
+      Works across processes under `jax.distributed`.
+    axis: the mesh axis of the data parallelism.
     desc: tqdm label.
 
   Returns:
@@ -135,8 +184,15 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
   """
   layers = list(layers)
   recorder_box = {}
+  if mesh is not None:
+    # Auto axes: XLA propagates the batch sharding through any model, which
+    # need not annotate its own ops (Explicit axes would require it).
+    mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(
+        jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
   with tapped(model, layers):
     graphdef, state = nnx.split(model)
+    if mesh is not None:                      # replicate the model
+      state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.P()))
 
     def trace(state, batch):
       recorder = _Recorder()
@@ -149,15 +205,21 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
       return recorder
 
     @jax.jit
-    def step(state, batch, stats):
+    def step(state, batch, mask, stats):
       recorder = trace(state, batch)
-      new = {g: _update(stats[g], x) for g, x in recorder.inputs.items()}
-      finite = {g: jnp.isfinite(x).all() for g, x in recorder.inputs.items()}
+      new, finite = {}, {}
+      for g, x in recorder.inputs.items():
+        rows = None if mask is None else jnp.repeat(
+            mask, x.shape[0] // mask.shape[0])
+        new[g], finite[g] = _update(stats[g], x, rows, mesh, axis)
       return new, finite
 
     stats = None
     for index, batch in enumerate(tqdm.tqdm(batches, desc=desc,
                                             unit='batch')):
+      mask = None
+      if mesh is not None:
+        batch, mask = _shard_batch(batch, mesh, axis)
       if stats is None:                       # discover groups and shapes
         shapes = jax.eval_shape(lambda s, b: trace(s, b).inputs, state, batch)
         rec = recorder_box['last']
@@ -166,8 +228,9 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
           raise ValueError(f'Layers {sorted(missing)} were not called by the '
                            'model during calibration.')
         group_of = dict(rec.group_of)
-        stats = {g: _init(x.shape[-1], want) for g, x in shapes.items()}
-      stats, finite = step(state, batch, stats)
+        stats = {g: _init(x.shape[-1], want, mesh, axis)
+                 for g, x in shapes.items()}
+      stats, finite = step(state, batch, mask, stats)
       bad = sorted(g for g, ok in jax.device_get(finite).items() if not ok)
       if bad:
         sharers = [n for n in layers if group_of[n] in bad]
@@ -175,4 +238,4 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
                          f'calibration batch {index}.')
   if stats is None:
     raise ValueError('The calibration stream is empty: no batch to fold.')
-  return {g: _finalize(s) for g, s in stats.items()}, group_of
+  return _finalize(stats, mesh, axis), group_of

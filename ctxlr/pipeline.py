@@ -174,6 +174,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
              include: Iterable[str] = surgery.DEFAULT_INCLUDE,
              exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
              call: Callable = calibration.default_call,
+             mesh: jax.sharding.Mesh | None = None,
              checkpoint_dir: str | None = None,
              data_id: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Compresses the chosen `nnx.Linear` layers of `model` in place.
@@ -198,6 +199,9 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
       and keeps the calibration hidden states in memory).
     include, exclude: fnmatch patterns on dotted layer paths.
     call: how to run the model on one batch (one-shot mode).
+    mesh: if given, calibration is data-parallel over its 'data' axis: each
+      device folds its share of every batch, one tree reduction at the end
+      (`calibration.calibrate`); same statistics up to rounding.
     checkpoint_dir: if given, calibration statistics and every finished
       layer are saved there as they complete, and a rerun with the same
       model and options resumes without recomputing them (`store.RunStore`).
@@ -232,6 +236,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
   stats = None
   if mode == 'one_shot' or allocation_rule == 'global':
     stats = _one_shot_stats(model, batches, shapes, call=call, store=store,
+                            mesh=mesh,
                             want=(stats_wanted(method) if mode == 'one_shot'
                                   else calibration.Want()))
   seconds['calibrate'] = time.perf_counter() - t
@@ -245,7 +250,8 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     apply_factors(model, solved)
   else:
     solved = _sequential(model, batches, kernels, ranks, solve=solve,
-                         want=stats_wanted(method), seconds=seconds)
+                         want=stats_wanted(method), seconds=seconds,
+                         mesh=mesh)
   seconds['solve'] = time.perf_counter() - t - seconds.get(
       'calibrate_sequential', 0.)
   return make_report(shapes, ranks, solved, seconds=seconds,
@@ -253,13 +259,13 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
                      params_after=count_params(model))
 
 
-def _one_shot_stats(model, batches, shapes, *, call, store, want):
+def _one_shot_stats(model, batches, shapes, *, call, store, want, mesh):
   """Every layer's statistics from one pass over the dense model."""
   if store is not None and store.has_stats():
     group_stats, group_of = store.load_stats()
   else:
     group_stats, group_of = calibration.calibrate(
-        model, batches, shapes, want=want, call=call)
+        model, batches, shapes, want=want, call=call, mesh=mesh)
     if store is not None:
       store.save_stats(group_stats, group_of)
   return {n: group_stats[group_of[n]] for n in shapes}
@@ -282,7 +288,8 @@ def _run_block(graphdef, state, h):
   return nnx.merge(graphdef, state)(h)
 
 
-def _sequential(model, batches, kernels, ranks, *, solve, want, seconds):
+def _sequential(model, batches, kernels, ranks, *, solve, want, seconds,
+                mesh):
   """Block by block: calibrate on compressed predecessors, solve, swap."""
   if not batches:
     raise ValueError('The calibration stream is empty: no batch to fold.')
@@ -295,7 +302,7 @@ def _sequential(model, batches, kernels, ranks, *, solve, want, seconds):
       t = time.perf_counter()
       group_stats, group_of = calibration.calibrate(
           block, hs, [n[len(prefix):] for n in names], want=want,
-          call=lambda m, h: m(h), desc=f'calibrate block {i}')
+          call=lambda m, h: m(h), mesh=mesh, desc=f'calibrate block {i}')
       spent += time.perf_counter() - t
       stats = {n: group_stats[group_of[n[len(prefix):]]] for n in names}
       done = solve({n: kernels[n] for n in names}, stats, ranks)

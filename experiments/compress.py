@@ -3,6 +3,7 @@ import os
 import time
 
 from absl import logging
+import jax
 import matplotlib
 import numpy as np
 
@@ -23,12 +24,16 @@ def run(config, workdir: str) -> None:
   dense = common.evaluate(model, tokenizer, config.eval, 'dense')
   dense_seconds = time.perf_counter() - t
   batches = common.calibration_batches(tokenizer, config.calib)
+  mesh = None
+  if config.data_parallel and jax.device_count() > 1:
+    mesh = jax.make_mesh((jax.device_count(),), ('data',))
   report = pipeline.compress(
       model, batches,
       ratio=config.ratio, method=config.method, mu=config.mu,
       mu_rule=config.mu_rule, auto_mu=config.auto_mu,
       allocation_rule=config.allocation,
       mode=config.mode, include=config.include, exclude=config.exclude,
+      mesh=mesh,
       checkpoint_dir=os.path.join(workdir, 'progress'),
       data_id=config.calib.to_dict())
   t = time.perf_counter()

@@ -86,3 +86,26 @@ def test_empty_stream_raises():
   model = toy_model.Toy()
   with pytest.raises(ValueError, match='calibration stream is empty'):
     calibration.calibrate(model, iter([]), surgery.select_linears(model))
+
+
+@pytest.mark.parametrize('devices', [2, 8])
+def test_data_parallel_calibration_matches_one_device(calibrated, devices):
+  model, batches, names, stats, group_of = calibrated   # batches: (2, 10)
+  batches = [jnp.concatenate([b, b[:1]]) for b in batches]   # 3 rows: padded
+  one, _ = calibration.calibrate(model, batches, names,
+                                 want=calibration.Want(gram=True,
+                                                       abs_sum=True))
+  mesh = jax.make_mesh((devices,), ('data',), devices=jax.devices()[:devices])
+  many, groups = calibration.calibrate(
+      model, batches, names, want=calibration.Want(gram=True, abs_sum=True),
+      mesh=mesh)
+  assert groups == group_of and set(many) == set(one)
+  for g in one:
+    assert many[g].count == one[g].count == 4 * 3 * 10
+    ref = np.asarray(one[g].r)
+    got = np.asarray(many[g].r)
+    assert got.shape == ref.shape
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+    np.testing.assert_allclose(many[g].gram, one[g].gram, rtol=1e-5,
+                               atol=1e-4)
+    np.testing.assert_allclose(many[g].abs_sum, one[g].abs_sum, rtol=1e-5)

@@ -221,3 +221,19 @@ def test_insufficient_data_is_flagged_and_auto_regularized_toward_k_star():
     k = np.asarray(layer.a[...], np.float64) @ np.asarray(layer.b[...])
     return np.linalg.norm(k - k_star) / np.linalg.norm(k_star)
   assert dist(auto) < 1e-2 < 0.1 < dist(plain)
+
+
+@pytest.mark.parametrize('mode', ['one_shot', 'sequential'])
+def test_compress_on_8_devices_matches_one_device(mode):
+  import jax  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((8,), ('data',))
+  one, many = toy_model.Toy(), toy_model.Toy()
+  rep1 = pipeline.compress(one, _batches(), ratio=0.5, mode=mode)
+  rep8 = pipeline.compress(many, _batches(), ratio=0.5, mode=mode, mesh=mesh)
+  for name, row in rep1['layers'].items():
+    assert rep8['layers'][name]['rank'] == row['rank']
+    np.testing.assert_allclose(rep8['layers'][name]['rel_err'],
+                               row['rel_err'], rtol=1e-4)
+    a, b = surgery.get_module(one, name), surgery.get_module(many, name)
+    np.testing.assert_allclose(a.a[...] @ a.b[...], b.a[...] @ b.b[...],
+                               atol=2e-4)

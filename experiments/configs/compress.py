@@ -30,6 +30,7 @@ def get_config(arg=None):
   config.mode = 'one_shot'       # or 'sequential'
   config.include = ('*_proj',)   # attention and MLP projections
   config.exclude = ()
+  config.data_parallel = True    # split calibration over all devices (if >1)
   config.save = True             # orbax checkpoint + safetensors factors
   if arg == 'quick':             # a CI-sized run: one block, few tokens
     config.calib = dict(corpus='wikipedia', num_tokens=256, seq_len=64,
