@@ -3,7 +3,8 @@
     >>> report = ctxlr.compress(model, batches, ratio=0.8)
     >>> report['kept_ratio'], report['layers']['layers.0.attn.q_proj']['rank']
 
-Every method of `ctxlr.baselines.METHODS` runs through the same pipeline and
+Every method of `METHODS` (ctxlr, the baselines of `ctxlr.baselines`, and the
+reference `k_star`) runs through the same pipeline and
 sees exactly the same calibration data. The functional core
 (`factorize_layers`) takes kernels and statistics and returns factors, for
 users whose parameters are a plain pytree (e.g. Linen).
@@ -25,11 +26,37 @@ from ctxlr import calibration
 from ctxlr import statistics
 from ctxlr import store as store_lib
 from ctxlr import surgery
+from ctxlr.linalg import desired
 from ctxlr.linalg import solvers
 
 ALLOCATIONS = ('uniform', 'global')
 MODES = ('one_shot', 'sequential')
 _GRAM_METHODS = ('svd_llm', 'svd_llm_eps', 'svd_llm_v2', 'corda')
+
+
+def k_star(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
+           mu: float = 0.0) -> tuple[solvers.Factors, baselines.SolveInfo]:
+  """The reference K_* (`desired_solution`), computed in float64 from R.
+
+  The limit of the regularized solve as μ → 0 (MATH.md §5): the minimiser of
+  (P) closest to K. A reference for experiments, not a compression method
+  one would ship (float64 SVDs). `mu` must be 0.
+  """
+  if mu:
+    raise ValueError(f'k_star takes no mu; got {mu}.')
+  with jax.enable_x64(True):
+    f = desired.desired_solution(np.asarray(kernel, np.float64),
+                                 np.asarray(stats.r), rank=rank)
+    a, b = np.asarray(f.a), np.asarray(f.b)
+  factors = solvers.Factors(jnp.asarray(a, kernel.dtype),
+                            jnp.asarray(b, kernel.dtype),
+                            jnp.asarray(np.asarray(f.sigma), jnp.float32))
+  finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+  return factors, baselines.SolveInfo(retries=0, eps=0.0, failed=False,
+                                      nonfinite=not finite)
+
+
+METHODS = dict(baselines.METHODS, k_star=k_star)
 
 
 def stats_wanted(method: str) -> calibration.Want:
@@ -44,8 +71,8 @@ def check_options(*, ratio: float, method: str, mu: float,
   """Raises before any long work if an option is out of range."""
   if not 0 < ratio <= 1:
     raise ValueError(f'ratio must be in (0, 1]; got {ratio}.')
-  if method not in baselines.METHODS:
-    raise ValueError(f'method must be one of {sorted(baselines.METHODS)}; '
+  if method not in METHODS:
+    raise ValueError(f'method must be one of {sorted(METHODS)}; '
                      f'got {method!r}.')
   if not mu >= 0:
     raise ValueError(f'mu must be >= 0; got {mu}.')
@@ -116,7 +143,7 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
     stats: {layer: LayerStats of that layer's input} (shared objects are
       fine).
     ranks: {layer: rank, or None to keep dense}.
-    method: a name in `baselines.METHODS`.
+    method: a name in `METHODS`.
     mu: μ₀ for ctxlr's layer-scaled regularization (0: none).
     mu_rule: 'energy' or 'error_ratio' (`solvers.layer_mu`).
     auto_mu: if > 0 (ctxlr only), a layer whose calibration inputs have
@@ -148,8 +175,11 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
     if mu0 > 0:
       layer_mu = float(solvers.layer_mu(kernel, layer_stats.r, mu0, rank=rank,
                                         rule=rule))
-    factors, info = baselines.solve(method, kernel, layer_stats, rank=rank,
-                                    mu=layer_mu)
+    if method == 'k_star':
+      factors, info = k_star(kernel, layer_stats, rank=rank)
+    else:
+      factors, info = baselines.solve(method, kernel, layer_stats, rank=rank,
+                                      mu=layer_mu)
     result = dict(
         a=factors.a, b=factors.b, rank=rank, mu=layer_mu, auto_mu=auto,
         rel_err=relative_error(kernel, layer_stats.r, factors.a, factors.b),
@@ -184,7 +214,8 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     batches: calibration inputs, an iterable of what `call(model, batch)`
       takes (default: `model(batch)`, e.g. int32 ids [batch, seq]).
     ratio: kept fraction of the chosen layers' parameters, in (0, 1].
-    method: 'ctxlr' or a baseline of `ctxlr.baselines.METHODS`.
+    method: 'ctxlr', a baseline of `ctxlr.baselines.METHODS`, or 'k_star'
+      (the float64 reference K_* of MATH.md §5).
     mu: μ₀ of the layer-scaled regularization (ctxlr only; 0 = none).
     mu_rule: 'energy' (default) or 'error_ratio', see `solvers.layer_mu`.
     auto_mu: if > 0, layers with insufficient calibration data (numerical

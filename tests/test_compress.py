@@ -237,3 +237,19 @@ def test_compress_on_8_devices_matches_one_device(mode):
     a, b = surgery.get_module(one, name), surgery.get_module(many, name)
     np.testing.assert_allclose(a.a[...] @ a.b[...], b.a[...] @ b.b[...],
                                atol=2e-4)
+
+
+def test_k_star_method_is_the_desired_solution():
+  import ctxlr  # pylint: disable=g-import-not-at-top
+  batches = [jnp.arange(5, dtype=jnp.int32)[None]]      # 5 tokens < rank 7
+  model, dense = toy_model.Toy(), toy_model.Toy()
+  report = pipeline.compress(model, batches, ratio=0.9, method='k_star',
+                             include=('layers.0.attn.*',))
+  assert report['layers']['layers.0.attn.q_proj']['rank'] == 7
+  x = np.asarray(dense.layers[0].norm(dense.embed(batches[0])),
+                 np.float64).reshape(-1, 16)
+  kernel = np.asarray(dense.layers[0].attn.q_proj.kernel[...], np.float64)
+  star = ctxlr.desired_solution(kernel, x, rank=7)
+  layer = model.layers[0].attn.q_proj
+  np.testing.assert_allclose(np.asarray(layer.a[...] @ layer.b[...]),
+                             np.asarray(star.a @ star.b), atol=1e-5)
