@@ -40,6 +40,13 @@ def r_factor(x: np.ndarray) -> np.ndarray:
   return r * signs[:, None]
 
 
+def r_error(r, x: np.ndarray) -> float:
+  """||R − R_ref||_F / ||R_ref||_F against the float64 R of x (signs fixed)."""
+  expected = r_factor(x)
+  return float(np.linalg.norm(np.asarray(r, np.float64) - expected) /
+               np.linalg.norm(expected))
+
+
 def optimal_errors(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
   """opt[k] = min_{rank ≤ k} ||X(K − K')||_F = sqrt(Σ_{i>k} σ_i(XK)²)."""
   s = np.linalg.svd(np.asarray(x, np.float64) @ np.asarray(kernel, np.float64),

@@ -234,12 +234,6 @@ def test_corda_doubles_damping_until_the_inverse_passes():
 
 # ------------------------- svd_llm on cond(X) = 1e6 (contrast: test_solvers) ---
 
-@pytest.fixture(scope='module')
-def ill_conditioned():
-  x, kernel = _problem(0, 2048, 256, 256, cond=1e6)
-  return x, kernel, statistics.stats_from_x(jnp.asarray(x))
-
-
 def test_svd_llm_is_its_authors_pipeline(ill_conditioned):
   # The same steps in NumPy: float64 Cholesky of the float32 Gram (shifted
   # by −λ_min + 1e-6 when it fails), float64 inverse, both cast to float32,

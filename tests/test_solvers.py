@@ -7,7 +7,6 @@ import pytest
 import ctxlr
 from ctxlr import baselines
 from ctxlr import reference
-from ctxlr import statistics
 
 # Excess (err − opt) / ||XK||_F must stay at float32 rounding level.
 F32_EXCESS = 2e-6
@@ -39,13 +38,6 @@ def test_optimal_at_every_rank_in_float32(cond, deficient, d_in, d_out):
     assert f.a.shape == (d_in, k) and f.b.shape == (k, d_out)
     err = reference.weighted_error(x, kernel, f.a, f.b)
     assert (err - opt[k]) / norm_xk <= F32_EXCESS
-
-
-@pytest.fixture(scope='module')
-def ill_conditioned():
-  """X 2048 x 256 with cond 1e6 (controlled SVD), K 256 x 256, float32."""
-  x, kernel = _problem(0, 2048, 256, 256, cond=1e6)
-  return x, kernel, statistics.stats_from_x(jnp.asarray(x))
 
 
 # The same float32 data through the Gram route fails where QR does not.

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ctxlr import reference
 from ctxlr.linalg import qr
 from ctxlr.linalg import streaming
 
@@ -11,18 +12,8 @@ D = 16
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
 
-def reference_r(x) -> np.ndarray:
-  """float64 R of x, square, non-negative diagonal."""
-  x = np.asarray(x, np.float64)
-  r = np.linalg.qr(x, mode='r')
-  r = np.pad(r, ((0, x.shape[1] - r.shape[0]), (0, 0)))
-  return r * np.where(np.diag(r) < 0, -1.0, 1.0)[:, None]
-
-
-def rel_err(r, x) -> float:
-  expected = reference_r(x)
-  return np.linalg.norm(np.asarray(r, np.float64) - expected) / np.linalg.norm(
-      expected)
+reference_r = reference.r_factor
+rel_err = reference.r_error
 
 
 def make_blocks(sizes, d=D, seed=0, dtype=np.float32):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ctxlr import reference
 from ctxlr import results
 from ctxlr.linalg import tsqr
 from experiments import bench_tsqr
@@ -20,17 +21,8 @@ D = 16
 TOL32, TOL64 = 1e-5, 1e-12
 
 
-def reference_r(x) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  r = np.linalg.qr(x, mode='r')
-  r = np.pad(r, ((0, x.shape[1] - r.shape[0]), (0, 0)))
-  return r * np.where(np.diag(r) < 0, -1.0, 1.0)[:, None]
-
-
-def rel_err(r, x) -> float:
-  expected = reference_r(x)
-  return np.linalg.norm(np.asarray(r, np.float64) - expected) / np.linalg.norm(
-      expected)
+reference_r = reference.r_factor
+rel_err = reference.r_error
 
 
 def rows(n, d=D, seed=0, dtype=np.float32):
