@@ -175,11 +175,14 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
     if mu0 > 0:
       layer_mu = float(solvers.layer_mu(kernel, layer_stats.r, mu0, rank=rank,
                                         rule=rule))
-    if method == 'k_star':
-      factors, info = k_star(kernel, layer_stats, rank=rank)
-    else:
-      factors, info = baselines.solve(method, kernel, layer_stats, rank=rank,
-                                      mu=layer_mu)
+    try:
+      if method == 'k_star':
+        factors, info = k_star(kernel, layer_stats, rank=rank)
+      else:
+        factors, info = baselines.solve(method, kernel, layer_stats,
+                                        rank=rank, mu=layer_mu)
+    except ValueError as e:
+      raise ValueError(f'{name}: {e}') from e
     result = dict(
         a=factors.a, b=factors.b, rank=rank, mu=layer_mu, auto_mu=auto,
         rel_err=relative_error(kernel, layer_stats.r, factors.a, factors.b),

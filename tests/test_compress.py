@@ -253,3 +253,10 @@ def test_k_star_method_is_the_desired_solution():
   layer = model.layers[0].attn.q_proj
   np.testing.assert_allclose(np.asarray(layer.a[...] @ layer.b[...]),
                              np.asarray(star.a @ star.b), atol=1e-5)
+
+
+def test_solve_errors_name_the_layer():
+  model = toy_model.Toy()
+  model.layers[1].mlp.up_proj.kernel[...] = jnp.full((16, 40), jnp.inf)
+  with pytest.raises(ValueError, match='layers.1.mlp.up_proj: kernel contains'):
+    pipeline.compress(model, _batches(), ratio=0.5, include=('*.up_proj',))
