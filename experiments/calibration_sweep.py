@@ -28,12 +28,8 @@ def calib_spec(config, num_tokens: int) -> ml_collections.ConfigDict:
 
 def run(config, workdir: str) -> None:
   path = os.path.join(workdir, 'results.json')
-  out = results.read_json(path) if os.path.exists(path) else dict(rows=[])
+  out, model, tokenizer = common.resume_sweep(workdir, config)
   done = {(r['run'], r['num_tokens']) for r in out['rows']}
-  model, tokenizer = common.load_model(config.model)
-  if 'dense' not in out:
-    out['dense'] = {c: v['perplexity'] for c, v in common.evaluate(
-        model, tokenizer, config.eval, 'dense').items()}
   for num_tokens in config.num_tokens:
     todo = [r for r in config.runs if (r, num_tokens) not in done]
     if not todo:
@@ -58,10 +54,7 @@ def run(config, workdir: str) -> None:
       out['rows'].append(row)
       results.write_json(path, out)
       logging.info('%s', row)
-  summary = summarize(out)
-  results.write_text(os.path.join(workdir, 'summary.md'), summary)
-  plot(workdir)
-  print(summary)
+  common.finish(workdir, summarize(out), plot)
 
 
 def summarize(out: dict) -> str:

@@ -1,6 +1,7 @@
 """Pieces the model experiments share: model, data, evaluation, one method."""
+import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from flax import nnx
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ from ctxlr import data
 from ctxlr import evaluation
 from ctxlr import models
 from ctxlr import pipeline
+from ctxlr import results
 from ctxlr import surgery
 
 
@@ -66,3 +68,25 @@ def compress_copy(dense: nnx.Module, stats: Mapping[str, Any], *,
       params_before=pipeline.count_params(dense),
       params_after=pipeline.count_params(model))
   return model, report
+
+
+def resume_sweep(workdir: str, config) -> tuple[dict, Any, Any]:
+  """(results so far, model, tokenizer) for a sweep that keeps its rows.
+
+  `results.json` in `workdir` holds `dense` perplexities and finished `rows`;
+  a rerun continues from them (the dense evaluation is done once).
+  """
+  path = os.path.join(workdir, 'results.json')
+  out = results.read_json(path) if os.path.exists(path) else dict(rows=[])
+  model, tokenizer = load_model(config.model)
+  if 'dense' not in out:
+    out['dense'] = {c: v['perplexity'] for c, v in evaluate(
+        model, tokenizer, config.eval, 'dense').items()}
+  return out, model, tokenizer
+
+
+def finish(workdir: str, summary: str, plot: Callable[[str], None]) -> None:
+  """Writes summary.md, draws the figures from results.json, prints."""
+  results.write_text(os.path.join(workdir, 'summary.md'), summary)
+  plot(workdir)
+  print(summary)

@@ -37,12 +37,8 @@ def summary_row(run: str, ratio: float, report: dict, ppl: dict) -> dict:
 
 def run(config, workdir: str) -> None:
   path = os.path.join(workdir, 'results.json')
-  out = results.read_json(path) if os.path.exists(path) else dict(rows=[])
+  out, model, tokenizer = common.resume_sweep(workdir, config)
   done = {(r['method'], r['allocation'], r['ratio']) for r in out['rows']}
-  model, tokenizer = common.load_model(config.model)
-  if 'dense' not in out:
-    out['dense'] = {c: v['perplexity'] for c, v in common.evaluate(
-        model, tokenizer, config.eval, 'dense').items()}
   stats = one_shot_stats(model, common.calibration_batches(
       tokenizer, config.calib), config.include, config.exclude)
   for ratio in config.ratios:
@@ -57,10 +53,7 @@ def run(config, workdir: str) -> None:
       out['rows'].append(summary_row(run_name, ratio, report, ppl))
       results.write_json(path, out)          # each finished row is kept
       logging.info('%s', out['rows'][-1])
-  summary = summarize(out)
-  results.write_text(os.path.join(workdir, 'summary.md'), summary)
-  plot(workdir)
-  print(summary)
+  common.finish(workdir, summarize(out), plot)
 
 
 def summarize(out: dict) -> str:

@@ -2,7 +2,6 @@
 import os
 import time
 
-from absl import logging
 import jax
 import matplotlib
 import numpy as np
@@ -52,11 +51,7 @@ def run(config, workdir: str) -> None:
     checkpoint.export_factors(model, os.path.join(workdir,
                                                   'factors.safetensors'),
                               metadata=dict(config=config.to_dict()))
-  summary = summarize(out)
-  results.write_text(os.path.join(workdir, 'summary.md'), summary)
-  plot(workdir)
-  logging.info('Wrote %s', workdir)
-  print(summary)
+  common.finish(workdir, summarize(out), plot)
 
 
 def summarize(out: dict) -> str:

@@ -45,3 +45,31 @@ def test_compress_quick_end_to_end(tmp_path):
   for name in ('summary.md', 'layer_errors.png', 'factors.safetensors',
                'model/surgery.json', 'progress/manifest.json'):
     assert (tmp_path / name).exists(), name
+
+
+def test_compare_methods_quick_and_resume(tmp_path):
+  args = ('--config=experiments/configs/compare_methods.py:quick',
+          f'--workdir={tmp_path}')
+  proc = _launch(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = results.read_json(str(tmp_path / 'results.json'))
+  rows = {r['method']: r for r in out['rows']}
+  assert set(rows) == {'ctxlr', 'svd_llm'}
+  assert rows['ctxlr']['ppl_wikipedia'] > out['dense']['wikipedia']
+  assert (tmp_path / 'perplexity_vs_ratio.png').exists()
+  again = _launch(*args)                    # finished rows are not redone
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert results.read_json(str(tmp_path / 'results.json')) == out
+
+
+def test_calibration_sweep_quick(tmp_path):
+  proc = _launch('--config=experiments/configs/calibration_sweep.py:quick',
+                 f'--workdir={tmp_path}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = results.read_json(str(tmp_path / 'results.json'))['rows']
+  assert {(r['run'], r['num_tokens']) for r in rows} == {
+      (run, n) for run in ('ctxlr', 'ctxlr@0.01', 'svd_llm_eps')
+      for n in (32, 128)}
+  short = [r for r in rows if r['num_tokens'] == 32]
+  assert all(r['insufficient_layers'] > 0 for r in short)
+  assert (tmp_path / 'perplexity_vs_tokens.png').exists()
