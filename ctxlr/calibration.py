@@ -21,6 +21,7 @@ import tqdm
 from ctxlr import statistics
 from ctxlr import surgery
 from ctxlr.linalg import qr
+from ctxlr.linalg import streaming
 from ctxlr.linalg import tsqr
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -80,26 +81,27 @@ class Want:
   abs_sum: bool = False
 
 
-def _init(d: int, want: Want, mesh, axis) -> dict[str, jax.Array]:
-  r = (jnp.zeros((d, d), jnp.float32) if mesh is None else
-       tsqr.zeros_sharded(d, mesh=mesh, axis=axis))    # f32[D, d, d]
+def _init(d: int, want: Want, mesh, axis, dtype) -> dict[str, jax.Array]:
+  r = (jnp.zeros((d, d), dtype) if mesh is None else
+       tsqr.zeros_sharded(d, mesh=mesh, axis=axis, dtype=dtype))  # [D, d, d]
   s = dict(r=r, count=jnp.zeros((), jnp.int32))
   if want.gram:
-    s['gram'] = jnp.zeros((d, d), jnp.float32)
+    s['gram'] = jnp.zeros((d, d), dtype)
   if want.abs_sum:
-    s['abs_sum'] = jnp.zeros((d,), jnp.float32)
+    s['abs_sum'] = jnp.zeros((d,), dtype)
   return s
 
 
 def _update(s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None,
             mesh, axis) -> tuple[dict[str, jax.Array], jax.Array]:
-  """One block of every statistic: fold R, add XᵀX and Σ|x| in float32.
+  """One block of every statistic: fold R, add XᵀX and Σ|x|.
 
-  `rows` (bool[b], or None for all) marks real rows; padding rows are zeroed,
-  which changes none of the statistics. With a mesh, each device folds its
+  Accumulates in the statistics' dtype (float32, or float64). `rows`
+  (bool[b], or None for all) marks real rows; padding rows are zeroed, which
+  changes none of the statistics. With a mesh, each device folds its
   rows into its own R (no communication). Returns (stats, all finite).
   """
-  x = x.astype(jnp.float32)                                     # f32[b, d]
+  x = x.astype(s['r'].dtype)                                    # f[b, d]
   if rows is not None:
     x = jnp.where(rows[:, None], x, 0.)
   count = s['count'] + (x.shape[0] if rows is None else rows.sum())
@@ -154,7 +156,7 @@ def default_call(model: nnx.Module, batch: Any) -> Any:
 def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
               *, want: Want = Want(), call: Callable = default_call,
               mesh: jax.sharding.Mesh | None = None, axis: str = 'data',
-              desc: str = 'calibrate'
+              dtype: Any = jnp.float32, desc: str = 'calibrate'
               ) -> tuple[dict[str, statistics.LayerStats], dict[str, str]]:
   """Streams `batches` through `model`, folding each layer's input.
 
@@ -171,7 +173,11 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
       one tree reduction at the end gives every layer's R (`tsqr.reduce_r`).
       Works across processes under `jax.distributed`.
     axis: the mesh axis of the data parallelism.
-    desc: tqdm label.
+    dtype: accumulation dtype of every statistic: float32 (default; the
+      model's float32 activations are folded exactly as they are), or
+      float64 (needs 64-bit JAX, e.g. `with jax.enable_x64(True):`), for
+      references that must resolve what float32 statistics cannot, such as
+      `desired_solution` on near-tied spectra.
 
   Returns:
     (stats, group_of): `stats[group]` is the LayerStats of that group's input
@@ -183,6 +189,7 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
       layer and the batch index).
   """
   layers = list(layers)
+  dtype = streaming.check_dtype(dtype)
   recorder_box = {}
   if mesh is not None:
     # Auto axes: XLA propagates the batch sharding through any model, which
@@ -228,7 +235,7 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
           raise ValueError(f'Layers {sorted(missing)} were not called by the '
                            'model during calibration.')
         group_of = dict(rec.group_of)
-        stats = {g: _init(x.shape[-1], want, mesh, axis)
+        stats = {g: _init(x.shape[-1], want, mesh, axis, dtype)
                  for g, x in shapes.items()}
       stats, finite = step(state, batch, mask, stats)
       bad = sorted(g for g, ok in jax.device_get(finite).items() if not ok)

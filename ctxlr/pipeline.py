@@ -28,6 +28,7 @@ from ctxlr import store as store_lib
 from ctxlr import surgery
 from ctxlr.linalg import desired
 from ctxlr.linalg import solvers
+from ctxlr.linalg import streaming
 
 ALLOCATIONS = ('uniform', 'global')
 MODES = ('one_shot', 'sequential')
@@ -141,7 +142,8 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
   Args:
     kernels: {layer: K float[d_in, d_out]}.
     stats: {layer: LayerStats of that layer's input} (shared objects are
-      fine).
+      fine), float32 or float64 (every method but 'k_star' rounds them to
+      float32 first; `statistics.as_float32`).
     ranks: {layer: rank, or None to keep dense}.
     method: a name in `METHODS`.
     mu: μ₀ for ctxlr's layer-scaled regularization (0: none).
@@ -173,14 +175,16 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
       mu0, rule = auto_mu, 'energy'
     layer_mu = 0.
     if mu0 > 0:
-      layer_mu = float(solvers.layer_mu(kernel, layer_stats.r, mu0, rank=rank,
-                                        rule=rule))
+      layer_mu = float(solvers.layer_mu(
+          kernel, jnp.asarray(layer_stats.r, jnp.float32), mu0, rank=rank,
+          rule=rule))
     try:
       if method == 'k_star':
         factors, info = k_star(kernel, layer_stats, rank=rank)
-      else:
-        factors, info = baselines.solve(method, kernel, layer_stats,
-                                        rank=rank, mu=layer_mu)
+      else:                        # float64 statistics: rounded once
+        factors, info = baselines.solve(
+            method, kernel, statistics.as_float32(layer_stats), rank=rank,
+            mu=layer_mu)
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from e
     result = dict(
@@ -208,6 +212,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
              exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
              call: Callable = calibration.default_call,
              mesh: jax.sharding.Mesh | None = None,
+             stats_dtype: Any = jnp.float32,
              checkpoint_dir: str | None = None,
              data_id: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Compresses the chosen `nnx.Linear` layers of `model` in place.
@@ -236,6 +241,11 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     mesh: if given, calibration is data-parallel over its 'data' axis: each
       device folds its share of every batch, one tree reduction at the end
       (`calibration.calibrate`); same statistics up to rounding.
+    stats_dtype: accumulation dtype of the calibration statistics: float32,
+      or float64 (needs 64-bit JAX) for the 'k_star' reference, whose case
+      split (ties, numerical rank) must resolve what float32 R cannot. The
+      other methods cast float64 statistics to float32 (their compute
+      dtype) before solving.
     checkpoint_dir: if given, calibration statistics and every finished
       layer are saved there as they complete, and a rerun with the same
       model and options resumes without recomputing them (`store.RunStore`).
@@ -251,6 +261,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
   """
   check_options(ratio=ratio, method=method, mu=mu, auto_mu=auto_mu,
                 allocation_rule=allocation_rule, mu_rule=mu_rule, mode=mode)
+  stats_dtype = streaming.check_dtype(stats_dtype)
   shapes = surgery.select_linears(model, include, exclude)
   if mode == 'sequential':
     _check_sequential(model, shapes)
@@ -262,7 +273,8 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     store = store_lib.RunStore(checkpoint_dir, dict(
         kernels=store_lib.fingerprint_arrays(kernels), method=method,
         ratio=ratio, mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
-        allocation=allocation_rule, mode=mode, data=data_id))
+        allocation=allocation_rule, mode=mode, data=data_id,
+        stats_dtype=stats_dtype.name))
   solve = functools.partial(factorize_layers, method=method, mu=mu,
                             mu_rule=mu_rule, auto_mu=auto_mu, store=store)
   seconds = {}
@@ -270,7 +282,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
   stats = None
   if mode == 'one_shot' or allocation_rule == 'global':
     stats = _one_shot_stats(model, batches, shapes, call=call, store=store,
-                            mesh=mesh,
+                            mesh=mesh, dtype=stats_dtype,
                             want=(stats_wanted(method) if mode == 'one_shot'
                                   else calibration.Want()))
   seconds['calibrate'] = time.perf_counter() - t
@@ -285,7 +297,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
   else:
     solved = _sequential(model, batches, kernels, ranks, solve=solve,
                          want=stats_wanted(method), seconds=seconds,
-                         mesh=mesh)
+                         mesh=mesh, dtype=stats_dtype)
   seconds['solve'] = time.perf_counter() - t - seconds.get(
       'calibrate_sequential', 0.)
   return make_report(shapes, ranks, solved, seconds=seconds,
@@ -293,13 +305,14 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
                      params_after=count_params(model))
 
 
-def _one_shot_stats(model, batches, shapes, *, call, store, want, mesh):
+def _one_shot_stats(model, batches, shapes, *, call, store, want, mesh,
+                    dtype):
   """Every layer's statistics from one pass over the dense model."""
   if store is not None and store.has_stats():
     group_stats, group_of = store.load_stats()
   else:
     group_stats, group_of = calibration.calibrate(
-        model, batches, shapes, want=want, call=call, mesh=mesh)
+        model, batches, shapes, want=want, call=call, mesh=mesh, dtype=dtype)
     if store is not None:
       store.save_stats(group_stats, group_of)
   return {n: group_stats[group_of[n]] for n in shapes}
@@ -323,7 +336,7 @@ def _run_block(graphdef, state, h):
 
 
 def _sequential(model, batches, kernels, ranks, *, solve, want, seconds,
-                mesh):
+                mesh, dtype):
   """Block by block: calibrate on compressed predecessors, solve, swap."""
   if not batches:
     raise ValueError('The calibration stream is empty: no batch to fold.')
@@ -336,7 +349,8 @@ def _sequential(model, batches, kernels, ranks, *, solve, want, seconds,
       t = time.perf_counter()
       group_stats, group_of = calibration.calibrate(
           block, hs, [n[len(prefix):] for n in names], want=want,
-          call=lambda m, h: m(h), mesh=mesh, desc=f'calibrate block {i}')
+          call=lambda m, h: m(h), mesh=mesh, dtype=dtype,
+          desc=f'calibrate block {i}')
       spent += time.perf_counter() - t
       stats = {n: group_stats[group_of[n[len(prefix):]]] for n in names}
       done = solve({n: kernels[n] for n in names}, stats, ranks)

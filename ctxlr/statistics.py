@@ -74,3 +74,15 @@ def stats_from_x(x: jax.Array, *, r: bool = True, gram: bool = True,
       gram=_gram(x) if gram else None,
       abs_sum=_abs_sum(x) if abs_sum else None,
       count=int(x.shape[0]))
+
+
+def as_float32(stats: LayerStats) -> LayerStats:
+  """`stats` with every array rounded to float32 (the methods' storage).
+
+  Statistics accumulated in float64 (for the float64 reference K_*) are
+  handed to the float32 methods this way: one rounding of exact sums, so they
+  see the same data as everyone else.
+  """
+  cast = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
+  return stats._replace(r=cast(stats.r), gram=cast(stats.gram),
+                        abs_sum=cast(stats.abs_sum))

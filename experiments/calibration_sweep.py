@@ -2,10 +2,13 @@
 import os
 
 from absl import logging
+import jax
+import jax.numpy as jnp
 import matplotlib
 import ml_collections
 
 from ctxlr import results
+from ctxlr import statistics
 from experiments import common
 from experiments import compare_methods
 
@@ -26,28 +29,54 @@ def calib_spec(config, num_tokens: int) -> ml_collections.ConfigDict:
       batch_size=config.calib.batch_size))
 
 
+def sweep_stats(model, batches, config, float64: bool):
+  """{layer: float32 LayerStats}, and the float64 ones if `float64` (or None).
+
+  With `float64`, one pass accumulates in float64 (for K_*, whose case split
+  must resolve near-ties that float32 R blurs); the float32 methods get those
+  statistics rounded once to float32, so all runs still see the same data.
+  """
+  if not float64:
+    return compare_methods.one_shot_stats(model, batches, config.include,
+                                          config.exclude), None
+  with jax.enable_x64(True):
+    stats64 = compare_methods.one_shot_stats(
+        model, batches, config.include, config.exclude, dtype=jnp.float64)
+    rounded = {}                           # shared inputs stay shared
+    stats32 = {n: rounded.setdefault(id(s), statistics.as_float32(s))
+               for n, s in stats64.items()}
+  return stats32, stats64
+
+
 def run(config, workdir: str) -> None:
   path = os.path.join(workdir, 'results.json')
   out, model, tokenizer = common.resume_sweep(workdir, config)
   done = {(r['run'], r['num_tokens']) for r in out['rows']}
   for num_tokens in config.num_tokens:
-    todo = [r for r in config.runs if (r, num_tokens) not in done]
+    float64 = num_tokens <= config.kstar_max_tokens
+    todo = [r for r in config.runs if (r, num_tokens) not in done and
+            (float64 or r != 'k_star')]
     if not todo:
       continue
     batches = common.calibration_batches(tokenizer,
                                          calib_spec(config, num_tokens))
-    stats = compare_methods.one_shot_stats(model, batches, config.include,
-                                           config.exclude)
+    stats, stats64 = sweep_stats(model, batches, config, float64)
     for run_name in todo:
       method, mu = parse_run(run_name)
-      compressed, report = common.compress_copy(
-          model, stats, method=method, ratio=config.ratio, mu=mu,
-          mu_rule=config.mu_rule)
+      if method == 'k_star':               # float64 solve from float64 R
+        with jax.enable_x64(True):
+          compressed, report = common.compress_copy(
+              model, stats64, method=method, ratio=config.ratio)
+      else:
+        compressed, report = common.compress_copy(
+            model, stats, method=method, ratio=config.ratio, mu=mu,
+            mu_rule=config.mu_rule)
       ppl = common.evaluate(compressed, tokenizer, config.eval,
                             f'{run_name}@{num_tokens} tokens')
       row = compare_methods.summary_row(f'{method}:uniform', config.ratio,
                                         report, ppl)
       row.update(run=run_name, mu0=mu, num_tokens=num_tokens,
+                 stats_dtype='float64' if float64 else 'float32',
                  insufficient_layers=sum(
                      bool(l.get('insufficient_data'))
                      for l in report['layers'].values()))

@@ -2,6 +2,7 @@
 import os
 
 from absl import logging
+import jax.numpy as jnp
 import matplotlib
 
 from ctxlr import calibration
@@ -13,11 +14,15 @@ matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
-def one_shot_stats(model, batches, include, exclude):
-  """Every statistic of every selected layer, from one pass."""
+def one_shot_stats(model, batches, include, exclude, dtype=jnp.float32):
+  """Every statistic of every selected layer, from one pass.
+
+  `dtype` float64 needs 64-bit JAX; layers sharing an input share one object.
+  """
   shapes = surgery.select_linears(model, include, exclude)
   group_stats, group_of = calibration.calibrate(
-      model, batches, shapes, want=calibration.Want(gram=True, abs_sum=True))
+      model, batches, shapes, want=calibration.Want(gram=True, abs_sum=True),
+      dtype=dtype)
   return {n: group_stats[group_of[n]] for n in shapes}
 
 

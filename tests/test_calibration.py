@@ -109,3 +109,39 @@ def test_data_parallel_calibration_matches_one_device(calibrated, devices):
     np.testing.assert_allclose(many[g].gram, one[g].gram, rtol=1e-5,
                                atol=1e-4)
     np.testing.assert_allclose(many[g].abs_sum, one[g].abs_sum, rtol=1e-5)
+
+
+def test_float64_statistics_resolve_what_float32_cannot():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class One(nnx.Module):                     # the layer's input is the batch
+    def __init__(self):
+      self.proj = nnx.Linear(24, 8, rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+      return self.proj(x)
+
+  model = One()
+  rng = np.random.default_rng(0)
+  batches = [reference.activations(rng, 64, 24, cond=1e4).astype(np.float32)
+             for _ in range(3)]
+  x = np.concatenate(batches).astype(np.float64)
+  stats32, _ = calibration.calibrate(model, batches, ['proj'])
+  with jax.enable_x64(True):
+    stats64, _ = calibration.calibrate(
+        model, batches, ['proj'], want=calibration.Want(gram=True),
+        dtype=jnp.float64)
+    s = stats64['proj']
+    assert s.r.dtype == s.gram.dtype == jnp.float64
+    err64 = reference.r_error(np.asarray(s.r), x)
+    np.testing.assert_allclose(s.gram, x.T @ x, rtol=1e-12, atol=1e-12)
+  err32 = reference.r_error(np.asarray(stats32['proj'].r, np.float64), x)
+  assert err64 < 1e-13 < 1e-8 < err32
+
+
+def test_float64_needs_x64():
+  model = toy_model.Toy()
+  batches = [jnp.zeros((1, 4), jnp.int32)]
+  with pytest.raises(ValueError, match='64-bit JAX'):
+    calibration.calibrate(model, batches, ['layers.0.attn.q_proj'],
+                          dtype=jnp.float64)

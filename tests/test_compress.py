@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -260,3 +261,28 @@ def test_solve_errors_name_the_layer():
   model.layers[1].mlp.up_proj.kernel[...] = jnp.full((16, 40), jnp.inf)
   with pytest.raises(ValueError, match='layers.1.mlp.up_proj: kernel contains'):
     pipeline.compress(model, _batches(), ratio=0.5, include=('*.up_proj',))
+
+
+def test_float64_statistics_for_k_star_and_float32_for_the_rest():
+  few = [jnp.arange(5, dtype=jnp.int32)[None]]          # 5 tokens < rank 7
+  with jax.enable_x64(True):
+    star64, ctx64 = toy_model.Toy(), toy_model.Toy()
+    rep = pipeline.compress(star64, few, ratio=0.9, method='k_star',
+                            include=('layers.0.attn.*',),
+                            stats_dtype=jnp.float64)
+    pipeline.compress(ctx64, _batches(), ratio=0.5, stats_dtype=jnp.float64)
+  star32, ctx32 = toy_model.Toy(), toy_model.Toy()
+  pipeline.compress(star32, few, ratio=0.9, method='k_star',
+                    include=('layers.0.attn.*',))
+  pipeline.compress(ctx32, _batches(), ratio=0.5)
+  assert rep['layers']['layers.0.attn.q_proj']['insufficient_data']
+  product = lambda m: np.asarray(m.layers[0].attn.q_proj.a[...] @
+                                 m.layers[0].attn.q_proj.b[...], np.float64)
+  # The float32 methods get the float64 statistics rounded to float32: the
+  # same factors as from float32 statistics; K_* is the same minimiser.
+  np.testing.assert_allclose(product(ctx64), product(ctx32), atol=1e-4)
+  np.testing.assert_allclose(product(star64), product(star32), atol=1e-4)
+  assert star64.layers[0].attn.q_proj.a.dtype == jnp.float32
+  with pytest.raises(ValueError, match='64-bit JAX'):
+    pipeline.compress(toy_model.Toy(), few, ratio=0.9,
+                      stats_dtype=jnp.float64)

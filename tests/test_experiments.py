@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from ctxlr import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +69,13 @@ def test_calibration_sweep_quick(tmp_path):
                  f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = results.read_json(str(tmp_path / 'results.json'))['rows']
+  # K_* (float64 statistics) only where the data are short (<= 32 tokens).
   assert {(r['run'], r['num_tokens']) for r in rows} == {
       (run, n) for run in ('ctxlr', 'ctxlr@0.01', 'svd_llm_eps')
-      for n in (32, 128)}
+      for n in (32, 128)} | {('k_star', 32)}
   short = [r for r in rows if r['num_tokens'] == 32]
   assert all(r['insufficient_layers'] > 0 for r in short)
+  assert {r['stats_dtype'] for r in short} == {'float64'}
+  star = next(r for r in short if r['run'] == 'k_star')
+  assert np.isfinite(star['ppl_wikipedia']) and star['nonfinite_layers'] == 0
   assert (tmp_path / 'perplexity_vs_tokens.png').exists()
