@@ -64,9 +64,16 @@ def run(config, workdir: str) -> None:
     for run_name in todo:
       method, mu = parse_run(run_name)
       if method == 'k_star':               # float64 solve from float64 R
-        with jax.enable_x64(True):
-          compressed, report = common.compress_copy(
-              model, stats64, method=method, ratio=config.ratio)
+        try:
+          with jax.enable_x64(True):
+            compressed, report = common.compress_copy(
+                model, stats64, method=method, ratio=config.ratio)
+        except ValueError as e:            # e.g. K_* not unique: say so
+          logging.error('k_star at %d tokens: %s', num_tokens, e)
+          out.setdefault('errors', []).append(dict(
+              run=run_name, num_tokens=num_tokens, error=str(e)))
+          results.write_json(path, out)
+          continue
       else:
         compressed, report = common.compress_copy(
             model, stats, method=method, ratio=config.ratio, mu=mu,
@@ -93,8 +100,11 @@ def summarize(out: dict) -> str:
               'insufficient_layers'])
   rows = sorted(out['rows'], key=lambda r: (r['num_tokens'], r['run']))
   dense = ', '.join(f'{c} {p:.2f}' for c, p in out['dense'].items())
+  errors = ''.join(f'\n- {e["run"]} at {e["num_tokens"]} tokens refused: '
+                   f'{e["error"]}' for e in out.get('errors', []))
   return (f'Dense perplexity: {dense}.\n\n' + results.markdown_table(
-      rows, columns, {f'ppl_{c}': '.4g' for c in corpora}))
+      rows, columns, {f'ppl_{c}': '.4g' for c in corpora}) +
+          (f'\n\nRuns that raised:{errors}' if errors else ''))
 
 
 def plot(workdir: str) -> None:
