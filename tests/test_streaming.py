@@ -207,3 +207,22 @@ def test_fold_padded_shape_errors():
 def test_default_block_size():
   assert streaming.default_block_size(1536) == 4 * 1536
   assert streaming.default_block_size(16) == 256
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+def test_wide_blocks_into_a_mostly_zero_r(dtype):
+  # jaxlib 0.10's float64 CPU geqrf gave NaN for [R; X_block] with R = 0 (or
+  # R of 8 rows) and a few wide rows; the fold stacks data first.
+  rng = np.random.default_rng(0)
+  d = 1024
+  blocks = [rng.standard_normal((b, d)) for b in (8, 31, 33)]
+  with jax.enable_x64(dtype == 'float64'):
+    r = jnp.zeros((d, d), dtype)
+    for i, block in enumerate(blocks):
+      r = qr.fold_r(r, jnp.asarray(block, dtype))
+      x = np.concatenate(blocks[:i + 1])
+      tol = 1e-12 if dtype == 'float64' else 1e-5
+      assert reference.r_error(np.asarray(r), x) < tol, (i, dtype)
+      padded, ok = streaming.fold_padded(
+          jnp.zeros((d, d), dtype), jnp.asarray(x, dtype))
+      assert bool(ok) and reference.r_error(np.asarray(padded), x) < tol

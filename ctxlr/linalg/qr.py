@@ -66,7 +66,11 @@ def qr_r(x: jax.Array) -> jax.Array:
 @jax.jit
 def _fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
   dtype = checks.compute_dtype(r.dtype, block.dtype)
-  stacked = jnp.concatenate([r.astype(dtype), block.astype(dtype)])  # [d+b, d]
+  # [X_block; R], not [R; X_block]: the same R (row order does not change
+  # RᵀR), but jaxlib 0.10's float64 CPU geqrf returns NaN for some wide
+  # blocks under a mostly-zero R (e.g. the first fold into R = 0 with
+  # d >= 1000, b = 8); data first never did (tests/test_streaming.py).
+  stacked = jnp.concatenate([block.astype(dtype), r.astype(dtype)])  # [b+d, d]
   return _qr_r(stacked)
 
 

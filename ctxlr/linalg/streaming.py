@@ -74,8 +74,8 @@ def fold_padded(r: jax.Array, block: jax.Array,
   if mask is not None:
     block = jnp.where(jnp.asarray(mask, bool)[:, None], block, 0)
   ok = jnp.all(jnp.isfinite(block))
-  stacked = jnp.concatenate([jnp.asarray(r).astype(dtype), block])  # [d+b, d]
-  return qr._qr_r(stacked), ok
+  stacked = jnp.concatenate([block, jnp.asarray(r).astype(dtype)])  # [b+d, d]
+  return qr._qr_r(stacked), ok          # data first: see qr._fold_r
 
 
 def check_dtype(dtype: Any) -> jnp.dtype:
