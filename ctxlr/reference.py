@@ -17,10 +17,14 @@ def matrix_with_singular_values(rng: np.random.Generator, n: int,
 
 def activations(rng: np.random.Generator, n: int, d: int, *, cond: float = 1.,
                 rank: int | None = None) -> np.ndarray:
-  """float64[n, d] with log-spaced singular values 1 … 1/cond.
+  """float64[n, d] with log-spaced singular values 1 … 1/cond (for n >= d).
 
   With `rank`, only the first `rank` singular values are non-zero (exactly
-  rank-deficient X).
+  rank-deficient X). For n < d, X is the first n rows of the d × d matrix
+  with singular values 1 … 1/cond over its first n (zeros after): its own
+  singular values interlace those and are not exactly them (cond(X) can be
+  larger), but rank X <= n still holds; `matrix_with_singular_values` gives
+  exact values for any shape with n >= len(sigma).
   """
   k = min(n, d)
   sigma = np.zeros(d)
