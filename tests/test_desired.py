@@ -236,7 +236,9 @@ def test_streamed_float32_r_keeps_float32_threshold():
   default rtol (set by R's dtype, even when computing in float64) ignores."""
   for seed in range(3):
     rng = np.random.default_rng(seed)
-    x = reference.activations(rng, 8, 48, cond=10.)
+    # 16 tokens spanning 8 directions: float32 R of rank 8 up to rounding.
+    x = rng.standard_normal((16, 8)) @ reference.activations(
+        rng, 8, 48, cond=10.)                  # float64, exactly rank 8
     kernel = rng.standard_normal((48, 40)) / 7
     r = jnp.zeros((48, 48), jnp.float32)
     for block in np.split(x.astype(np.float32), 2):
