@@ -28,8 +28,10 @@ def get_config(arg=None):
   # μ₀ of the ridge for layers whose calibration rank is below their rank
   # (0: off). From the 64-token calibration sweep at kept ratio 0.8
   # (Wikipedia / SOTU perplexity): μ₀ = 1e-4 2,583 / 3,613, 1e-3 2,645 /
-  # 3,738, 1e-2 2,635 / 3,780, 0.1 6,229 / 12,924, μ = 0 4,583 / 3,907. With
-  # the default 8,192 tokens no layer is short, so it changes nothing here.
+  # 3,738, 1e-2 2,635 / 3,780, 0.1 6,229 / 12,924, μ = 0 4,583 / 3,907; at
+  # 128 tokens (2,048 eval tokens) 1e-4 869 / 1,512, 1e-2 1,033 / 2,025,
+  # μ = 0 8,080 / 22,919. With the default 8,192 tokens no layer is short,
+  # so it changes nothing here.
   config.auto_mu = 1e-4
   config.allocation = 'uniform'  # or 'global'
   config.mode = 'one_shot'       # or 'sequential'
