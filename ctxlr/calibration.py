@@ -60,6 +60,21 @@ class _Tap(nnx.Module):
     return self.inner(x)
 
 
+def record(run: Callable[[], Any]) -> _Recorder:
+  """Runs `run()` (a model call on tapped layers); returns what the taps saw.
+
+  `recorder.inputs[group]` is each distinct input, float[tokens, d];
+  `recorder.group_of[layer]` names the first layer fed the same array.
+  """
+  recorder = _Recorder()
+  token = _RECORDER.set(recorder)
+  try:
+    run()
+  finally:
+    _RECORDER.reset(token)
+  return recorder
+
+
 @contextlib.contextmanager
 def tapped(model: nnx.Module, names: Iterable[str]):
   """Wraps the named layers in taps for the duration of the block."""
@@ -202,12 +217,7 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
       state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.P()))
 
     def trace(state, batch):
-      recorder = _Recorder()
-      token = _RECORDER.set(recorder)
-      try:
-        call(nnx.merge(graphdef, state), batch)
-      finally:
-        _RECORDER.reset(token)
+      recorder = record(lambda: call(nnx.merge(graphdef, state), batch))
       recorder_box['last'] = recorder
       return recorder
 

@@ -40,7 +40,6 @@ and rows of `b` at the largest rank; tests/test_stability.py checks this
 against solving at each rank); `asvd`'s randomized SVD depends on the rank,
 so it is solved at every rank. `nonfinite` is re-evaluated on each prefix.
 """
-import contextvars
 import json
 import os
 from typing import Any, Iterable
@@ -54,6 +53,7 @@ import numpy as np
 import tqdm
 
 from ctxlr import baselines
+from ctxlr import calibration
 from ctxlr import reference
 from ctxlr import results
 from ctxlr import statistics
@@ -212,23 +212,6 @@ def run_synthetic(cfg, methods: list[str], seed: int) -> list[dict]:
 
 # ------------------------------------------------------------------- real ---
 
-_CAPTURE = contextvars.ContextVar('stability_capture', default=None)
-
-
-class _Tap(nnx.Module):
-  """Stands in for a Linear: hands its input to the capture, passes it on."""
-
-  def __init__(self, inner: nnx.Module, name: str):
-    self.inner = inner
-    self.name = name
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    seen = _CAPTURE.get()
-    if seen is not None:
-      seen.append((self.name, x))
-    return self.inner(x)
-
-
 def capture_inputs(model: nnx.Module, batches: Iterable[Any],
                    layers: Iterable[str]
                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -239,36 +222,20 @@ def capture_inputs(model: nnx.Module, batches: Iterable[Any],
     is the first layer fed the same array (q/k/v share one, gate/up one).
     The model is restored on exit.
   """
-  layers = list(layers)
-  originals = {n: surgery.get_module(model, n) for n in layers}
   group_of = {}
   chunks = {}
-  for n, m in originals.items():
-    surgery.replace_module(model, n, _Tap(m, n))
-  try:
+  with calibration.tapped(model, layers):      # the taps of calibration
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def step(state, batch):
-      seen = []
-      token = _CAPTURE.set(seen)
-      try:
-        nnx.merge(graphdef, state)(batch)
-      finally:
-        _CAPTURE.reset(token)
-      first, inputs = {}, {}
-      for name, x in seen:                    # same traced array: same group
-        group_of[name] = first.setdefault(id(x), name)
-        if group_of[name] == name:
-          inputs[name] = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-      return inputs
+      recorder = calibration.record(lambda: nnx.merge(graphdef, state)(batch))
+      group_of.update(recorder.group_of)
+      return {g: x.astype(jnp.float32) for g, x in recorder.inputs.items()}
 
     for batch in tqdm.tqdm(batches, desc='capture inputs', unit='batch'):
       for g, x in step(state, batch).items():
         chunks.setdefault(g, []).append(np.asarray(x))
-  finally:
-    for n, m in originals.items():
-      surgery.replace_module(model, n, m)
   return {g: np.concatenate(c) for g, c in chunks.items()}, group_of
 
 
