@@ -93,18 +93,50 @@ def run(config, workdir: str) -> None:
   common.finish(workdir, summarize(out), plot)
 
 
+def _ppl(value: float) -> str:
+  """Perplexity as the README prints it: 4 digits, thousands separated."""
+  if value != value:                       # NaN: non-finite factors
+    return 'NaN'
+  if value >= 1e5:
+    return f'{value:.3g}'
+  return f'{value:,.0f}' if value >= 1000 else f'{value:.4g}'
+
+
+_COUNTS = (('failed_layers', 'failed'), ('retried_layers', 'retried'),
+           ('nonfinite_layers', 'non-finite'))
+
+
 def summarize(out: dict) -> str:
-  corpora = list(out['dense'])
-  columns = (['num_tokens', 'run'] + [f'ppl_{c}' for c in corpora] +
-             ['failed_layers', 'retried_layers', 'nonfinite_layers',
-              'insufficient_layers'])
-  rows = sorted(out['rows'], key=lambda r: (r['num_tokens'], r['run']))
-  dense = ', '.join(f'{c} {p:.2f}' for c, p in out['dense'].items())
-  errors = ''.join(f'\n- {e["run"]} at {e["num_tokens"]} tokens refused: '
-                   f'{e["error"]}' for e in out.get('errors', []))
-  return (f'Dense perplexity: {dense}.\n\n' + results.markdown_table(
-      rows, columns, {f'ppl_{c}': '.4g' for c in corpora}) +
-          (f'\n\nRuns that raised:{errors}' if errors else ''))
+  """Per corpus a table run x tokens; then the layers that were short of data
+  and, for every run that had any, the layers it failed, retried or left
+  non-finite."""
+  sizes = sorted({r['num_tokens'] for r in out['rows']})
+  runs = list(dict.fromkeys(r['run'] for r in out['rows']))
+  cell = {(r['run'], r['num_tokens']): r for r in out['rows']}
+  token_cols = [f'{n} tokens' for n in sizes]
+  parts = []
+  for corpus, dense in out['dense'].items():
+    rows = [{'run': run, **{f'{n} tokens': _ppl(cell[run, n][f'ppl_{corpus}'])
+                            for n in sizes if (run, n) in cell}}
+            for run in runs]
+    parts.append(f'Held-out {corpus} perplexity (dense {dense:.2f}):\n\n' +
+                 results.markdown_table(rows, ['run'] + token_cols))
+  counts = [(run, key, word) for run in runs for key, word in _COUNTS
+            if any(r.get(key) for r in out['rows'] if r['run'] == run)]
+  rows = [{'tokens': n, 'too few': max(r['insufficient_layers'] for r in
+                                       out['rows'] if r['num_tokens'] == n),
+           **{f'{run} {word}': cell[run, n][key] for run, key, word in counts
+              if (run, n) in cell}} for n in sizes]
+  parts.append(
+      'Layers with too few tokens (numerical rank < rank), and where a Gram method failed, retried or produced non-finite '
+      'factors:\n\n' + results.markdown_table(
+          rows, ['tokens', 'too few'] + [f'{run} {word}'
+                                         for run, _, word in counts]))
+  if out.get('errors'):
+    parts.append('Runs that raised:\n' + ''.join(
+        f'- {e["run"]} at {e["num_tokens"]} tokens: {e["error"]}\n'
+        for e in out['errors']))
+  return '\n'.join(parts)
 
 
 def plot(workdir: str) -> None:

@@ -27,10 +27,8 @@ def get_config(arg=None):
                      seq_len=512, batch_size=4)
   config.ratio = 0.8
   # 'method' or 'ctxlr@mu0' (μ₀ of the energy-scaled ridge, MATH.md §4).
-  # asvd is left out by default: on this model it is at perplexity 1e5-1e7
-  # whatever the calibration (compare_methods); add it with --config.runs.
   config.runs = ('ctxlr', 'ctxlr@0.0001', 'k_star', 'svd_llm', 'svd_llm_eps',
-                 'svd_llm_v2', 'corda', 'ctxlr@0.01')
+                 'svd_llm_v2', 'corda', 'ctxlr@0.01', 'asvd')
   config.kstar_max_tokens = 2048
   config.mu_rule = 'energy'
   config.include = ('*_proj',)
