@@ -127,11 +127,10 @@ def summarize(out: dict) -> str:
                                        out['rows'] if r['num_tokens'] == n),
            **{f'{run} {word}': cell[run, n][key] for run, key, word in counts
               if (run, n) in cell}} for n in sizes]
-  parts.append(
-      'Layers with too few tokens (numerical rank < rank), and where a Gram method failed, retried or produced non-finite '
-      'factors:\n\n' + results.markdown_table(
-          rows, ['tokens', 'too few'] + [f'{run} {word}'
-                                         for run, _, word in counts]))
+  columns = ['tokens', 'too few'] + [f'{run} {word}' for run, _, word in counts]
+  parts.append('Layers with too few tokens (numerical rank < rank), and where '
+               'a Gram method failed, retried or produced non-finite '
+               'factors:\n\n' + results.markdown_table(rows, columns))
   if out.get('errors'):
     parts.append('Runs that raised:\n' + ''.join(
         f'- {e["run"]} at {e["num_tokens"]} tokens: {e["error"]}\n'
