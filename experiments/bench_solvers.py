@@ -29,10 +29,7 @@ A run redoes the parts in `config.parts` and keeps the others already in
 results.json (same machine description), so one part can be remeasured.
 """
 import functools
-import json
 import os
-import subprocess
-import sys
 
 from absl import logging
 import matplotlib
@@ -41,6 +38,7 @@ import tqdm
 
 from ctxlr import results
 from experiments import bench_tsqr
+from experiments import child
 from experiments import common
 
 matplotlib.use('Agg')
@@ -48,7 +46,6 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 PARTS = ('solve', 'profile', 'stream')
 _time_calls = bench_tsqr._time_calls  # pylint: disable=protected-access
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HIGHEST = 'highest'
 
 
@@ -224,19 +221,12 @@ def model_projection(stream: list[dict], cfg: dict) -> list[dict]:
 
 def _child(part: str, cfg: dict, workdir: str) -> object:
   """Runs one part in a fresh Python process; returns its JSON result."""
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  env = dict(os.environ)
   if cfg['platform'] == 'cpu':
     env['JAX_PLATFORMS'] = 'cpu'
-  if cfg['blas_threads']:
-    env['OPENBLAS_NUM_THREADS'] = env['OMP_NUM_THREADS'] = str(
-        cfg['blas_threads'])
-  out = os.path.join(workdir, f'.{part}_{os.getpid()}.json')
-  subprocess.run([sys.executable, '-m', 'experiments.bench_solvers', part,
-                  json.dumps(cfg), out], env=env, cwd=ROOT, check=True,
-                 timeout=cfg['timeout_s'])
-  value = results.read_json(out)
-  os.remove(out)
-  return value
+  return child.run('experiments.bench_solvers', part, cfg, workdir, env=env,
+                   timeout_s=cfg['timeout_s'],
+                   blas_threads=cfg['blas_threads'])
 
 
 def run(config, workdir: str) -> None:
@@ -387,6 +377,4 @@ def plot(workdir: str) -> None:
 
 
 if __name__ == '__main__':
-  _part, _cfg, _out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-  _fn = dict(solve=solve_part, profile=profile_part, stream=stream_part)[_part]
-  results.write_json(_out, _fn(_cfg))
+  child.serve(dict(solve=solve_part, profile=profile_part, stream=stream_part))

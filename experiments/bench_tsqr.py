@@ -16,11 +16,8 @@ experiments.bench_tsqr PART CONFIG_JSON OUT_JSON`). Figures are drawn from
 results.json alone (`plot`).
 """
 import functools
-import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 from absl import logging
@@ -28,12 +25,12 @@ import matplotlib
 import numpy as np
 
 from ctxlr import results
+from experiments import child
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 PARTS = ('fold', 'scaling', 'memory')
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _time_calls(calls: dict, *, repeats: int, min_seconds: float) -> dict:
@@ -163,22 +160,14 @@ def memory(cfg: dict) -> dict:
 def _child(part: str, cfg: dict, devices: int, blas_threads: int,
            timeout_s: int, mmap_threshold: int = 0) -> object:
   """Runs one part in a fresh Python process; returns its JSON result."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   env.pop('JAX_NUM_CPU_DEVICES', None)
   env.pop('MALLOC_MMAP_THRESHOLD_', None)
   if mmap_threshold:          # glibc: blocks >= this are mmapped, freed at once
     env['MALLOC_MMAP_THRESHOLD_'] = str(mmap_threshold)
-  if blas_threads:            # LAPACK (QR on CPU) threads; 0: library default
-    env['OPENBLAS_NUM_THREADS'] = env['OMP_NUM_THREADS'] = str(blas_threads)
-  out = os.path.join(cfg['workdir'], f'.{part}_{os.getpid()}.json')
-  subprocess.run([sys.executable, '-m', 'experiments.bench_tsqr', part,
-                  json.dumps(cfg), out], env=env, cwd=ROOT, check=True,
-                 timeout=timeout_s)
-  with open(out) as f:
-    value = json.load(f)
-  os.remove(out)
-  return value
+  return child.run('experiments.bench_tsqr', part, cfg, cfg['workdir'],
+                   env=env, timeout_s=timeout_s, blas_threads=blas_threads)
 
 
 def run(config, workdir: str) -> None:
@@ -189,8 +178,8 @@ def run(config, workdir: str) -> None:
                      f'from {PARTS}.')
   common = dict(repeats=config.repeats, min_seconds=config.min_seconds,
                 workdir=workdir, seed=config.seed)
-  child = functools.partial(_child, blas_threads=config.blas_threads,
-                            timeout_s=config.timeout_s)
+  launch = functools.partial(_child, blas_threads=config.blas_threads,
+                             timeout_s=config.timeout_s)
   out = dict(machine=dict(cpu_count=os.cpu_count(),
                           cpus_usable=len(os.sched_getaffinity(0)),
                           load_avg_1min=os.getloadavg()[0],
@@ -198,17 +187,17 @@ def run(config, workdir: str) -> None:
                           jax=jax.__version__,
                           blas_threads=config.blas_threads))
   if 'fold' in config.parts:
-    out['fold'] = child('fold', dict(config.fold.to_dict(), **common), 1)
+    out['fold'] = launch('fold', dict(config.fold.to_dict(), **common), 1)
   if 'scaling' in config.parts:
-    out['scaling'] = child('scaling',
-                           dict(config.scaling.to_dict(), **common),
-                           max(config.scaling.devices))
+    out['scaling'] = launch('scaling',
+                            dict(config.scaling.to_dict(), **common),
+                            max(config.scaling.devices))
   if 'memory' in config.parts:
     mem_cfg = config.memory.to_dict()
     thresholds = mem_cfg.pop('mmap_thresholds')
     out['memory'] = [
-        dict(child('memory', dict(mem_cfg, rows=n, **common), 1,
-                   mmap_threshold=t), mmap_threshold=t)
+        dict(launch('memory', dict(mem_cfg, rows=n, **common), 1,
+                    mmap_threshold=t), mmap_threshold=t)
         for t in thresholds for n in config.memory.rows]
     out['memory_spread'] = {}
     for t in thresholds:
@@ -337,6 +326,4 @@ def plot(workdir: str) -> None:
 
 
 if __name__ == '__main__':
-  _part, _cfg, _out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-  _fn = dict(fold=fold_cost, scaling=scaling, memory=memory)[_part]
-  results.write_json(_out, _fn(_cfg))
+  child.serve(dict(fold=fold_cost, scaling=scaling, memory=memory))
