@@ -1,4 +1,4 @@
-"""ctxlr: inversion-free context-aware low-rank approximation in JAX.
+"""coala: inversion-free context-aware low-rank approximation in JAX.
 
     r = ctxlr.qr_r(x)                         # or fold_r over blocks
     f = ctxlr.ctx_factors(kernel, r, rank=8)  # minimises ||X(K - a b)||_F
@@ -7,7 +7,7 @@
 from ctxlr.linalg import accumulate_r
 from ctxlr.linalg import canonical_signs
 from ctxlr.linalg import ctx_factors
-from ctxlr.linalg import desired_solution
+from ctxlr.linalg import k_star
 from ctxlr.linalg import error_bound
 from ctxlr.linalg import error_of_each_rank
 from ctxlr.linalg import Factors

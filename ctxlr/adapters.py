@@ -1,7 +1,7 @@
 """Fine-tuning adapters `y = x K_res + s (x a) b + bias`, initialised six ways.
 
     >>> stats = {n: ... for n in layers}      # LayerStats of task inputs
-    >>> add_adapters(model, stats, method='ctxlr', rank=8)
+    >>> add_adapters(model, stats, method='coala', rank=8)
     >>> optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE)   # a, b only
 
 An `AdapterLinear` replaces an `nnx.Linear` (same surgery as compression):
@@ -23,7 +23,7 @@ adapter starts from (K float[d_in, d_out], `y = x K`):
 * `ctxlr`: the inversion-free context-aware top r of the task data
   (MATH.md §2): `R K = U Σ Vᵀ`, `a = K V_r`, `b = V_rᵀ`, so `a b` is the
   rank-r minimiser of `||X_task (K − K')||_F`.
-* `ctxlr_kpa`: knowledge-preserving: the context-aware directions of
+* `coala_kpa`: knowledge-preserving: the context-aware directions of
   *general* data stay frozen. With `R_g K = U Σ Vᵀ` (thin SVD, p =
   min(rows of R_g, d_out) triplets), the adapter takes the bottom r:
   `a = K V_b`, `b = V_bᵀ`, `V_b = V[:, p−r:p]`; then `K_res = K V_t V_tᵀ +
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from ctxlr import baselines
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from ctxlr.linalg import checks
 from ctxlr.linalg import solvers
@@ -161,7 +161,7 @@ def milora(kernel: jax.Array, stats: Any, *, rank: int, key: Any = None,
   return _svd_init(jnp.asarray(kernel), rank=rank, bottom=True)
 
 
-def corda(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
+def corda(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
           key: Any = None, general_stats: Any = None) -> AdapterInit:
   """CorDA IPA: top-r of `svd(W C)` undone by `C⁻¹`, faithfully (baseline).
 
@@ -185,7 +185,7 @@ def corda(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
   return _finish(jnp.asarray(kernel), factors.a, factors.b)
 
 
-def ctxlr(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
+def coala(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
           key: Any = None, general_stats: Any = None) -> AdapterInit:
   """Context-aware top r of the task data: `a = K V_r`, `b = V_rᵀ` (§2).
 
@@ -195,7 +195,7 @@ def ctxlr(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
   """
   del key, general_stats
   if stats is None or stats.r is None:
-    raise ValueError('ctxlr needs task statistics with R (calibrate).')
+    raise ValueError('coala needs task statistics with R (calibrate).')
   f = solvers.ctx_factors(kernel, stats.r, rank=rank)
   return _finish(jnp.asarray(kernel), f.a, f.b)
 
@@ -211,8 +211,8 @@ def _kpa(kernel: jax.Array, r: jax.Array, *, rank: int) -> AdapterInit:
   return _finish(kernel, a, vt_b)
 
 
-def ctxlr_kpa(kernel: jax.Array, stats: Any, *, rank: int, key: Any = None,
-              general_stats: statistics.LayerStats | None = None
+def coala_kpa(kernel: jax.Array, stats: Any, *, rank: int, key: Any = None,
+              general_stats: stats_lib.LayerStats | None = None
               ) -> AdapterInit:
   """Knowledge-preserving: adapter on the bottom r context-aware directions.
 
@@ -224,7 +224,7 @@ def ctxlr_kpa(kernel: jax.Array, stats: Any, *, rank: int, key: Any = None,
   """
   del stats, key
   if general_stats is None or general_stats.r is None:
-    raise ValueError('ctxlr_kpa needs general_stats with R (statistics of '
+    raise ValueError('coala_kpa needs general_stats with R (statistics of '
                      'general data, e.g. Wikipedia).')
   kernel, r = jnp.asarray(kernel), jnp.asarray(general_stats.r)
   checks.check_matrix('kernel', kernel)
@@ -271,22 +271,22 @@ SPLITS = ('own', 'balanced')
 
 METHODS: dict[str, Callable[..., AdapterInit]] = {
     'lora': lora, 'pissa': pissa, 'milora': milora, 'corda': corda,
-    'ctxlr': ctxlr, 'ctxlr_kpa': ctxlr_kpa}
+    'coala': coala, 'coala_kpa': coala_kpa}
 # Which statistics a method reads: task R / task Gram / general-data R.
 NEEDS = {'lora': (), 'pissa': (), 'milora': (), 'corda': ('gram',),
-         'ctxlr': ('r',), 'ctxlr_kpa': ('general',)}
+         'coala': ('r',), 'coala_kpa': ('general',)}
 
 
 def init_adapter(method: str, kernel: jax.Array,
-                 stats: statistics.LayerStats | None = None, *, rank: int,
+                 stats: stats_lib.LayerStats | None = None, *, rank: int,
                  key: jax.Array | None = None,
-                 general_stats: statistics.LayerStats | None = None,
+                 general_stats: stats_lib.LayerStats | None = None,
                  split: str = 'own') -> AdapterInit:
   """Initial (K_res, a, b) of one layer by `method`, one call for all.
 
   >>> x = jax.random.normal(jax.random.key(0), (256, 16))
   >>> kernel = jax.random.normal(jax.random.key(1), (16, 24))
-  >>> init = init_adapter('ctxlr', kernel, stats_from_x(x), rank=4)
+  >>> init = init_adapter('coala', kernel, stats_from_x(x), rank=4)
   >>> init.k_res.shape, init.a.shape, init.b.shape
   ((16, 24), (16, 4), (4, 24))
 
@@ -297,8 +297,8 @@ def init_adapter(method: str, kernel: jax.Array,
       gram and count; others: unused, may be None).
     rank: 1 <= rank <= min(d_in, d_out).
     key: PRNG key (lora only; default `jax.random.key(0)`).
-    general_stats: LayerStats of general-data inputs (ctxlr_kpa: r).
-    split: 'own' (the method's definition; ctxlr and ctxlr_kpa: `a = K V`,
+    general_stats: LayerStats of general-data inputs (coala_kpa: r).
+    split: 'own' (the method's definition; ctxlr and coala_kpa: `a = K V`,
       `b = Vᵀ`) or 'balanced' (`balance`: the same `a b` and K_res, split
       as `P √D`, `√D Qᵀ`; not for lora, whose b is 0).
 
@@ -324,12 +324,12 @@ def init_adapter(method: str, kernel: jax.Array,
 
 
 def add_adapters(model: nnx.Module,
-                 stats: Mapping[str, statistics.LayerStats] | None = None, *,
+                 stats: Mapping[str, stats_lib.LayerStats] | None = None, *,
                  method: str, rank: int,
                  include: Iterable[str] = surgery.DEFAULT_INCLUDE,
                  exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
                  key: jax.Array | None = None,
-                 general_stats: Mapping[str, statistics.LayerStats] | None
+                 general_stats: Mapping[str, stats_lib.LayerStats] | None
                  = None, scaling: float = 1.0, split: str = 'own'
                  ) -> dict[str, dict[str, int]]:
   """Replaces the chosen `nnx.Linear`s by `AdapterLinear`s, in place.
@@ -343,7 +343,7 @@ def add_adapters(model: nnx.Module,
     include: fnmatch patterns on the layers' dotted paths …
     exclude: … and those to leave alone (`surgery.select_linears`).
     key: PRNG key for lora (folded with each layer's index).
-    general_stats: {layer: LayerStats} of general data, for ctxlr_kpa.
+    general_stats: {layer: LayerStats} of general data, for coala_kpa.
     scaling: the LoRA scale s of every adapter (alpha / rank). The inits are
       divided by s in `b` (as PEFT divides S by the scaling), so
       `K_res + s a b = K` for every s.

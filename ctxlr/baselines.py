@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 from ctxlr.linalg import checks
 from ctxlr.linalg import qr
 from ctxlr.linalg import solvers
@@ -76,7 +76,7 @@ def _info(factors: solvers.Factors, retries: Any = 0, eps: Any = 0.0,
 
 # ---------------------------------------------------------------- checks ---
 
-_NEEDS = {'ctxlr': ('r',), 'svd': (), 'svd_llm': ('gram',),
+_NEEDS = {'coala': ('r',), 'svd': (), 'svd_llm': ('gram',),
           'svd_llm_eps': ('gram',), 'svd_llm_v2': ('gram',),
           'asvd': ('abs_sum',), 'corda': ('gram',)}
 
@@ -88,13 +88,13 @@ def _validate(method: str, kernel: Any, stats: Any, rank: Any,
   d_in, d_out = kernel.shape
   checks.check_rank(rank, d_in, d_out)
   checks.check_finite('kernel', kernel)
-  if not isinstance(stats, statistics.LayerStats):
+  if not isinstance(stats, stats_lib.LayerStats):
     raise ValueError(f'{method}: stats must be a LayerStats (see '
-                     f'statistics.stats_from_x); got {type(stats).__name__}.')
+                     f'stats_lib.stats_from_x); got {type(stats).__name__}.')
   if jnp.ndim(mu) != 0:
     raise ValueError(f'mu must be a scalar; got shape {jnp.shape(mu)}.')
   checks.check_nonnegative('mu', mu)
-  if method != 'ctxlr' and float(mu) != 0.0:
+  if method != 'coala' and float(mu) != 0.0:
     raise ValueError(f'{method}: mu={float(mu)} but only ctxlr has a ridge '
                      'term (MATH.md §4); baselines run as their authors '
                      'wrote them, with mu=0.')
@@ -148,14 +148,14 @@ def _scaled_svd_factors(kernel: jax.Array, s: jax.Array, s_inv: jax.Array,
 
 # --------------------------------------------------------------- methods ---
 
-def ctxlr(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
+def coala(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
           mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """The inversion-free solver: `regularize_r` if μ > 0, then `ctx_factors`.
 
   Needs `stats.r`. No retries, no jitter: SolveInfo is all zero/False unless
   the factors are non-finite.
   """
-  _validate('ctxlr', kernel, stats, rank, mu)
+  _validate('coala', kernel, stats, rank, mu)
   r = stats.r if float(mu) == 0.0 else qr.regularize_r(stats.r, mu)
   factors = solvers.ctx_factors(kernel, r, rank=rank)
   return factors, _info(factors)
@@ -170,7 +170,7 @@ def _svd(kernel: jax.Array, *, rank: int) -> solvers.Factors:
                          vt[:rank].astype(kernel.dtype), sigma)
 
 
-def svd(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
+def svd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
         mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """Truncated SVD of K, no data: `a = U_r Σ_r`, `b = V_rᵀ` (Eckart–Young).
 
@@ -201,7 +201,7 @@ def _svd_llm_whitening(gram: jax.Array) -> tuple[jax.Array, ...]:
           ~_all_finite(l))
 
 
-def svd_llm(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
+def svd_llm(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
             mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """SVD-LLM truncation-aware whitening, as its authors' code does it.
 
@@ -253,7 +253,7 @@ def _jitter_cholesky(gram: jax.Array) -> tuple[jax.Array, ...]:
   return l, jnp.linalg.inv(l), tries, eps, ~_all_finite(l)
 
 
-def svd_llm_eps(kernel: jax.Array, stats: statistics.LayerStats, *,
+def svd_llm_eps(kernel: jax.Array, stats: stats_lib.LayerStats, *,
                 rank: int, mu: float = 0.0
                 ) -> tuple[solvers.Factors, SolveInfo]:
   """SVD-LLM as common re-implementations run it: float32 Cholesky + jitter.
@@ -285,7 +285,7 @@ def _v2_scaling(gram: jax.Array) -> tuple[jax.Array, ...]:
   return (s.astype(_F32), s_inv.astype(_F32), ~_all_finite(lam, u_s))
 
 
-def svd_llm_v2(kernel: jax.Array, stats: statistics.LayerStats, *,
+def svd_llm_v2(kernel: jax.Array, stats: stats_lib.LayerStats, *,
                rank: int, mu: float = 0.0
                ) -> tuple[solvers.Factors, SolveInfo]:
   """SVD-LLM V2's loss-optimised truncation: two SVDs instead of Cholesky.
@@ -351,7 +351,7 @@ def _asvd(kernel: jax.Array, abs_sum: jax.Array, count: jax.Array, *,
                          a_weight.T.astype(kernel.dtype), s), broke
 
 
-def asvd(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
+def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
          mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """ASVD (activation-aware SVD), as hahnyuan/ASVD4LLM does it.
 
@@ -407,7 +407,7 @@ def _corda_damped_inverse(gram: jax.Array) -> tuple[jax.Array, ...]:
   return fixed, inv, doublings, mean_diag * damp, ~(err < CORDA_INV_TOL)
 
 
-def corda(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
+def corda(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
           mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """CorDA context-oriented decomposition, as iboing/CorDA does it.
 
@@ -440,7 +440,7 @@ def corda(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
 
 
 METHODS: dict[str, Callable[..., tuple[solvers.Factors, SolveInfo]]] = {
-    'ctxlr': ctxlr,
+    'coala': coala,
     'svd': svd,
     'svd_llm': svd_llm,
     'svd_llm_eps': svd_llm_eps,
@@ -450,7 +450,7 @@ METHODS: dict[str, Callable[..., tuple[solvers.Factors, SolveInfo]]] = {
 }
 
 
-def solve(method: str, kernel: jax.Array, stats: statistics.LayerStats, *,
+def solve(method: str, kernel: jax.Array, stats: stats_lib.LayerStats, *,
           rank: int, mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """Rank-`rank` factors of K by `method`, with the same call for every one.
 
@@ -461,7 +461,7 @@ def solve(method: str, kernel: jax.Array, stats: statistics.LayerStats, *,
   ((16, 4), (4, 24), False)
 
   Args:
-    method: a key of `METHODS`: 'ctxlr', 'svd', 'svd_llm', 'svd_llm_eps',
+    method: a key of `METHODS`: 'coala', 'svd', 'svd_llm', 'svd_llm_eps',
       'svd_llm_v2', 'asvd' or 'corda'.
     kernel: K, float[d_in, d_out]; y = x @ K.
     stats: the layer's `LayerStats`; each method needs its statistic

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from ctxlr.linalg import qr
 from ctxlr.linalg import streaming
@@ -121,7 +121,7 @@ def _update(s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None,
     x = jnp.where(rows[:, None], x, 0.)
   count = s['count'] + (x.shape[0] if rows is None else rows.sum())
   if mesh is None:
-    r, ok = qr._fold_r(s['r'], x), jnp.isfinite(x).all()
+    r, ok = qr.fold_r_unchecked(s['r'], x), jnp.isfinite(x).all()
   else:
     r, ok = tsqr.fold_sharded(s['r'], x, mesh=mesh, axis=axis)
     ok = ok.all()
@@ -134,11 +134,11 @@ def _update(s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None,
 
 
 def _finalize(stats: dict[str, dict[str, jax.Array]], mesh, axis
-              ) -> dict[str, statistics.LayerStats]:
+              ) -> dict[str, stats_lib.LayerStats]:
   rs = {g: s['r'] for g, s in stats.items()}
   if mesh is not None:                     # one tree reduction, every layer
     rs = tsqr.reduce_r(rs, mesh=mesh, axis=axis)
-  return {g: statistics.LayerStats(r=rs[g], gram=s.get('gram'),
+  return {g: stats_lib.LayerStats(r=rs[g], gram=s.get('gram'),
                                    abs_sum=s.get('abs_sum'),
                                    count=int(s['count']))
           for g, s in stats.items()}
@@ -172,7 +172,7 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
               *, want: Want = Want(), call: Callable = default_call,
               mesh: jax.sharding.Mesh | None = None, axis: str = 'data',
               dtype: Any = jnp.float32, desc: str = 'calibrate'
-              ) -> tuple[dict[str, statistics.LayerStats], dict[str, str]]:
+              ) -> tuple[dict[str, stats_lib.LayerStats], dict[str, str]]:
   """Streams `batches` through `model`, folding each layer's input.
 
   Args:
@@ -192,7 +192,7 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
       model's float32 activations are folded exactly as they are), or
       float64 (needs 64-bit JAX, e.g. `with jax.enable_x64(True):`), for
       references that must resolve what float32 statistics cannot, such as
-      `desired_solution` on near-tied spectra.
+      `k_star` on near-tied spectra.
 
   Returns:
     (stats, group_of): `stats[group]` is the LayerStats of that group's input

@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from ctxlr import allocation
+from ctxlr import allocation as allocation_lib
 from ctxlr import baselines
 from ctxlr import calibration
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 from ctxlr import store as store_lib
 from ctxlr import surgery
-from ctxlr.linalg import desired
+from ctxlr.linalg import kstar
 from ctxlr.linalg import solvers
 from ctxlr.linalg import streaming
 
@@ -35,9 +35,9 @@ MODES = ('one_shot', 'sequential')
 _GRAM_METHODS = ('svd_llm', 'svd_llm_eps', 'svd_llm_v2', 'corda')
 
 
-def k_star(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
+def k_star(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
            mu: float = 0.0) -> tuple[solvers.Factors, baselines.SolveInfo]:
-  """The reference K_* (`desired_solution`), computed in float64 from R.
+  """The reference K_* (`k_star`), computed in float64 from R.
 
   The limit of the regularized solve as μ → 0 (MATH.md §5): the minimiser of
   (P) closest to K. A reference for experiments, not a compression method
@@ -46,7 +46,7 @@ def k_star(kernel: jax.Array, stats: statistics.LayerStats, *, rank: int,
   if mu:
     raise ValueError(f'k_star takes no mu; got {mu}.')
   with jax.enable_x64(True):
-    f = desired.desired_solution(np.asarray(kernel, np.float64),
+    f = kstar.k_star(np.asarray(kernel, np.float64),
                                  np.asarray(stats.r), rank=rank)
     a, b = np.asarray(f.a), np.asarray(f.b)
   factors = solvers.Factors(jnp.asarray(a, kernel.dtype),
@@ -67,7 +67,7 @@ def stats_wanted(method: str) -> calibration.Want:
 
 
 def check_options(*, ratio: float, method: str, mu: float,
-                  allocation_rule: str, mu_rule: str, mode: str,
+                  allocation: str, mu_rule: str, mode: str,
                   auto_mu: float = 0.0) -> None:
   """Raises before any long work if an option is out of range."""
   if not 0 < ratio <= 1:
@@ -79,12 +79,12 @@ def check_options(*, ratio: float, method: str, mu: float,
     raise ValueError(f'mu must be >= 0; got {mu}.')
   if not auto_mu >= 0:
     raise ValueError(f'auto_mu must be >= 0; got {auto_mu}.')
-  if (mu > 0 or auto_mu > 0) and method != 'ctxlr':
+  if (mu > 0 or auto_mu > 0) and method != 'coala':
     raise ValueError(f'mu > 0 / auto_mu > 0 (regularization) is a ctxlr '
                      f'option; method {method!r} has none.')
-  if allocation_rule not in ALLOCATIONS:
+  if allocation not in ALLOCATIONS:
     raise ValueError(f'allocation must be one of {ALLOCATIONS}; got '
-                     f'{allocation_rule!r}.')
+                     f'{allocation!r}.')
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}; got {mode!r}.')
   if mu_rule not in solvers.MU_RULES:
@@ -114,25 +114,25 @@ def numerical_rank(r: jax.Array) -> int:
 
 def assign_ranks(shapes: Mapping[str, tuple[int, int]],
                  kernels: Mapping[str, jax.Array],
-                 stats: Mapping[str, statistics.LayerStats], *, ratio: float,
+                 stats: Mapping[str, stats_lib.LayerStats], *, ratio: float,
                  rule: str = 'uniform') -> dict[str, int | None]:
   """Per-layer ranks for a kept ratio: uniform, or global from σ(R K).
 
   `stats` may be None for the uniform rule.
   """
   if rule == 'uniform':
-    return allocation.uniform_ranks(shapes, ratio)
+    return allocation_lib.uniform_ranks(shapes, ratio)
   sigmas = {}
   for name in tqdm.tqdm(shapes, desc='spectra', unit='layer'):
     p = min(shapes[name])
     sigmas[name] = np.asarray(solvers.weighted_spectrum(
         kernels[name], stats[name].r))[:p]
-  return allocation.global_ranks(shapes, sigmas, ratio)
+  return allocation_lib.global_ranks(shapes, sigmas, ratio)
 
 
 def factorize_layers(kernels: Mapping[str, jax.Array],
-                     stats: Mapping[str, statistics.LayerStats],
-                     ranks: Mapping[str, int | None], *, method: str = 'ctxlr',
+                     stats: Mapping[str, stats_lib.LayerStats],
+                     ranks: Mapping[str, int | None], *, method: str = 'coala',
                      mu: float = 0.0, mu_rule: str = 'energy',
                      auto_mu: float = 0.0,
                      store: store_lib.RunStore | None = None
@@ -143,7 +143,7 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
     kernels: {layer: K float[d_in, d_out]}.
     stats: {layer: LayerStats of that layer's input} (shared objects are
       fine), float32 or float64 (every method but 'k_star' rounds them to
-      float32 first; `statistics.as_float32`).
+      float32 first; `stats_lib.as_float32`).
     ranks: {layer: rank, or None to keep dense}.
     method: a name in `METHODS`.
     mu: μ₀ for ctxlr's layer-scaled regularization (0: none).
@@ -183,7 +183,7 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
         factors, info = k_star(kernel, layer_stats, rank=rank)
       else:                        # float64 statistics: rounded once
         factors, info = baselines.solve(
-            method, kernel, statistics.as_float32(layer_stats), rank=rank,
+            method, kernel, stats_lib.as_float32(layer_stats), rank=rank,
             mu=layer_mu)
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from e
@@ -205,8 +205,8 @@ def count_params(model: nnx.Module) -> int:
 
 
 def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
-             method: str = 'ctxlr', mu: float = 0.0, mu_rule: str = 'energy',
-             auto_mu: float = 0.0, allocation_rule: str = 'uniform',
+             method: str = 'coala', mu: float = 0.0, mu_rule: str = 'energy',
+             auto_mu: float = 0.0, allocation: str = 'uniform',
              mode: str = 'one_shot',
              include: Iterable[str] = surgery.DEFAULT_INCLUDE,
              exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
@@ -222,14 +222,14 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     batches: calibration inputs, an iterable of what `call(model, batch)`
       takes (default: `model(batch)`, e.g. int32 ids [batch, seq]).
     ratio: kept fraction of the chosen layers' parameters, in (0, 1].
-    method: 'ctxlr', a baseline of `ctxlr.baselines.METHODS`, or 'k_star'
+    method: 'coala', a baseline of `ctxlr.baselines.METHODS`, or 'k_star'
       (the float64 reference K_* of MATH.md §5).
     mu: μ₀ of the layer-scaled regularization (ctxlr only; 0 = none).
     mu_rule: 'energy' (default) or 'error_ratio', see `solvers.layer_mu`.
     auto_mu: if > 0, layers with insufficient calibration data (numerical
       rank of their inputs below their rank) get the energy-scaled ridge with
       this μ₀ automatically (ctxlr only; see `factorize_layers`).
-    allocation_rule: 'uniform' or 'global' (spend the budget where the exact
+    allocation: 'uniform' or 'global' (spend the budget where the exact
       error curves say it buys most; computed from a one-shot pass).
     mode: 'one_shot' (every layer calibrated on the dense model, one pass) or
       'sequential' (block by block, each block calibrated on the outputs of
@@ -260,7 +260,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     retries/eps/failed/nonfinite.
   """
   check_options(ratio=ratio, method=method, mu=mu, auto_mu=auto_mu,
-                allocation_rule=allocation_rule, mu_rule=mu_rule, mode=mode)
+                allocation=allocation, mu_rule=mu_rule, mode=mode)
   stats_dtype = streaming.check_dtype(stats_dtype)
   shapes = surgery.select_linears(model, include, exclude)
   if mode == 'sequential':
@@ -273,14 +273,14 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     store = store_lib.RunStore(checkpoint_dir, dict(
         kernels=store_lib.fingerprint_arrays(kernels), method=method,
         ratio=ratio, mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
-        allocation=allocation_rule, mode=mode, data=data_id,
+        allocation=allocation, mode=mode, data=data_id,
         stats_dtype=stats_dtype.name))
   solve = functools.partial(factorize_layers, method=method, mu=mu,
                             mu_rule=mu_rule, auto_mu=auto_mu, store=store)
   seconds = {}
   t = time.perf_counter()
   stats = None
-  if mode == 'one_shot' or allocation_rule == 'global':
+  if mode == 'one_shot' or allocation == 'global':
     stats = _one_shot_stats(model, batches, shapes, call=call, store=store,
                             mesh=mesh, dtype=stats_dtype,
                             want=(stats_wanted(method) if mode == 'one_shot'
@@ -288,7 +288,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
   seconds['calibrate'] = time.perf_counter() - t
   t = time.perf_counter()
   ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
-                       rule=allocation_rule)
+                       rule=allocation)
   seconds['allocate'] = time.perf_counter() - t
   t = time.perf_counter()
   if mode == 'one_shot':
@@ -390,6 +390,6 @@ def make_report(shapes, ranks, solved, *, seconds, params_before,
         ', '.join(short[:5]), ', …' if len(short) > 5 else '',
         'They were regularized (auto_mu).' if remedied else
         'Use more tokens, or the regularized solve (mu > 0 or auto_mu > 0).')
-  return dict(kept_ratio=allocation.kept_ratio(shapes, ranks),
+  return dict(kept_ratio=allocation_lib.kept_ratio(shapes, ranks),
               model_ratio=params_after / params_before, seconds=seconds,
               layers=layers)

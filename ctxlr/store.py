@@ -19,7 +19,7 @@ import numpy as np
 import safetensors.numpy
 
 from ctxlr import results
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 
 
 def fingerprint_arrays(arrays: Mapping[str, Any]) -> str:
@@ -104,7 +104,7 @@ class RunStore:
   def has_stats(self) -> bool:
     return os.path.exists(self.stats_path)
 
-  def save_stats(self, stats: Mapping[str, statistics.LayerStats],
+  def save_stats(self, stats: Mapping[str, stats_lib.LayerStats],
                  group_of: Mapping[str, str]) -> None:
     tensors = {}
     for g, s in stats.items():
@@ -114,10 +114,10 @@ class RunStore:
     self._write(self.stats_path, tensors, dict(
         group_of=dict(group_of), count={g: s.count for g, s in stats.items()}))
 
-  def load_stats(self) -> tuple[dict[str, statistics.LayerStats],
+  def load_stats(self) -> tuple[dict[str, stats_lib.LayerStats],
                                 dict[str, str]]:
     tensors, meta = self._read(self.stats_path)
-    stats = {g: statistics.LayerStats(
+    stats = {g: stats_lib.LayerStats(
         r=tensors[f'{g}/r'], gram=tensors.get(f'{g}/gram'),
         abs_sum=tensors.get(f'{g}/abs_sum'), count=int(count))
              for g, count in meta['count'].items()}

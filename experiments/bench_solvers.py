@@ -14,7 +14,7 @@ the same single core:
 * profile: the same solves cut into their kernels (ctxlr: `R K`, the SVD;
   svd_llm: the float64 Cholesky + inverse, the float32 scaled SVD).
 * stream: one block of b rows into the statistics: the fold
-  `R ← qr_r([R; X_b])` (`qr._fold_r`, what calibration runs) against
+  `R ← qr_r([R; X_b])` (`qr.fold_r_unchecked`, what calibration runs) against
   `G ← G + X_bᵀX_b` (float32, precision HIGHEST); beside them the same JAX
   QR on the block alone (the fold if redoing the triangle cost nothing),
   LAPACK's structured triangle-plus-block QR `stpqrt` through SciPy (it
@@ -62,12 +62,12 @@ def _problem(cfg: dict, d_in: int, d_out: int):
   """(K, LayerStats, rank) of a Gaussian X of `rows_per_d · d_in` rows."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ctxlr import statistics  # pylint: disable=g-import-not-at-top
+  from ctxlr import stats as stats_lib  # pylint: disable=g-import-not-at-top
   from ctxlr.linalg import solvers  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng([cfg['seed'], d_in, d_out])
   x = rng.standard_normal((cfg['rows_per_d'] * d_in, d_in), np.float32)
   kernel = jnp.asarray(rng.standard_normal((d_in, d_out), np.float32))
-  stats = jax.block_until_ready(statistics.stats_from_x(jnp.asarray(x)))
+  stats = jax.block_until_ready(stats_lib.stats_from_x(jnp.asarray(x)))
   return kernel, stats, solvers.rank_for_ratio(d_in, d_out, cfg['ratio'])
 
 
@@ -123,12 +123,12 @@ def profile_part(cfg: dict) -> list[dict]:
     kernel, stats, rank = _problem(cfg, d_in, d_out)
     s, s_inv = whitening(stats.gram)[:2]
     pieces = {
-        ('ctxlr', 'whole solve'): (functools.partial(
-            _solve, 'ctxlr', rank=rank), (kernel, stats)),
-        ('ctxlr', 'jitted core: R K, SVD, K V_r'): (functools.partial(
+        ('coala', 'whole solve'): (functools.partial(
+            _solve, 'coala', rank=rank), (kernel, stats)),
+        ('coala', 'jitted core: R K, SVD, K V_r'): (functools.partial(
             solvers._ctx_factors, rank=rank), (kernel, stats.r)),
-        ('ctxlr', 'R K (float32 matmul)'): (matmul, (stats.r, kernel)),
-        ('ctxlr', 'SVD of R K'): (svd, (matmul(stats.r, kernel),)),
+        ('coala', 'R K (float32 matmul)'): (matmul, (stats.r, kernel)),
+        ('coala', 'SVD of R K'): (svd, (matmul(stats.r, kernel),)),
         ('svd_llm', 'whole solve'): (functools.partial(
             _solve, 'svd_llm', rank=rank), (kernel, stats)),
         ('svd_llm', 'float64 Cholesky + inverse'): (whitening,
@@ -150,7 +150,7 @@ def profile_part(cfg: dict) -> list[dict]:
 
 def stream_part(cfg: dict) -> list[dict]:
   """Per-token cost of one block into R (fold) vs into the Gram."""
-  # pylint: disable=protected-access  (qr._fold_r is what calibration runs)
+  # pylint: disable=protected-access  (qr.fold_r_unchecked is what calibration runs)
   core = _pin(cfg)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -178,8 +178,8 @@ def stream_part(cfg: dict) -> list[dict]:
       x_np = np.asfortranarray(rng.standard_normal((b, d), np.float32))
       x = jnp.asarray(x_np)
       stacked = np.asfortranarray(np.vstack([r_np, x_np]))
-      calls = dict(fold=(qr._fold_r, (r, x)), gram=(gram_update, (gram, x)),
-                   qr_block=(qr._qr_r, (x,)), tpqrt=(tpqrt, (r_np, x_np)),
+      calls = dict(fold=(qr.fold_r_unchecked, (r, x)), gram=(gram_update, (gram, x)),
+                   qr_block=(qr.qr_r_unchecked, (x,)), tpqrt=(tpqrt, (r_np, x_np)),
                    sgeqrf=(geqrf, (stacked,)))
       t = _time_calls(calls, repeats=cfg['repeats'],
                       min_seconds=cfg['min_seconds'])
@@ -294,7 +294,7 @@ def summarize(out: dict) -> str:
              f'{base} in the same run\n',
              results.markdown_table(list(lines.values()), cols,
                                     {c: '.3g' for c in cols[3:]}),
-             '\nTarget: ctxlr/svd_llm <= 1.5.\n']
+             '\nTarget: coala/svd_llm <= 1.5.\n']
   if 'profile' in out:
     text += ['### Where the solve time goes (medians, share of the whole '
              'solve)\n',
@@ -314,7 +314,7 @@ def summarize(out: dict) -> str:
                      'fold_over_gram', 'tpqrt_over_gram',
                      'qr_block_over_gram', 'sgeqrf_over_gram',
                      'flop_ratio')}),
-             '\nfold: `qr._fold_r` (JAX, geqrf of the stacked [R; X_b]); '
+             '\nfold: `qr.fold_r_unchecked` (JAX, geqrf of the stacked [R; X_b]); '
              'gram: XᵀX added in float32; tpqrt: LAPACK stpqrt (SciPy), '
              'triangle + block without touching the zeros of R; qr_block: '
              'the same JAX geqrf on X_b alone (the fold if the triangle cost '

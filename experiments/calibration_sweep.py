@@ -8,7 +8,7 @@ import matplotlib
 import ml_collections
 
 from ctxlr import results
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 from experiments import common
 from experiments import compare_methods
 
@@ -43,7 +43,7 @@ def sweep_stats(model, batches, config, float64: bool):
     stats64 = compare_methods.one_shot_stats(
         model, batches, config.include, config.exclude, dtype=jnp.float64)
     rounded = {}                           # shared inputs stay shared
-    stats32 = {n: rounded.setdefault(id(s), statistics.as_float32(s))
+    stats32 = {n: rounded.setdefault(id(s), stats_lib.as_float32(s))
                for n, s in stats64.items()}
   return stats32, stats64
 

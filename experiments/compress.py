@@ -30,7 +30,7 @@ def run(config, workdir: str) -> None:
       model, batches,
       ratio=config.ratio, method=config.method, mu=config.mu,
       mu_rule=config.mu_rule, auto_mu=config.auto_mu,
-      allocation_rule=config.allocation,
+      allocation=config.allocation,
       mode=config.mode, include=config.include, exclude=config.exclude,
       mesh=mesh,
       checkpoint_dir=os.path.join(workdir, 'progress'),

@@ -20,11 +20,11 @@ import numpy as np
 from ctxlr import baselines
 from ctxlr import reference
 from ctxlr import results
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 
 CONDS = (1e4, 1e6, 1e8)
 RANKS = (32, 128, 200, 240, 256)
-METHODS = ('ctxlr', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2', 'corda')
+METHODS = ('coala', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2', 'corda')
 SHAPE = (2048, 256, 256)   # n, d_in, d_out
 
 
@@ -37,7 +37,7 @@ def sweep(conds=CONDS, ranks=RANKS, methods=METHODS, shape=SHAPE,
     rng = np.random.default_rng(seed)
     x = reference.activations(rng, n, d_in, cond=cond).astype(np.float32)
     kernel = rng.standard_normal((d_in, d_out)).astype(np.float32)
-    stats = statistics.stats_from_x(jnp.asarray(x))
+    stats = stats_lib.stats_from_x(jnp.asarray(x))
     opt = reference.optimal_errors(x, kernel)       # opt[0] = ||XK||_F
     for method in methods:
       for rank in ranks:

@@ -1,6 +1,6 @@
 """K_μ → K_* with rate μ, the bound, and the float32 floor (see its config).
 
-For every setting and seed: K_* = `desired_solution` (float64), K_μ = the
+For every setting and seed: K_* = `k_star` (float64), K_μ = the
 library solve `ctx_factors(K, regularize_r(R, μ))` in float64 and in float32
 (on the data rounded to float32), and K_0 (μ = 0). All errors are measured in
 float64 against the exact data. results.json holds `curves` (one row per
@@ -19,7 +19,7 @@ import numpy as np
 
 from ctxlr import reference
 from ctxlr import results
-from ctxlr.linalg import desired
+from ctxlr.linalg import kstar
 from ctxlr.linalg import qr
 from ctxlr.linalg import solvers
 
@@ -80,8 +80,8 @@ def measure(x: np.ndarray, kernel: np.ndarray, rank: int, mus,
   Call under `jax.enable_x64(True)`.
   """
   r64 = qr.qr_r(jnp.asarray(x))
-  st = desired.solution_structure(kernel, r64, rank=rank)
-  k_star = _dense(desired.desired_solution(kernel, r64, rank=rank))
+  st = kstar.solution_structure(kernel, r64, rank=rank)
+  k_star = _dense(kstar.k_star(kernel, r64, rank=rank))
   norm_star, norm_k = np.linalg.norm(k_star), np.linalg.norm(kernel)
   opt = reference.optimal_errors(x, kernel)
   norm_xk = opt[0]
@@ -99,11 +99,11 @@ def measure(x: np.ndarray, kernel: np.ndarray, rank: int, mus,
       k_mu = _dense(solvers.ctx_factors(k_d, r_mu, rank=rank))
       row = dict(dtype=dtype, mu=mu, **errors(k_mu))
       if mu:
-        row['bound_rel'] = desired.error_bound(st, mu) / norm_star
+        row['bound_rel'] = kstar.error_bound(st, mu) / norm_star
       rows.append(row)
   opt_r = opt[rank] if rank < len(opt) else 0.     # rank(XK) <= n < r
   facts = dict(case=st.case, data_rank=st.data_rank, num_above=st.num_above,
-               num_tied=st.num_tied, gap_const=desired.gap_bound_constant(st),
+               num_tied=st.num_tied, gap_const=kstar.gap_bound_constant(st),
                norm_star=float(norm_star), opt_rel=float(opt_r / norm_xk),
                **{f'star_{k}': v for k, v in errors(k_star).items()})
   return rows, facts

@@ -70,7 +70,7 @@ def run(config, workdir: str) -> None:
   task = layer_stats(model, init_seqs, layers, config.init.batch_size,
                      gram='corda' in methods, desc=config.task)
   general = None
-  if 'ctxlr_kpa' in methods:
+  if 'coala_kpa' in methods:
     general = layer_stats(model, data.sequences(
         config.general, 'calib', tokenizer, seq_len=config.seq_len,
         num_sequences=config.init.num_sequences), layers,

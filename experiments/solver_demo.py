@@ -9,7 +9,7 @@ import numpy as np
 from ctxlr import baselines
 from ctxlr import reference
 from ctxlr import results
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -30,7 +30,7 @@ def score_methods(x: np.ndarray, kernel: np.ndarray, methods, ranks,
     Rows with the float64 weighted error, the float64 optimum, their ratio, the
     excess normalised by ||XK||_F and the method's SolveInfo.
   """
-  stats = statistics.stats_from_x(jnp.asarray(x))
+  stats = stats_lib.stats_from_x(jnp.asarray(x))
   opt = reference.optimal_errors(x, kernel)
   rows = []
   for method in methods:

@@ -13,11 +13,11 @@ a list of rows (one per method and rank) in results.json:
 * `real_all`: every selected projection at the uniform-ratio rank
   (`solvers.rank_for_ratio`) and at `high_fractions · min(d_in, d_out)`.
 
-What every method sees: the float32 X, through `statistics.stats_from_x`
+What every method sees: the float32 X, through `stats_lib.stats_from_x`
 (float32 R by one QR, float32 Gram `XᵀX`, Σ|x|), exactly the statistics
 `calibration.calibrate` folds batch by batch, up to float32 rounding. The
 methods compute in float32 (and in float64 where their authors do); the
-kernel is float32, or bf16 for 'ctxlr_bf16' (ctxlr on `K.astype(bf16)`,
+kernel is float32, or bf16 for 'coala_bf16' (ctxlr on `K.astype(bf16)`,
 factors cast back to bf16).
 
 The float64 reference: `W = R₆₄`, the R of a float64 QR of that float32 X
@@ -25,7 +25,7 @@ The float64 reference: `W = R₆₄`, the R of a float64 QR of that float32 X
 rounding, and `W` is d × d instead of n × d. Each method's factors are cast
 to float64 and scored by `||W (K − a b)||_F`; the optimum is
 `opt[r] = sqrt(Σ_{i>r} σ_i(W K)²)` (`reference.optimal_errors`), for the
-kernel that method was given (the bf16 one for 'ctxlr_bf16'). cond(X) (=
+kernel that method was given (the bf16 one for 'coala_bf16'). cond(X) (=
 cond(R)) is computed from the singular values of `W`. Real activations are
 captured from the model in float32 (the model's own dtype) with taps on the
 selected layers; layers fed the same array (q/k/v, gate/up) share one X.
@@ -56,7 +56,7 @@ from ctxlr import baselines
 from ctxlr import calibration
 from ctxlr import reference
 from ctxlr import results
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from ctxlr.linalg import solvers
 from experiments import common
@@ -65,8 +65,8 @@ matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 PARTS = ('synthetic', 'real_layer', 'real_all')
-BF16 = 'ctxlr_bf16'
-PREFIX_METHODS = ('ctxlr', 'svd', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2',
+BF16 = 'coala_bf16'
+PREFIX_METHODS = ('coala', 'svd', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2',
                   'corda')
 GRAM_METHODS = ('svd_llm', 'svd_llm_eps', 'svd_llm_v2', 'corda')
 
@@ -95,14 +95,14 @@ def errors_at_ranks(w: np.ndarray, kernel: np.ndarray, a: np.ndarray,
 
 
 def solve_and_score(method: str, kernel: np.ndarray,
-                    stats: statistics.LayerStats, w: np.ndarray,
+                    stats: stats_lib.LayerStats, w: np.ndarray,
                     ranks: list[int]) -> list[tuple[float, Any]]:
   """(float64 error, SolveInfo) of `method` at each of ascending `ranks`.
 
-  `kernel` is float32; 'ctxlr_bf16' solves with it rounded to bf16 and is
+  `kernel` is float32; 'coala_bf16' solves with it rounded to bf16 and is
   scored against that bf16 kernel.
   """
-  base = 'ctxlr' if method == BF16 else method
+  base = 'coala' if method == BF16 else method
   k = jnp.asarray(kernel, jnp.bfloat16 if method == BF16 else jnp.float32)
   k64 = _f64(k)
   if base in PREFIX_METHODS:
@@ -121,7 +121,7 @@ def solve_and_score(method: str, kernel: np.ndarray,
   return out
 
 
-def score(w: np.ndarray, kernel: np.ndarray, stats: statistics.LayerStats,
+def score(w: np.ndarray, kernel: np.ndarray, stats: stats_lib.LayerStats,
           methods: Iterable[str], ranks: Iterable[int],
           **fields) -> list[dict]:
   """One row per (method, rank): error vs the float64 optimum, SolveInfo.
@@ -130,7 +130,7 @@ def score(w: np.ndarray, kernel: np.ndarray, stats: statistics.LayerStats,
     w: float64[m, d_in] with `WᵀW = XᵀX` (the float64 R of X).
     kernel: K, float32[d_in, d_out].
     stats: the LayerStats of the float32 X that the methods see.
-    methods: names in `baselines.METHODS`, or 'ctxlr_bf16'.
+    methods: names in `baselines.METHODS`, or 'coala_bf16'.
     ranks: ranks to score.
     **fields: copied into every row.
   """
@@ -203,7 +203,7 @@ def run_synthetic(cfg, methods: list[str], seed: int) -> list[dict]:
     w = reference.r_factor(x)                               # f64[d, d]
     s = singular_values(w)[:min(n, d)]
     ranks = sorted({max(1, round(f * d)) for f in cfg['rank_fractions']})
-    rows += score(w, kernel, statistics.stats_from_x(jnp.asarray(x)),
+    rows += score(w, kernel, stats_lib.stats_from_x(jnp.asarray(x)),
                   methods, ranks, d_in=d, d_out=d, n=n, case=c['case'],
                   cond=c['cond'], rank_x=c['rank_x'], cond_x32=_cond(s))
     logging.info('synthetic %s', c)
@@ -273,7 +273,7 @@ def run_real(config, parts: list[str], out: dict, save) -> None:
     s = singular_values(w)
     info = dict(group=g, d_in=x.shape[1], n=x.shape[0], cond_r=_cond(s),
                 sigma_max=float(s[0]), sigma_min=float(s[-1]))
-    stats = statistics.stats_from_x(jnp.asarray(x))
+    stats = stats_lib.stats_from_x(jnp.asarray(x))
     for name in (n for n in todo if group_of[n] == g):
       kernel = np.asarray(surgery.get_module(model, name).kernel[...],
                           np.float32)
@@ -477,11 +477,11 @@ def head_to_head(rows: list[dict], keys: list[str], tol: float,
     cells.setdefault(tuple(r[k] for k in keys), {})[r['method']] = r
   out = {}
   for cell in cells.values():
-    mine = cell.get('ctxlr')
+    mine = cell.get('coala')
     if mine is None:
       continue
     for method, r in cell.items():
-      if method == 'ctxlr':
+      if method == 'coala':
         continue
       line = out.setdefault((r[by] if by else '', method), dict(
           method=method, wins=0, ties=0, losses=0, **(
@@ -549,7 +549,7 @@ def summarize(out: dict) -> str:
 
 # ------------------------------------------------------------------ plots ---
 
-_STYLE = dict(ctxlr=('C0', 'o'), ctxlr_bf16=('C0', 'x'), svd=('C7', 'v'),
+_STYLE = dict(coala=('C0', 'o'), coala_bf16=('C0', 'x'), svd=('C7', 'v'),
               svd_llm=('C3', 's'), svd_llm_eps=('C1', 'D'),
               svd_llm_v2=('C4', '^'), asvd=('C8', 'P'), corda=('C2', '*'))
 _FLOOR = 1e-17          # log axes: exact zeros drawn here
@@ -661,7 +661,7 @@ def _plot_real_all(part: dict, tol: float):
          title='cond of each distinct layer input')
   ax.legend(fontsize=7)
   for ax, rule in zip(axes[0, 1:], rules):
-    for method in GRAM_METHODS + ('ctxlr',):
+    for method in GRAM_METHODS + ('coala',):
       mine = [r for r in part['rows'] if r['rule'] == rule and
               r['method'] == method]
       color, marker = _STYLE[method]

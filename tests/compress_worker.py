@@ -36,7 +36,7 @@ def main(checkpoint_dir, out, kill_after=None):
         os.kill(os.getpid(), signal.SIGKILL)
     store.RunStore.save_layer = save_then_die
   model = toy_model.Toy()
-  report = pipeline.compress(model, batches(), ratio=0.5, method='ctxlr',
+  report = pipeline.compress(model, batches(), ratio=0.5, method='coala',
                              checkpoint_dir=checkpoint_dir, data_id={'seed': 0})
   factors = {}
   for name in report['layers']:

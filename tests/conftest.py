@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ctxlr import reference
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 
 
 @pytest.fixture(scope='session')
@@ -26,4 +26,4 @@ def ill_conditioned():
   rng = np.random.default_rng(0)
   x = reference.activations(rng, 2048, 256, cond=1e6).astype(np.float32)
   kernel = rng.standard_normal((256, 256)).astype(np.float32)
-  return x, kernel, statistics.stats_from_x(jnp.asarray(x))
+  return x, kernel, stats_lib.stats_from_x(jnp.asarray(x))

@@ -8,7 +8,7 @@ import pytest
 from ctxlr import adapters
 from ctxlr import calibration
 from ctxlr import reference
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from tests import toy_model
 
@@ -27,8 +27,8 @@ def _data(d_in, d_out, seed=0):
   xg = (rng.standard_normal((300, d_in)) * np.linspace(0.2, 3, d_in)
         ).astype(np.float32)
   kernel = rng.standard_normal((d_in, d_out)).astype(np.float32)
-  return (x, xg, kernel, statistics.stats_from_x(jnp.asarray(x)),
-          statistics.stats_from_x(jnp.asarray(xg)))
+  return (x, xg, kernel, stats_lib.stats_from_x(jnp.asarray(x)),
+          stats_lib.stats_from_x(jnp.asarray(xg)))
 
 
 def _projector(v):
@@ -48,7 +48,7 @@ def _check_sum(init, kernel):
 @pytest.mark.parametrize('shape', SHAPES)
 def test_ctxlr_is_the_context_aware_optimum(shape):
   x, _, kernel, stats, _ = _data(*shape)
-  init = adapters.init_adapter('ctxlr', kernel, stats, rank=RANK)
+  init = adapters.init_adapter('coala', kernel, stats, rank=RANK)
   _check_sum(init, kernel)
   # float64 reference: V_r of X K; a b = K V_r V_rᵀ, a = K V_r, b = V_rᵀ.
   vt = np.linalg.svd(_f64(x) @ _f64(kernel), full_matrices=False)[2]
@@ -65,7 +65,7 @@ def test_ctxlr_is_the_context_aware_optimum(shape):
 @pytest.mark.parametrize('shape', SHAPES)
 def test_ctxlr_kpa_freezes_the_general_directions(shape):
   _, xg, kernel, _, gstats = _data(*shape)
-  init = adapters.init_adapter('ctxlr_kpa', kernel, rank=RANK,
+  init = adapters.init_adapter('coala_kpa', kernel, rank=RANK,
                                general_stats=gstats)
   _check_sum(init, kernel)
   # float64 reference: bottom RANK of the p = min(d_in, d_out) right
@@ -135,8 +135,8 @@ def test_lora_is_zero_at_start():
 @pytest.mark.parametrize('shape', SHAPES)
 def test_balance_keeps_the_product_and_equalises_the_factors(shape):
   _, _, kernel, stats, _ = _data(*shape)
-  own = adapters.init_adapter('ctxlr', kernel, stats, rank=RANK)
-  init = adapters.init_adapter('ctxlr', kernel, stats, rank=RANK,
+  own = adapters.init_adapter('coala', kernel, stats, rank=RANK)
+  init = adapters.init_adapter('coala', kernel, stats, rank=RANK,
                                split='balanced')
   np.testing.assert_array_equal(init.k_res, own.k_res)
   assert _rel(_f64(init.a) @ _f64(init.b), _f64(own.a) @ _f64(own.b)) < 1e-6
@@ -150,8 +150,8 @@ def test_balance_keeps_the_product_and_equalises_the_factors(shape):
 
 def test_balanced_ctxlr_without_context_is_pissa():
   _, _, kernel, _, _ = _data(24, 16)
-  plain = statistics.LayerStats(jnp.eye(24), None, None, 24)   # X = I
-  init = adapters.init_adapter('ctxlr', kernel, plain, rank=RANK,
+  plain = stats_lib.LayerStats(jnp.eye(24), None, None, 24)   # X = I
+  init = adapters.init_adapter('coala', kernel, plain, rank=RANK,
                                split='balanced')
   ref = adapters.init_adapter('pissa', kernel, rank=RANK)
   signs = np.sign(np.sum(_f64(init.b) * _f64(ref.b), axis=1))
@@ -195,7 +195,7 @@ def test_scaling_divides_b():
   model, ids, stats = _toy_with_stats()
   expected = model(ids)
   kernel = model.layers[1].mlp.down_proj.kernel[...]
-  adapters.add_adapters(model, stats, method='ctxlr', rank=3, scaling=4.0)
+  adapters.add_adapters(model, stats, method='coala', rank=3, scaling=4.0)
   layer = model.layers[1].mlp.down_proj
   assert layer.scaling == 4.0
   np.testing.assert_allclose(layer.merged_kernel(), kernel, rtol=1e-5,
@@ -210,17 +210,17 @@ def test_errors():
     adapters.init_adapter('dora', kernel, rank=2)
   with pytest.raises(ValueError, match='rank=9'):
     adapters.init_adapter('pissa', kernel, rank=9)
-  with pytest.raises(ValueError, match='ctxlr needs task statistics'):
-    adapters.init_adapter('ctxlr', kernel, rank=2)
+  with pytest.raises(ValueError, match='coala needs task statistics'):
+    adapters.init_adapter('coala', kernel, rank=2)
   with pytest.raises(ValueError, match='corda needs'):
-    adapters.init_adapter('corda', kernel, statistics.LayerStats(
+    adapters.init_adapter('corda', kernel, stats_lib.LayerStats(
         jnp.eye(8), None, None, 8), rank=2)
-  with pytest.raises(ValueError, match='ctxlr_kpa needs general_stats'):
-    adapters.init_adapter('ctxlr_kpa', kernel, rank=2)
+  with pytest.raises(ValueError, match='coala_kpa needs general_stats'):
+    adapters.init_adapter('coala_kpa', kernel, rank=2)
   with pytest.raises(ValueError, match='needs general_stats for layers'):
-    adapters.add_adapters(model, stats, method='ctxlr_kpa', rank=2)
+    adapters.add_adapters(model, stats, method='coala_kpa', rank=2)
   with pytest.raises(ValueError, match='needs stats for layers'):
-    adapters.add_adapters(model, {}, method='ctxlr', rank=2)
+    adapters.add_adapters(model, {}, method='coala', rank=2)
   with pytest.raises(ValueError, match='split must be one of'):
     adapters.init_adapter('lora', kernel, rank=2, split='balanced')
   with pytest.raises(ValueError, match='split must be one of'):

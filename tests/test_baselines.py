@@ -10,14 +10,14 @@ import pytest
 
 from ctxlr import baselines
 from ctxlr import reference
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 
 # The excess (err − opt)/||XK||_F is second order in the float32 rounding of
 # the factors (the error is stationary at the optimum): measured <= 1.2e-11
 # on these d <= 32, cond 10 problems; 1e-9 leaves ~100x margin and is still
 # 1e7x below what a suboptimal method gives here (corda 1e-2, asvd 0.1).
 OPT_EXCESS = 1e-9
-CONTEXT_AWARE = ('ctxlr', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2')
+CONTEXT_AWARE = ('coala', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2')
 
 
 def _problem(seed, n, d_in, d_out, scale=1., **kw):
@@ -47,15 +47,15 @@ def _numpy_truncated(w, s, s_inv, rank):
 
 def test_stats_from_x_matches_numpy():
   x, _ = _problem(0, 40, 12, 4, cond=100.)
-  s = statistics.stats_from_x(jnp.asarray(x))
+  s = stats_lib.stats_from_x(jnp.asarray(x))
   x64 = _f64(x)
   gram = x64.T @ x64
   assert s.count == 40 and s.gram.dtype == jnp.float32
   np.testing.assert_allclose(s.gram, gram, rtol=1e-5, atol=1e-6 * gram.max())
   np.testing.assert_allclose(s.abs_sum, np.abs(x64).sum(0), rtol=1e-6)
   np.testing.assert_allclose(s.r, reference.r_factor(x64), atol=1e-5)
-  none = statistics.stats_from_x(x, r=False, gram=False, abs_sum=False)
-  assert none == statistics.LayerStats(None, None, None, 40)
+  none = stats_lib.stats_from_x(x, r=False, gram=False, abs_sum=False)
+  assert none == stats_lib.LayerStats(None, None, None, 40)
 
 
 @pytest.mark.parametrize('x,match', [
@@ -66,7 +66,7 @@ def test_stats_from_x_matches_numpy():
 ])
 def test_stats_from_x_rejects_bad_x(x, match):
   with pytest.raises(ValueError, match=match):
-    statistics.stats_from_x(x)
+    stats_lib.stats_from_x(x)
 
 
 # --------------------------------------------------- optimum (well posed) ---
@@ -75,7 +75,7 @@ def test_stats_from_x_rejects_bad_x(x, match):
 @pytest.mark.parametrize('d_in,d_out', [(16, 24), (32, 20)])
 def test_context_aware_methods_attain_the_optimum(method, d_in, d_out):
   x, kernel = _problem(1, 4 * d_in, d_in, d_out, cond=10.)
-  stats = statistics.stats_from_x(jnp.asarray(x))
+  stats = stats_lib.stats_from_x(jnp.asarray(x))
   p = min(d_in, d_out)
   for rank in (1, p // 2, p - 1):
     f, info = baselines.solve(method, jnp.asarray(kernel), stats, rank=rank)
@@ -90,8 +90,8 @@ def test_ctxlr_with_mu_solves_the_ridge_problem():
   x, kernel = _problem(2, 12, 16, 20, cond=1e3)
   mu = 0.3
   x_mu = np.concatenate([_f64(x), np.sqrt(mu) * np.eye(16)])
-  stats = statistics.stats_from_x(jnp.asarray(x))
-  f, info = baselines.solve('ctxlr', jnp.asarray(kernel), stats, rank=6, mu=mu)
+  stats = stats_lib.stats_from_x(jnp.asarray(x))
+  f, info = baselines.solve('coala', jnp.asarray(kernel), stats, rank=6, mu=mu)
   assert info == baselines.SolveInfo(0, 0., False, False)
   assert 0 <= _excess(x_mu, kernel, f, 6) <= OPT_EXCESS
 
@@ -99,7 +99,7 @@ def test_ctxlr_with_mu_solves_the_ridge_problem():
 def test_svd_is_numpy_truncated_svd():
   _, kernel = _problem(3, 8, 24, 16)
   u, s, vt = np.linalg.svd(_f64(kernel), full_matrices=False)
-  stats = statistics.LayerStats(None, None, None, 0)
+  stats = stats_lib.LayerStats(None, None, None, 0)
   for rank in (1, 7, 16):
     f, info = baselines.solve('svd', jnp.asarray(kernel), stats, rank=rank)
     want = (u[:, :rank] * s[:rank]) @ vt[:rank]
@@ -113,7 +113,7 @@ def test_asvd_is_its_formula():
   # ASVD4LLM: s = mean|x|^0.5 + 1e-6; torch.svd_lowrank(W diag s, q=rank,
   # niter=2) with the same Gaussian test matrix; V / s. In float64 here.
   x, kernel = _problem(4, 64, 24, 16, cond=10.)
-  stats = statistics.stats_from_x(jnp.asarray(x))
+  stats = stats_lib.stats_from_x(jnp.asarray(x))
   w = _f64(kernel).T                                      # W, [d_out, d_in]
   scale = np.sqrt(np.abs(_f64(x)).mean(0)) + 1e-6
   for rank in (2, 8):
@@ -138,7 +138,7 @@ def test_asvd_is_its_formula():
 
 def test_corda_is_its_formula_and_not_the_optimum():
   x, kernel = _problem(5, 96, 24, 20, cond=10.)
-  stats = statistics.stats_from_x(jnp.asarray(x))
+  stats = stats_lib.stats_from_x(jnp.asarray(x))
   c = _f64(stats.gram)
   fixed = c + 0.01 * np.mean(np.diag(c)) * np.eye(24)    # passes their check
   assert np.linalg.norm(fixed @ np.linalg.inv(fixed) - np.eye(24)) < 0.05
@@ -156,7 +156,7 @@ def test_corda_is_its_formula_and_not_the_optimum():
 
 def test_factors_come_back_in_the_kernel_dtype():
   x, kernel = _problem(6, 64, 16, 16, cond=10.)
-  stats = statistics.stats_from_x(jnp.asarray(x))
+  stats = stats_lib.stats_from_x(jnp.asarray(x))
   k16 = jnp.asarray(kernel, jnp.bfloat16)
   for method in baselines.METHODS:
     f, info = baselines.solve(method, k16, stats, rank=4)
@@ -173,9 +173,9 @@ def test_habits_on_rank_deficient_x(kind):
   else:                                           # 3 dead input channels
     x, kernel = _problem(7, 96, 24, 20)
     x[:, :3] = 0.
-  stats = statistics.stats_from_x(jnp.asarray(x))
+  stats = stats_lib.stats_from_x(jnp.asarray(x))
   solve = lambda m: baselines.solve(m, jnp.asarray(kernel), stats, rank=8)
-  f, info = solve('ctxlr')                        # nothing to retry
+  f, info = solve('coala')                        # nothing to retry
   assert info == baselines.SolveInfo(0, 0., False, False)
   assert _excess(x, kernel, f, 8) <= OPT_EXCESS
   _, info = solve('svd_llm')                      # one eigvalsh shift
@@ -196,7 +196,7 @@ def test_svd_llm_second_cholesky_can_fail():
   infos = []
   for seed in range(4):
     x, kernel = _problem(seed, 96, 24, 20, scale=1e12, rank=12)
-    stats = statistics.stats_from_x(jnp.asarray(x))
+    stats = stats_lib.stats_from_x(jnp.asarray(x))
     infos.append(baselines.solve('svd_llm', jnp.asarray(kernel), stats,
                                  rank=8)[1])
   assert all(i.retries == 1 for i in infos)
@@ -206,7 +206,7 @@ def test_svd_llm_second_cholesky_can_fail():
 
 def test_svd_llm_eps_gives_up_after_its_cap():
   x, kernel = _problem(8, 96, 24, 20, scale=1e16, rank=12)  # ||XᵀX|| ~ 1e32
-  stats = statistics.stats_from_x(jnp.asarray(x))
+  stats = stats_lib.stats_from_x(jnp.asarray(x))
   _, info = baselines.solve('svd_llm_eps', jnp.asarray(kernel), stats, rank=8)
   assert info.failed and info.nonfinite
   assert info.retries == baselines.JITTER_MAX_TRIES
@@ -225,7 +225,7 @@ def test_corda_doubles_damping_until_the_inverse_passes():
   gram = jnp.asarray((q * lam) @ q.T, jnp.float32)
   kernel = jnp.asarray(np.random.default_rng(9).standard_normal((d, 5)),
                        jnp.float32)
-  stats = statistics.LayerStats(None, gram, None, 10)
+  stats = stats_lib.LayerStats(None, gram, None, 10)
   _, info = baselines.solve('corda', kernel, stats, rank=2)
   mean = np.mean(np.diag(np.asarray(gram, np.float64)))
   assert info.retries == 1 and not info.failed and not info.nonfinite
@@ -261,7 +261,7 @@ def test_svd_llm_is_its_authors_pipeline(ill_conditioned):
 
 def _stats(d=8, n=20):
   x, _ = _problem(10, n, d, 6)
-  return statistics.stats_from_x(jnp.asarray(x))
+  return stats_lib.stats_from_x(jnp.asarray(x))
 
 
 def _kernel(d=8):
@@ -277,15 +277,15 @@ def _kernel(d=8):
     ('svd', _kernel(), _stats(), dict(rank=7), 'outside'),
     ('svd', _kernel(), _stats(), dict(rank=2.), 'Python int'),
     ('svd', _kernel(), (None, None, None, 1), {}, 'must be a LayerStats'),
-    ('ctxlr', _kernel(), _stats(), dict(mu=-1.), 'mu must be'),
-    ('ctxlr', _kernel(), _stats(), dict(mu=jnp.ones(2)), 'scalar'),
+    ('coala', _kernel(), _stats(), dict(mu=-1.), 'mu must be'),
+    ('coala', _kernel(), _stats(), dict(mu=jnp.ones(2)), 'scalar'),
     ('svd_llm', _kernel(), _stats(), dict(mu=0.1), 'only ctxlr'),
-    ('ctxlr', _kernel(), _stats()._replace(r=None), {}, 'needs stats.r'),
+    ('coala', _kernel(), _stats()._replace(r=None), {}, 'needs stats.r'),
     ('corda', _kernel(), _stats()._replace(gram=None), {}, 'needs stats.gram'),
     ('asvd', _kernel(), _stats()._replace(abs_sum=None), {},
      'needs stats.abs_sum'),
-    ('ctxlr', _kernel(9), _stats(), {}, 'stats.r has shape'),
-    ('ctxlr', _kernel(), _stats()._replace(r=jnp.full((8, 8), jnp.inf)), {},
+    ('coala', _kernel(9), _stats(), {}, 'stats.r has shape'),
+    ('coala', _kernel(), _stats()._replace(r=jnp.full((8, 8), jnp.inf)), {},
      'stats.r contains'),
     ('svd_llm_eps', _kernel(), _stats()._replace(gram=jnp.ones((8, 7))), {},
      'stats.gram has shape'),
@@ -307,7 +307,7 @@ def test_bad_arguments_raise(method, kernel, stats, kw, match):
 
 def test_every_method_is_callable_by_name_with_one_signature():
   stats, kernel = _stats(), _kernel()
-  assert set(baselines.METHODS) == {'ctxlr', 'svd', 'svd_llm', 'svd_llm_eps',
+  assert set(baselines.METHODS) == {'coala', 'svd', 'svd_llm', 'svd_llm_eps',
                                     'svd_llm_v2', 'asvd', 'corda'}
   for name, fn in baselines.METHODS.items():
     f, info = fn(kernel, stats, rank=3, mu=0.)

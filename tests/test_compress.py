@@ -68,7 +68,7 @@ def test_global_allocation_spends_the_same_budget_better():
   for rule in ('uniform', 'global'):
     model = toy_model.Toy()
     report = pipeline.compress(model, _batches(), ratio=0.5,
-                               allocation_rule=rule)
+                               allocation=rule)
     errs = [r['rel_err'] ** 2 for r in report['layers'].values()]
     results[rule] = (report['kept_ratio'], sum(errs))
     shapes_total = len(errs)
@@ -83,7 +83,7 @@ def test_global_allocation_spends_the_same_budget_better():
     (dict(ratio=.5, method='nope'), 'method must be one of'),
     (dict(ratio=.5, mu=-1.), 'mu must be >= 0'),
     (dict(ratio=.5, mu=1., method='svd_llm'), 'mu > 0'),
-    (dict(ratio=.5, allocation_rule='best'), 'allocation must be one of'),
+    (dict(ratio=.5, allocation='best'), 'allocation must be one of'),
     (dict(ratio=.5, include=('*nothing*',)), "Pattern '\\*nothing\\*'"),
 ])
 def test_bad_options_raise_before_work(kwargs, match):
@@ -215,7 +215,7 @@ def test_insufficient_data_is_flagged_and_auto_regularized_toward_k_star():
   x = np.asarray(dense.layers[0].norm(dense.embed(batches[0])),
                  np.float64).reshape(-1, 16)
   kernel = np.asarray(dense.layers[0].attn.q_proj.kernel[...], np.float64)
-  star = ctxlr.desired_solution(kernel, x, rank=7)
+  star = ctxlr.k_star(kernel, x, rank=7)
   k_star = np.asarray(star.a, np.float64) @ np.asarray(star.b, np.float64)
   def dist(model):
     layer = model.layers[0].attn.q_proj
@@ -250,7 +250,7 @@ def test_k_star_method_is_the_desired_solution():
   x = np.asarray(dense.layers[0].norm(dense.embed(batches[0])),
                  np.float64).reshape(-1, 16)
   kernel = np.asarray(dense.layers[0].attn.q_proj.kernel[...], np.float64)
-  star = ctxlr.desired_solution(kernel, x, rank=7)
+  star = ctxlr.k_star(kernel, x, rank=7)
   layer = model.layers[0].attn.q_proj
   np.testing.assert_allclose(np.asarray(layer.a[...] @ layer.b[...]),
                              np.asarray(star.a @ star.b), atol=1e-5)

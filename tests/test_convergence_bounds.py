@@ -1,7 +1,7 @@
 """K_μ → K_*: the proven bound, slope 1, Theorem 3, and the experiment.
 
 K_μ is the library's regularized solve `ctx_factors(K, regularize_r(R, μ))`
-in float64; K_* comes from `desired_solution` (checked against NumPy
+in float64; K_* comes from `k_star` (checked against NumPy
 references in test_desired.py). docs/theory.md has the statements.
 """
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ctxlr import results
-from ctxlr.linalg import desired
+from ctxlr.linalg import kstar
 from ctxlr.linalg import qr
 from ctxlr.linalg import solvers
 from experiments import convergence
@@ -35,8 +35,8 @@ def _curve(name, seed):
       **extra)
   with jax.enable_x64(True):
     r = qr.qr_r(jnp.asarray(x))
-    st = desired.solution_structure(kernel, r, rank=rank)
-    f = desired.desired_solution(kernel, r, rank=rank)
+    st = kstar.solution_structure(kernel, r, rank=rank)
+    f = kstar.k_star(kernel, r, rank=rank)
     k_star = np.asarray(f.a) @ np.asarray(f.b)
     out = []
     for mu in MUS:
@@ -56,7 +56,7 @@ def test_bound_holds_and_slope_is_one(name):
                        'gap': 'gap', 'tie': 'tie'}[name]
     valid = []
     for mu, dist, _ in curve:
-      bound = desired.error_bound(st, mu)
+      bound = kstar.error_bound(st, mu)
       assert dist <= bound, (name, seed, mu, dist, bound)
       if np.isfinite(bound):
         valid.append((mu, dist))

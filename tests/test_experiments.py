@@ -22,10 +22,10 @@ def test_solver_demo_with_override(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert results.read_json(str(tmp_path / 'config.json'))['cond'] == 1e3
   rows = results.read_json(str(tmp_path / 'results.json'))
-  ctx = [r for r in rows if r['method'] == 'ctxlr']
+  ctx = [r for r in rows if r['method'] == 'coala']
   assert ctx and all(r['excess'] < 2e-6 for r in ctx)
   assert (tmp_path / 'error_vs_rank.png').stat().st_size > 0
-  assert '| ctxlr |' in (tmp_path / 'summary.md').read_text()
+  assert '| coala |' in (tmp_path / 'summary.md').read_text()
 
 
 def test_locked_config_rejects_typos(tmp_path):
@@ -56,8 +56,8 @@ def test_compare_methods_quick_and_resume(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
   rows = {r['method']: r for r in out['rows']}
-  assert set(rows) == {'ctxlr', 'svd_llm'}
-  assert rows['ctxlr']['ppl_wikipedia'] > out['dense']['wikipedia']
+  assert set(rows) == {'coala', 'svd_llm'}
+  assert rows['coala']['ppl_wikipedia'] > out['dense']['wikipedia']
   assert (tmp_path / 'perplexity_vs_ratio.png').exists()
   again = _launch(*args)                    # finished rows are not redone
   assert again.returncode == 0, again.stderr[-3000:]
@@ -71,7 +71,7 @@ def test_calibration_sweep_quick(tmp_path):
   rows = results.read_json(str(tmp_path / 'results.json'))['rows']
   # K_* (float64 statistics) only where the data are short (<= 32 tokens).
   assert {(r['run'], r['num_tokens']) for r in rows} == {
-      (run, n) for run in ('ctxlr', 'ctxlr@0.01', 'svd_llm_eps')
+      (run, n) for run in ('coala', 'coala@0.01', 'svd_llm_eps')
       for n in (32, 128)} | {('k_star', 32)}
   short = [r for r in rows if r['num_tokens'] == 32]
   assert all(r['insufficient_layers'] > 0 for r in short)

@@ -46,15 +46,15 @@ def test_ctxlr_optimal_where_gram_methods_are_not(ill_conditioned):
   rank = 200
   opt = reference.optimal_errors(x, kernel)
   ratio = {}
-  for method in ('ctxlr', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2'):
+  for method in ('coala', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2'):
     f, info = baselines.solve(method, jnp.asarray(kernel), stats, rank=rank)
     err = reference.weighted_error(x, kernel, f.a, f.b)
     ratio[method] = err / opt[rank]
-    if method == 'ctxlr':
+    if method == 'coala':
       assert (err - opt[rank]) / opt[0] <= 2e-6             # measured 5.9e-8
     if method == 'svd_llm_v2':                # f32 Gram has λ < 0: NaN
       assert info.nonfinite
-  assert ratio['ctxlr'] < 1.05                               # measured 1.007
+  assert ratio['coala'] < 1.05                               # measured 1.007
   assert ratio['svd_llm_eps'] > 3.                           # measured 7.0
   assert ratio['svd_llm'] > 3.                               # measured 21.1
 

@@ -10,7 +10,7 @@ import pytest
 from ctxlr import baselines
 from ctxlr import reference
 from ctxlr import results
-from ctxlr import statistics
+from ctxlr import stats as stats_lib
 from experiments import stability
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def test_one_solve_at_the_largest_rank_equals_a_solve_per_rank():
   rng = np.random.default_rng(2)
   x = reference.activations(rng, 96, 16, cond=1e3).astype(np.float32)
   kernel = rng.standard_normal((16, 12)).astype(np.float32)
-  stats = statistics.stats_from_x(jnp.asarray(x))
+  stats = stats_lib.stats_from_x(jnp.asarray(x))
   w, ranks = reference.r_factor(x), [3, 7, 12]
   scale = reference.optimal_errors(x, kernel)[0]
   for method in stability.PREFIX_METHODS:
@@ -78,10 +78,10 @@ def test_stability_quick_synthetic(tmp_path):
         methods)
   hard = {(r['method'], r['rank']): r for r in rows
           if (r['n'], r['case']) == (128, 'cond 1e+08')}
-  assert hard['ctxlr', 16]['err_over_opt'] < 1 + 1e-3   # half rank: optimal
+  assert hard['coala', 16]['err_over_opt'] < 1 + 1e-3   # half rank: optimal
   for rank in (16, 30):          # where the float32 Gram routes lose digits
     for method in ('svd_llm', 'svd_llm_eps', 'corda'):
-      assert hard['ctxlr', rank]['excess'] < hard[method, rank]['excess'], (
+      assert hard['coala', rank]['excess'] < hard[method, rank]['excess'], (
           method, rank)
   for name in ('error_vs_rank.png', 'excess_vs_cond.png'):
     assert (tmp_path / name).stat().st_size > 0
@@ -102,7 +102,7 @@ def test_stability_quick_real_activations(tmp_path):
   rows = out['real_all']['rows']
   assert {r['layer'] for r in rows} == {'layers.0.attn.k_proj',
                                         'layers.0.attn.o_proj'}
-  ctx = [r for r in rows if r['method'] == 'ctxlr' and
+  ctx = [r for r in rows if r['method'] == 'coala' and
          r['rule'].startswith('ratio')]
   assert len(ctx) == 2 and all(r['err_over_opt'] < 1 + 1e-3 for r in ctx)
   assert (tmp_path / 'real_layers.png').stat().st_size > 0
@@ -116,7 +116,7 @@ def test_bench_solvers_quick(tmp_path):
   out = results.read_json(str(tmp_path / 'results.json'))
   assert {(r['d_in'], r['d_out'], r['method']) for r in out['solve']} == {
       (d_in, d_out, m) for d_in, d_out in ((64, 64), (64, 128))
-      for m in ('ctxlr', 'svd_llm', 'svd_llm_v2')}
+      for m in ('coala', 'svd_llm', 'svd_llm_v2')}
   for r in out['solve']:
     assert np.isfinite(r['ratio']) and r['ratio'] > 0 and r['calls'] >= 5
     assert r['ratio'] == 1.0 or r['method'] != 'svd_llm'

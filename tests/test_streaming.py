@@ -83,10 +83,10 @@ def test_generator_is_read_once_and_lazily():
 
 def test_one_compiled_shape_whatever_the_block_sizes():
   d = 23                                    # a shape no other test uses
-  before = qr._fold_r._cache_size()
+  before = qr.fold_r_unchecked._cache_size()
   blocks = make_blocks((1, 5, 90, 3, 31), d=d)
   r = streaming.accumulate_r(blocks, block_size=20)
-  assert qr._fold_r._cache_size() - before == 1
+  assert qr.fold_r_unchecked._cache_size() - before == 1
   assert rel_err(r, np.concatenate(blocks)) < TOL[np.float32]
 
 

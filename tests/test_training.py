@@ -27,7 +27,7 @@ def _ids(n=8, length=12, seed=1):
                                        64), np.int32)
 
 
-def _adapted(method='ctxlr'):
+def _adapted(method='coala'):
   model = toy_model.Toy()
   ids = _ids()
   layers = surgery.select_linears(model)
@@ -145,13 +145,13 @@ def test_finetune_adapters_quick(tmp_path):
                  f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
-  assert [r['method'] for r in out['runs']] == ['lora', 'ctxlr',
-                                               'ctxlr_kpa:balanced']
+  assert [r['method'] for r in out['runs']] == ['lora', 'coala',
+                                               'coala_kpa:balanced']
   for r in out['runs']:
     assert [e['step'] for e in r['eval']] == [0, 2, 4]
     assert r['eval'][-1]['ppl_sotu'] < r['eval'][0]['ppl_sotu']
   assert (tmp_path / 'finetune_curves.png').stat().st_size > 0
-  assert '| ctxlr_kpa:balanced |' in (tmp_path / 'summary.md').read_text()
+  assert '| coala_kpa:balanced |' in (tmp_path / 'summary.md').read_text()
   assert not os.listdir(tmp_path / 'checkpoints')   # removed when done
 
 
@@ -160,7 +160,7 @@ def test_heal_quick(tmp_path):
                  f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
-  assert [r['method'] for r in out['runs']] == ['ctxlr', 'ctxlr:balanced']
+  assert [r['method'] for r in out['runs']] == ['coala', 'coala:balanced']
   first = [r['eval'][0]['ppl_wikipedia'] for r in out['runs']]
   assert first[0] == pytest.approx(first[1], rel=1e-4)   # same products
   for r in out['runs']:

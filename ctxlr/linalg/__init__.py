@@ -1,10 +1,10 @@
 """Inversion-free numerics: R factors (one-shot, streamed) and the solver."""
-from ctxlr.linalg.desired import degenerate_bound_constant
-from ctxlr.linalg.desired import desired_solution
-from ctxlr.linalg.desired import error_bound
-from ctxlr.linalg.desired import gap_bound_constant
-from ctxlr.linalg.desired import solution_structure
-from ctxlr.linalg.desired import Structure
+from ctxlr.linalg.kstar import degenerate_bound_constant
+from ctxlr.linalg.kstar import k_star
+from ctxlr.linalg.kstar import error_bound
+from ctxlr.linalg.kstar import gap_bound_constant
+from ctxlr.linalg.kstar import solution_structure
+from ctxlr.linalg.kstar import Structure
 from ctxlr.linalg.qr import canonical_signs
 from ctxlr.linalg.qr import fold_r
 from ctxlr.linalg.qr import qr_r

@@ -30,7 +30,8 @@ def canonical_signs(r: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _qr_r(x: jax.Array) -> jax.Array:
+def qr_r_unchecked(x: jax.Array) -> jax.Array:
+  """`qr_r` without argument checks, for the package's hot loops."""
   n, d = x.shape
   x = x.astype(checks.compute_dtype(x.dtype))
   # mode='raw' is LAPACK geqrf alone; mode='r' would also build (and then
@@ -60,18 +61,19 @@ def qr_r(x: jax.Array) -> jax.Array:
   if x.shape[0] == 0:
     raise ValueError(f'x has shape {x.shape}: no rows (empty calibration).')
   checks.check_finite('x', x)
-  return _qr_r(jnp.asarray(x))
+  return qr_r_unchecked(jnp.asarray(x))
 
 
 @jax.jit
-def _fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
+def fold_r_unchecked(r: jax.Array, block: jax.Array) -> jax.Array:
+  """`fold_r` without argument checks, for the package's hot loops."""
   dtype = checks.compute_dtype(r.dtype, block.dtype)
   # [X_block; R], not [R; X_block]: the same R (row order does not change
   # RᵀR), but jaxlib 0.10's float64 CPU geqrf returns NaN for some wide
   # blocks under a mostly-zero R (e.g. the first fold into R = 0 with
   # d >= 1000, b = 8); data first never did (tests/test_streaming.py).
   stacked = jnp.concatenate([block.astype(dtype), r.astype(dtype)])  # [b+d, d]
-  return _qr_r(stacked)
+  return qr_r_unchecked(stacked)
 
 
 def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
@@ -93,7 +95,7 @@ def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
   checks.check_matrix('r', r, rows=d)
   checks.check_matrix('block', block, cols=d)
   checks.check_finite('block', block)
-  return _fold_r(jnp.asarray(r), jnp.asarray(block))
+  return fold_r_unchecked(jnp.asarray(r), jnp.asarray(block))
 
 
 @jax.jit
@@ -101,7 +103,7 @@ def _regularize_r(r: jax.Array, mu: jax.Array) -> jax.Array:
   d = r.shape[1]
   dtype = checks.compute_dtype(r.dtype)
   ridge = jnp.sqrt(jnp.asarray(mu, dtype)) * jnp.eye(d, dtype=dtype)
-  return _qr_r(jnp.concatenate([r.astype(dtype), ridge]))    # qr of [2d, d]
+  return qr_r_unchecked(jnp.concatenate([r.astype(dtype), ridge]))    # qr of [2d, d]
 
 
 def regularize_r(r: jax.Array, mu: float | jax.Array) -> jax.Array:

@@ -75,7 +75,7 @@ def fold_padded(r: jax.Array, block: jax.Array,
     block = jnp.where(jnp.asarray(mask, bool)[:, None], block, 0)
   ok = jnp.all(jnp.isfinite(block))
   stacked = jnp.concatenate([block, jnp.asarray(r).astype(dtype)])  # [b+d, d]
-  return qr._qr_r(stacked), ok          # data first: see qr._fold_r
+  return qr.qr_r_unchecked(stacked), ok          # data first: see qr.fold_r_unchecked
 
 
 def check_dtype(dtype: Any) -> jnp.dtype:
@@ -207,7 +207,7 @@ class RAccumulator:
     jax.block_until_ready(previous)   # at most two folds in flight
 
   def _fold(self, chunk: np.ndarray) -> None:
-    self._r = qr._fold_r(self._r, jax.device_put(chunk))
+    self._r = qr.fold_r_unchecked(self._r, jax.device_put(chunk))
 
   def _finish(self) -> jax.Array:
     return self._r

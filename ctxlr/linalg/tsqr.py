@@ -40,7 +40,7 @@ P = jax.sharding.PartitionSpec
 
 
 def _qr_stack(top: jax.Array, bottom: jax.Array) -> jax.Array:
-  return qr._qr_r(jnp.concatenate([top, bottom]))         # f[d, d]
+  return qr.qr_r_unchecked(jnp.concatenate([top, bottom]))         # f[d, d]
 
 
 def combine_r(r: jax.Array, axis_name: str, *, axis_size: int,
@@ -63,7 +63,7 @@ def combine_r(r: jax.Array, axis_name: str, *, axis_size: int,
   """
   if combine == 'gather':
     r_all = jax.lax.all_gather(r, axis_name, tiled=True)  # f[D*d, d]
-    return qr._qr_r(r_all)
+    return qr.qr_r_unchecked(r_all)
   if combine != 'tree':
     raise ValueError(f'combine must be one of {COMBINES}; got {combine!r}.')
   idx = jax.lax.axis_index(axis_name)
@@ -103,7 +103,7 @@ def _tsqr_fn(mesh, axis, combine):
 
   def body(x_blk):                                        # f[n/D, d]
     ok = jnp.all(jnp.isfinite(x_blk)).astype(jnp.int32)
-    r = combine_r(qr._qr_r(x_blk), axis, axis_size=size, combine=combine)
+    r = combine_r(qr.qr_r_unchecked(x_blk), axis, axis_size=size, combine=combine)
     return r, jax.lax.psum(ok, axis) == size              # f[d, d], bool[]
 
   return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(axis, None),

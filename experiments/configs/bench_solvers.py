@@ -32,7 +32,7 @@ def get_config(arg=None):
   config.solve = dict(
       shapes=((576, 576), (576, 1536), (1536, 576), (2048, 2048),
               (4096, 4096)),               # (d_in, d_out)
-      methods=('ctxlr', 'svd_llm', 'svd_llm_v2'),
+      methods=('coala', 'svd_llm', 'svd_llm_v2'),
       baseline='svd_llm',
       ratio=0.8,                           # rank = rank_for_ratio(…, 0.8)
       rows_per_d=2)                        # X: rows_per_d · d_in tokens

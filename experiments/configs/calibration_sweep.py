@@ -26,9 +26,9 @@ def get_config(arg=None):
   config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=2048,
                      seq_len=512, batch_size=4)
   config.ratio = 0.8
-  # 'method' or 'ctxlr@mu0' (μ₀ of the energy-scaled ridge, MATH.md §4).
-  config.runs = ('ctxlr', 'ctxlr@0.0001', 'k_star', 'svd_llm', 'svd_llm_eps',
-                 'svd_llm_v2', 'corda', 'ctxlr@0.01', 'asvd')
+  # 'method' or 'coala@mu0' (μ₀ of the energy-scaled ridge, MATH.md §4).
+  config.runs = ('coala', 'coala@0.0001', 'k_star', 'svd_llm', 'svd_llm_eps',
+                 'svd_llm_v2', 'corda', 'coala@0.01', 'asvd')
   config.kstar_max_tokens = 2048
   config.mu_rule = 'energy'
   config.include = ('*_proj',)
@@ -38,7 +38,7 @@ def get_config(arg=None):
     config.calib.seq_len = 64
     config.eval = dict(corpora=('wikipedia',), num_tokens=128, seq_len=64,
                        batch_size=2)
-    config.runs = ('ctxlr', 'ctxlr@0.01', 'k_star', 'svd_llm_eps')
+    config.runs = ('coala', 'coala@0.01', 'k_star', 'svd_llm_eps')
     config.kstar_max_tokens = 32
     config.include = ('layers.0.*',)
   elif arg:

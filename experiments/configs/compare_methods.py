@@ -20,8 +20,8 @@ def get_config(arg=None):
   config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=4096,
                      seq_len=512, batch_size=4)
   config.ratios = (0.9, 0.8, 0.7, 0.6, 0.5)
-  # (method, allocation) pairs; 'ctxlr' also with the global allocation.
-  config.runs = ('ctxlr:uniform', 'ctxlr:global', 'svd:uniform',
+  # (method, allocation) pairs; 'coala' also with the global allocation.
+  config.runs = ('coala:uniform', 'coala:global', 'svd:uniform',
                  'asvd:uniform', 'svd_llm:uniform', 'svd_llm_eps:uniform',
                  'svd_llm_v2:uniform', 'corda:uniform')
   config.include = ('*_proj',)
@@ -32,7 +32,7 @@ def get_config(arg=None):
     config.eval = dict(corpora=('wikipedia',), num_tokens=128, seq_len=64,
                        batch_size=2)
     config.ratios = (0.8,)
-    config.runs = ('ctxlr:uniform', 'svd_llm:uniform')
+    config.runs = ('coala:uniform', 'svd_llm:uniform')
     config.include = ('layers.0.*',)
   elif arg:
     raise ValueError(f'Unknown config arg {arg!r}; expected "quick" or none.')

@@ -22,7 +22,7 @@ def get_config(arg=None):
   config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=8192,
                      seq_len=512, batch_size=4)
   config.ratio = 0.8             # kept fraction of the projections' parameters
-  config.method = 'ctxlr'        # or svd, asvd, svd_llm, svd_llm_eps, ...
+  config.method = 'coala'        # or svd, asvd, svd_llm, svd_llm_eps, ...
   config.mu = 0.0                # μ₀ of the layer-scaled ridge (ctxlr)
   config.mu_rule = 'energy'      # or 'error_ratio' (MATH.md §4)
   # μ₀ of the ridge for layers whose calibration rank is below their rank

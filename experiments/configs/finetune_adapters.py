@@ -7,7 +7,7 @@ r"""Adapter initialisations compared on one fine-tuning task (rank 8).
 Adapts the default model (SmolLM2-135M) to State of the Union speeches:
 rank-8 adapters on every attention and MLP projection, initialised by each
 method from the first `init.num_sequences` sequences of the SOTU training
-(calib) split (ctxlr_kpa: from as many Wikipedia calib sequences), then
+(calib) split (coala_kpa: from as many Wikipedia calib sequences), then
 trained with the same steps, batches, schedule and seed. Held-out SOTU
 perplexity measures learning, held-out Wikipedia perplexity forgetting.
 A method 'name:balanced' is the same initialisation re-split as PiSSA splits
@@ -28,14 +28,14 @@ def get_config(arg=None):
   config.experiment = 'finetune_adapters'
   config.model = dict(path='', param_dtype='float32', num_layers=0)  # 0: all
   # 'name:balanced': the same init re-split as P √D, √D Qᵀ (PiSSA's split).
-  config.methods = ('lora', 'pissa', 'milora', 'corda', 'ctxlr', 'ctxlr_kpa',
-                    'ctxlr:balanced', 'ctxlr_kpa:balanced')
+  config.methods = ('lora', 'pissa', 'milora', 'corda', 'coala', 'coala_kpa',
+                    'coala:balanced', 'coala_kpa:balanced')
   config.rank = 8
   config.scaling = 1.0              # LoRA alpha / rank (alpha = rank)
   config.include = ('*_proj',)      # every attention and MLP projection
   config.exclude = ()
   config.task = 'sotu'              # trained on its calib split
-  config.general = 'wikipedia'      # ctxlr_kpa's general data; forgetting
+  config.general = 'wikipedia'      # coala_kpa's general data; forgetting
   config.seq_len = 128
   config.init = dict(num_sequences=32, batch_size=4)   # 4,096 tokens
   config.train = dict(steps=80, batch_size=2, learning_rate=2e-4,
@@ -46,7 +46,7 @@ def get_config(arg=None):
   config.seeds = (0,)               # lora's init and the order of batches
   if arg == 'quick':                # CPU test size: 2 blocks, a few steps
     config.model.num_layers = 2
-    config.methods = ('lora', 'ctxlr', 'ctxlr_kpa:balanced')
+    config.methods = ('lora', 'coala', 'coala_kpa:balanced')
     config.include = ('layers.1.attn.*',)
     config.seq_len = 32
     config.init = dict(num_sequences=8, batch_size=4)

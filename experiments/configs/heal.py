@@ -25,8 +25,8 @@ def get_config(arg=None):
   config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=2048,
                      seq_len=512, batch_size=4)
   config.ratio = 0.6
-  # 'ctxlr:balanced': ctxlr's factors re-split as P √D, √D Qᵀ (same products).
-  config.methods = ('ctxlr', 'svd_llm', 'ctxlr:balanced')
+  # 'coala:balanced': coala's factors re-split as P √D, √D Qᵀ (same products).
+  config.methods = ('coala', 'svd_llm', 'coala:balanced')
   config.include = ('*_proj',)
   config.exclude = ()
   config.seq_len = 128              # training sequences
@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.seed = 0
   if arg == 'quick':                # CPU test size: 2 blocks, a few steps
     config.model.num_layers = 2
-    config.methods = ('ctxlr', 'ctxlr:balanced')
+    config.methods = ('coala', 'coala:balanced')
     config.calib = dict(corpus='wikipedia', num_tokens=256, seq_len=64,
                         batch_size=2)
     config.eval = dict(corpora=('wikipedia',), num_tokens=64, seq_len=32,

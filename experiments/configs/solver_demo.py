@@ -18,7 +18,7 @@ def get_config(arg=None):
   config.d_in = 256
   config.d_out = 256
   config.cond = 1e6            # cond(X)
-  config.methods = ('ctxlr', 'svd', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2',
+  config.methods = ('coala', 'svd', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2',
                     'asvd', 'corda')
   config.rank_fractions = (0.125, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)
   if arg == 'quick':           # a few seconds: run by a test

@@ -35,9 +35,9 @@ def get_config(arg=None):
   config.experiment = 'stability'          # experiments/stability.py
   config.seed = 0
   config.parts = ('synthetic', 'real_layer', 'real_all')
-  config.methods = ('ctxlr', 'svd', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2',
+  config.methods = ('coala', 'svd', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2',
                     'asvd', 'corda')
-  config.bf16 = True                       # also 'ctxlr_bf16': K stored bf16
+  config.bf16 = True                       # also 'coala_bf16': K stored bf16
   config.synthetic = dict(
       shapes=((256, 128), (256, 1024), (1024, 512), (1024, 4096)),  # (d, n)
       conds=(1., 1e2, 1e4, 1e6, 1e8, 1e10),  # cond(X), log-spaced σ

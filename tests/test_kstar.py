@@ -1,7 +1,7 @@
-"""desired_solution (K_*) against float64 NumPy references (MATH.md §5).
+"""k_star (K_*) against float64 NumPy references (MATH.md §5).
 
 References here are written in the paper's notation (W = Kᵀ, M_p = W Xᵀ) with
-NumPy SVDs, independently of ctxlr.linalg.desired.
+NumPy SVDs, independently of ctxlr.linalg.kstar.
 """
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ctxlr import reference
-from ctxlr.linalg import desired
+from ctxlr.linalg import kstar
 from ctxlr.linalg import qr
 from ctxlr.linalg import solvers
 from experiments import convergence
@@ -31,7 +31,7 @@ def _problem(spec, seed):
 
 def _k_star(kernel, r_or_x, rank, **kw):
   with jax.enable_x64(True):
-    f = desired.desired_solution(kernel, r_or_x, rank=rank, **kw)
+    f = kstar.k_star(kernel, r_or_x, rank=rank, **kw)
     assert f.a.dtype == jnp.float64 and f.a.shape == (kernel.shape[0], rank)
     return np.asarray(f.a) @ np.asarray(f.b)
 
@@ -109,7 +109,7 @@ def test_tie_is_the_closest_minimiser():
   for seed in range(4):
     x, kernel, rank = _problem(TIE, seed)
     with jax.enable_x64(True):
-      st = desired.solution_structure(kernel, x, rank=rank)
+      st = kstar.solution_structure(kernel, x, rank=rank)
     assert (st.case, st.num_above, st.num_tied) == ('tie', 4, 4)
     k_star = _k_star(kernel, x, rank)
     opt = reference.optimal_errors(x, kernel)[rank]
@@ -151,7 +151,7 @@ def test_structure_cases():
   with jax.enable_x64(True):
     for spec, (case, k, a, t) in expect:
       x, kernel, rank = _problem(spec, 0)
-      st = desired.solution_structure(kernel, reference.r_factor(x), rank=rank)
+      st = kstar.solution_structure(kernel, reference.r_factor(x), rank=rank)
       assert (st.case, st.data_rank, st.num_above, st.num_tied) == (
           case, k, a, t), spec
       assert st.beta == pytest.approx(np.linalg.norm(kernel, 2), rel=1e-12)
@@ -160,11 +160,11 @@ def test_structure_cases():
 def test_gap_constant_is_math_md_formula():
   x, kernel, rank = _problem(GAP, 1)
   with jax.enable_x64(True):
-    st = desired.solution_structure(kernel, x, rank=rank)
+    st = kstar.solution_structure(kernel, x, rank=rank)
   s = np.linalg.svd(x @ kernel, compute_uv=False)
   want = (np.sqrt(2) * np.linalg.norm(kernel.T @ kernel) *
           np.linalg.norm(kernel, 2) / (s[rank - 1]**2 - s[rank]**2))
-  assert desired.gap_bound_constant(st) == pytest.approx(want, rel=1e-10)
+  assert kstar.gap_bound_constant(st) == pytest.approx(want, rel=1e-10)
   assert st.gap == pytest.approx(s[rank - 1]**2 - s[rank]**2, rel=1e-10)
 
 
@@ -180,7 +180,7 @@ def test_low_rank_kernel_is_its_own_limit():
 
 def test_float32_kernel_keeps_its_dtype():
   x, kernel, rank = _problem(FEW_TOKENS, 0)
-  f = desired.desired_solution(jnp.asarray(kernel, jnp.bfloat16),
+  f = kstar.k_star(jnp.asarray(kernel, jnp.bfloat16),
                                jnp.asarray(x, jnp.float32), rank=rank)
   assert f.a.dtype == jnp.bfloat16 and f.b.dtype == jnp.bfloat16
   want = _paper_w_star(x, kernel, rank).T
@@ -218,17 +218,17 @@ def test_errors():
   for change, message in cases:
     args = dict(kernel=kernel, r_or_x=x, rank=rank, rtol=None) | change
     with pytest.raises(ValueError, match=message):
-      desired.desired_solution(args.pop('kernel'), args.pop('r_or_x'), **args)
+      kstar.k_star(args.pop('kernel'), args.pop('r_or_x'), **args)
   with pytest.raises(ValueError, match='needs concrete arrays'):
-    jax.jit(lambda k: desired.desired_solution(k, x, rank=rank).a)(kernel)
+    jax.jit(lambda k: kstar.k_star(k, x, rank=rank).a)(kernel)
   x_nu, k_nu = _non_unique_problem()
   with jax.enable_x64(True):
     with pytest.raises(ValueError, match='K_\\* is not unique'):
-      desired.desired_solution(k_nu, x_nu, rank=5)
-    st = desired.solution_structure(kernel, x, rank=rank)
+      kstar.k_star(k_nu, x_nu, rank=5)
+    st = kstar.solution_structure(kernel, x, rank=rank)
   for mu in (0., -1., np.inf):
     with pytest.raises(ValueError, match='mu must be a finite number > 0'):
-      desired.error_bound(st, mu)
+      kstar.error_bound(st, mu)
 
 
 def test_streamed_float32_r_keeps_float32_threshold():
@@ -245,7 +245,7 @@ def test_streamed_float32_r_keeps_float32_threshold():
       r = qr.fold_r(r, jnp.asarray(block))
     assert 0 < float(jnp.abs(r[8:]).max())     # not exactly rank 8
     with jax.enable_x64(True):
-      st = desired.solution_structure(kernel, r, rank=12)
+      st = kstar.solution_structure(kernel, r, rank=12)
       assert (st.case, st.data_rank) == ('deficient', 8)
       got = _k_star(kernel, r, 12)
     want = _paper_w_star(x, kernel, 12).T

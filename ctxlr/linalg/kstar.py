@@ -106,7 +106,7 @@ def _analyze(kernel: Any, r_or_x: Any, rank: int, rtol: float | None):
   if rtol is not None and not (np.isfinite(rtol) and rtol > 0):
     raise ValueError(f'rtol must be a finite number > 0; got {rtol}.')
   if not (checks.is_concrete(kernel) and checks.is_concrete(r_or_x)):
-    raise ValueError('desired_solution needs concrete arrays (its case split '
+    raise ValueError('k_star needs concrete arrays (its case split '
                      'depends on values); call it outside jit.')
   kernel = jnp.asarray(kernel)
   r = _as_r(jnp.asarray(r_or_x))
@@ -169,7 +169,7 @@ def solution_structure(kernel: jax.Array, r_or_x: jax.Array, *, rank: int,
   return _analyze(kernel, r_or_x, rank, rtol)[0]
 
 
-def desired_solution(kernel: jax.Array, r_or_x: jax.Array, *, rank: int,
+def k_star(kernel: jax.Array, r_or_x: jax.Array, *, rank: int,
                      rtol: float | None = None) -> solvers.Factors:
   """K_*: the minimiser of (P) closest to K, as rank-`rank` factors (§5).
 
@@ -180,7 +180,7 @@ def desired_solution(kernel: jax.Array, r_or_x: jax.Array, *, rank: int,
 
   >>> x = jax.random.normal(jax.random.key(0), (6, 30))   # n = 6 < r
   >>> kernel = jax.random.normal(jax.random.key(1), (30, 40))
-  >>> f = desired_solution(kernel, x, rank=10)
+  >>> f = k_star(kernel, x, rank=10)
   >>> f.a.shape, f.b.shape
   ((30, 10), (10, 40))
 
