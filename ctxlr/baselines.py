@@ -1,6 +1,6 @@
-"""Baselines with one call shape, reproduced faithfully (MATH.md §6).
+"""Baselines with one call shape, reproduced faithfully (docs/method.md §6).
 
-    factors, info = solve('svd_llm', kernel, stats, rank=64)
+    factors, info = registry.solve('svd_llm', kernel, stats, rank=64)
 
 Every method takes a kernel K (`float[d_in, d_out]`, `y = x @ K`; the
 papers' `W = Kᵀ`), the layer's calibration statistics (`LayerStats`) and a
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxlr import registry
 from ctxlr import stats as stats_lib
 from ctxlr.linalg import checks
 from ctxlr.linalg import qr
@@ -56,71 +57,9 @@ ASVD_NITER = 2            # torch.svd_lowrank default, as ASVD calls it
 ASVD_SEED = 0             # key of svd_lowrank's Gaussian test matrix
 
 
-class SolveInfo(NamedTuple):
-  """How a method fared; filled by every method, all zero/False if easy."""
-  retries: int        # how many times a factorisation was retried
-  eps: float          # final jitter / shift / damping added (0.0 if none)
-  failed: bool        # gave up (raised internally or exhausted retries)
-  nonfinite: bool     # factors contain NaN/Inf
-
-
-def _all_finite(*arrays: jax.Array) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
-
-
-def _info(factors: solvers.Factors, retries: Any = 0, eps: Any = 0.0,
-          failed: Any = False) -> SolveInfo:
-  return SolveInfo(int(retries), float(eps), bool(failed),
-                   not bool(_all_finite(factors.a, factors.b)))
-
-
-# ---------------------------------------------------------------- checks ---
-
-_NEEDS = {'coala': ('r',), 'svd': (), 'svd_llm': ('gram',),
-          'svd_llm_eps': ('gram',), 'svd_llm_v2': ('gram',),
-          'asvd': ('abs_sum',), 'corda': ('gram',)}
-
-
-def _validate(method: str, kernel: Any, stats: Any, rank: Any,
-              mu: Any) -> None:
-  """Raises ValueError for bad arguments; never inspects the method's luck."""
-  checks.check_matrix('kernel', kernel)
-  d_in, d_out = kernel.shape
-  checks.check_rank(rank, d_in, d_out)
-  checks.check_finite('kernel', kernel)
-  if not isinstance(stats, stats_lib.LayerStats):
-    raise ValueError(f'{method}: stats must be a LayerStats (see '
-                     f'stats_lib.stats_from_x); got {type(stats).__name__}.')
-  if jnp.ndim(mu) != 0:
-    raise ValueError(f'mu must be a scalar; got shape {jnp.shape(mu)}.')
-  checks.check_nonnegative('mu', mu)
-  if method != 'coala' and float(mu) != 0.0:
-    raise ValueError(f'{method}: mu={float(mu)} but only ctxlr has a ridge '
-                     'term (MATH.md §4); baselines run as their authors '
-                     'wrote them, with mu=0.')
-  for field in _NEEDS[method]:
-    if getattr(stats, field) is None:
-      raise ValueError(f'{method} needs stats.{field}, which is None; compute '
-                       f'it with stats_from_x(x, {field}=True).')
-  if 'r' in _NEEDS[method]:
-    checks.check_matrix('stats.r', stats.r, cols=d_in)
-    checks.check_finite('stats.r', stats.r)
-  if 'gram' in _NEEDS[method]:
-    checks.check_matrix('stats.gram', stats.gram, rows=d_in, cols=d_in)
-    checks.check_finite('stats.gram', stats.gram)
-  if 'abs_sum' in _NEEDS[method]:
-    if jnp.shape(stats.abs_sum) != (d_in,):
-      raise ValueError(f'stats.abs_sum has shape {jnp.shape(stats.abs_sum)}; '
-                       f'expected ({d_in},) for kernel {kernel.shape}.')
-    checks.check_finite('stats.abs_sum', stats.abs_sum)
-    if bool(jnp.any(jnp.asarray(stats.abs_sum) < 0)):
-      raise ValueError('stats.abs_sum has negative entries; it must be '
-                       'Σ_tokens |x| >= 0.')
-    count = stats.count
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or (
-        count < 1):
-      raise ValueError(f'{method} needs stats.count >= 1 tokens; got '
-                       f'{stats.count!r}.')
+SolveInfo = registry.SolveInfo
+_all_finite = registry.all_finite
+_info = registry.solve_info
 
 
 # ------------------------------------------------------- shared numerics ---
@@ -148,19 +87,6 @@ def _scaled_svd_factors(kernel: jax.Array, s: jax.Array, s_inv: jax.Array,
 
 # --------------------------------------------------------------- methods ---
 
-def coala(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-          mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
-  """The inversion-free solver: `regularize_r` if μ > 0, then `ctx_factors`.
-
-  Needs `stats.r`. No retries, no jitter: SolveInfo is all zero/False unless
-  the factors are non-finite.
-  """
-  _validate('coala', kernel, stats, rank, mu)
-  r = stats.r if float(mu) == 0.0 else qr.regularize_r(stats.r, mu)
-  factors = solvers.ctx_factors(kernel, r, rank=rank)
-  return factors, _info(factors)
-
-
 @functools.partial(jax.jit, static_argnames='rank')
 def _svd(kernel: jax.Array, *, rank: int) -> solvers.Factors:
   k = kernel.astype(checks.compute_dtype(kernel.dtype))
@@ -170,6 +96,7 @@ def _svd(kernel: jax.Array, *, rank: int) -> solvers.Factors:
                          vt[:rank].astype(kernel.dtype), sigma)
 
 
+@registry.register(needs=(), summary='truncated SVD of K, no data')
 def svd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
         mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """Truncated SVD of K, no data: `a = U_r Σ_r`, `b = V_rᵀ` (Eckart–Young).
@@ -177,7 +104,6 @@ def svd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   Computes in float32 (float64 for a float64 kernel with x64 on). `stats`
   is not read (pass any LayerStats, e.g. `LayerStats(None, None, None, 0)`).
   """
-  _validate('svd', kernel, stats, rank, mu)
   factors = _svd(jnp.asarray(kernel), rank=rank)
   return factors, _info(factors)
 
@@ -201,6 +127,7 @@ def _svd_llm_whitening(gram: jax.Array) -> tuple[jax.Array, ...]:
           ~_all_finite(l))
 
 
+@registry.register(needs=('gram',), summary='SVD-LLM whitening: float64 Cholesky of the float32 Gram')
 def svd_llm(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
             mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """SVD-LLM truncation-aware whitening, as its authors' code does it.
@@ -224,7 +151,6 @@ def svd_llm(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   retries = 1 and eps = the shift when the first Cholesky failed.
   Needs `stats.gram`.
   """
-  _validate('svd_llm', kernel, stats, rank, mu)
   with jax.enable_x64(True):
     s, s_inv, retried, shift, failed = _svd_llm_whitening(
         jnp.asarray(stats.gram))
@@ -253,6 +179,7 @@ def _jitter_cholesky(gram: jax.Array) -> tuple[jax.Array, ...]:
   return l, jnp.linalg.inv(l), tries, eps, ~_all_finite(l)
 
 
+@registry.register(needs=('gram',), summary='SVD-LLM with float32 Cholesky and eps jitter')
 def svd_llm_eps(kernel: jax.Array, stats: stats_lib.LayerStats, *,
                 rank: int, mu: float = 0.0
                 ) -> tuple[solvers.Factors, SolveInfo]:
@@ -268,7 +195,6 @@ def svd_llm_eps(kernel: jax.Array, stats: stats_lib.LayerStats, *,
   (SVD-LLM `SVDLLM.py`, `whitening`). SolveInfo: retries = jitters tried,
   eps = the last one. Needs `stats.gram`.
   """
-  _validate('svd_llm_eps', kernel, stats, rank, mu)
   s, s_inv, tries, eps, failed = _jitter_cholesky(jnp.asarray(stats.gram))
   factors = _scaled_svd_factors(jnp.asarray(kernel), s, s_inv, rank=rank)
   return factors, _info(factors, tries, eps, failed)
@@ -285,6 +211,7 @@ def _v2_scaling(gram: jax.Array) -> tuple[jax.Array, ...]:
   return (s.astype(_F32), s_inv.astype(_F32), ~_all_finite(lam, u_s))
 
 
+@registry.register(needs=('gram',), summary='SVD-LLM V2: eigh of the Gram, 1/sqrt(lambda) scaling')
 def svd_llm_v2(kernel: jax.Array, stats: stats_lib.LayerStats, *,
                rank: int, mu: float = 0.0
                ) -> tuple[solvers.Factors, SolveInfo]:
@@ -296,7 +223,7 @@ def svd_llm_v2(kernel: jax.Array, stats: stats_lib.LayerStats, *,
   (AIoT-MLSys-Lab/SVD-LLM README: "Release the code of SVD-LLM V2" is still
   open), so the numerical habits are taken from the same authors' V1 code
   (`SVDLLM.py`): Gram accumulated in float32, its decomposition in float64
-  (here `eigh`, the symmetric eigendecomposition MATH.md §6 names), the
+  (here `eigh`, the symmetric eigendecomposition docs/method.md §6 names), the
   scaling and its inverse formed in float64 and cast to float32, the SVD and
   products in float32, factors split by √σ.
 
@@ -305,7 +232,6 @@ def svd_llm_v2(kernel: jax.Array, stats: stats_lib.LayerStats, *,
   factors. This is reported (`nonfinite`), not fixed; `failed` means `eigh`
   itself broke down. Needs `stats.gram`.
   """
-  _validate('svd_llm_v2', kernel, stats, rank, mu)
   with jax.enable_x64(True):
     s, s_inv, failed = _v2_scaling(jnp.asarray(stats.gram))
     failed = bool(failed)
@@ -351,6 +277,7 @@ def _asvd(kernel: jax.Array, abs_sum: jax.Array, count: jax.Array, *,
                          a_weight.T.astype(kernel.dtype), s), broke
 
 
+@registry.register(needs=('abs_sum',), summary='ASVD: mean|x|^alpha channel scaling, randomized SVD')
 def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
          mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """ASVD (activation-aware SVD), as hahnyuan/ASVD4LLM does it.
@@ -374,7 +301,6 @@ def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   returned as computed). `sigma` holds the `rank` values of the randomised
   SVD. Needs `stats.abs_sum` and `stats.count`.
   """
-  _validate('asvd', kernel, stats, rank, mu)
   factors, broke = _asvd(jnp.asarray(kernel), jnp.asarray(stats.abs_sum),
                          jnp.asarray(stats.count, _F32), rank=rank)
   return factors, _info(factors, failed=broke)
@@ -407,6 +333,7 @@ def _corda_damped_inverse(gram: jax.Array) -> tuple[jax.Array, ...]:
   return fixed, inv, doublings, mean_diag * damp, ~(err < CORDA_INV_TOL)
 
 
+@registry.register(needs=('gram',), summary='CorDA: SVD of W C, damped explicit inverse')
 def corda(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
           mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
   """CorDA context-oriented decomposition, as iboing/CorDA does it.
@@ -427,53 +354,13 @@ def corda(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
     `Vᵀ √S`.
 
   Note the weighting is by C itself, not by its square root: CorDA
-  minimises `||(W − W') C_fix||_F`, which is not the problem (P) of MATH.md
-  §1, so it does not reach the optimum of (P) even on well-conditioned data.
+  minimises `||(W − W') C_fix||_F`, which is not the problem (P) of
+  docs/method.md §1, so it does not reach the optimum of (P) even on
+  well-conditioned data.
   SolveInfo: retries = doublings, eps = the damping added to the diagonal
   (`damp · mean(diag C)`, absolute). Needs `stats.gram`.
   """
-  _validate('corda', kernel, stats, rank, mu)
   fixed, inv, doublings, added, failed = _corda_damped_inverse(
       jnp.asarray(stats.gram))
   factors = _scaled_svd_factors(jnp.asarray(kernel), fixed, inv, rank=rank)
   return factors, _info(factors, doublings, added, failed)
-
-
-METHODS: dict[str, Callable[..., tuple[solvers.Factors, SolveInfo]]] = {
-    'coala': coala,
-    'svd': svd,
-    'svd_llm': svd_llm,
-    'svd_llm_eps': svd_llm_eps,
-    'svd_llm_v2': svd_llm_v2,
-    'asvd': asvd,
-    'corda': corda,
-}
-
-
-def solve(method: str, kernel: jax.Array, stats: stats_lib.LayerStats, *,
-          rank: int, mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
-  """Rank-`rank` factors of K by `method`, with the same call for every one.
-
-  >>> x = jax.random.normal(jax.random.key(0), (256, 16))
-  >>> kernel = jax.random.normal(jax.random.key(1), (16, 24))
-  >>> f, info = solve('svd_llm', kernel, stats_from_x(x), rank=4)
-  >>> f.a.shape, f.b.shape, info.failed
-  ((16, 4), (4, 24), False)
-
-  Args:
-    method: a key of `METHODS`: 'coala', 'svd', 'svd_llm', 'svd_llm_eps',
-      'svd_llm_v2', 'asvd' or 'corda'.
-    kernel: K, float[d_in, d_out]; y = x @ K.
-    stats: the layer's `LayerStats`; each method needs its statistic
-      (ctxlr: r; svd: none; asvd: abs_sum, count; the others: gram).
-    rank: 1 <= rank <= min(d_in, d_out).
-    mu: ridge weight μ >= 0, ctxlr only (MATH.md §4); 0 for the baselines.
-
-  Returns:
-    (Factors(a: [d_in, rank], b: [rank, d_out] in the kernel's dtype, sigma:
-    the spectrum the method truncated), SolveInfo).
-  """
-  if method not in METHODS:
-    raise ValueError(f'Unknown method {method!r}; expected one of '
-                     f'{sorted(METHODS)}.')
-  return METHODS[method](kernel, stats, rank=rank, mu=mu)

@@ -2,14 +2,13 @@
 
 The chosen `nnx.Linear` layers are temporarily wrapped in taps. One jitted
 step runs the model on a batch and folds every tapped input into its layer's
-statistics (MATH.md §3), so memory is O(Σ d_in²) whatever the number of tokens
-and no activation is kept. Layers fed the *same* array (q/k/v of attention,
-gate/up of a SwiGLU MLP) are detected while tracing and share one set of
-statistics, computed once.
+statistics (docs/method.md §3), so memory is O(Σ d_in²) whatever the number
+of tokens and no activation is kept. Layers fed the *same* array (q/k/v of
+attention, gate/up of a SwiGLU MLP) are detected while tracing and share one
+set of statistics, computed once.
 """
 import contextlib
 import contextvars
-import dataclasses
 from typing import Any, Callable, Iterable
 
 from flax import nnx
@@ -89,11 +88,7 @@ def tapped(model: nnx.Module, names: Iterable[str]):
       surgery.replace_module(model, n, m)
 
 
-@dataclasses.dataclass(frozen=True)
-class Want:
-  """Which statistics to accumulate (R is always kept: reports use it)."""
-  gram: bool = False
-  abs_sum: bool = False
+Want = stats_lib.Want          # re-exported: what to accumulate besides R
 
 
 def _init(d: int, want: Want, mesh, axis, dtype) -> dict[str, jax.Array]:
@@ -256,3 +251,19 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
   if stats is None:
     raise ValueError('The calibration stream is empty: no batch to fold.')
   return _finalize(stats, mesh, axis), group_of
+
+
+def layer_stats(model: nnx.Module, batches: Iterable[Any],
+                layers: Iterable[str], **kwargs
+                ) -> dict[str, stats_lib.LayerStats]:
+  """`{layer: LayerStats}` of each layer's input, from one pass over `batches`.
+
+  The same as `calibrate` (same arguments), with its groups expanded: layers
+  fed the same array (q/k/v, gate/up) map to one shared `LayerStats` object.
+
+      stats = layer_stats(model, batches, ['layers.0.attn.q_proj'])
+      stats['layers.0.attn.q_proj'].r.shape     # (d_in, d_in)
+  """
+  layers = list(layers)
+  group_stats, group_of = calibrate(model, batches, layers, **kwargs)
+  return {n: group_stats[group_of[n]] for n in layers}

@@ -1,13 +1,15 @@
 """Compress an NNX model in place: calibrate, allocate ranks, solve, swap.
 
-    >>> report = ctxlr.compress(model, batches, ratio=0.8)
-    >>> report['kept_ratio'], report['layers']['layers.0.attn.q_proj']['rank']
+    report = ctxlr.compress(model, batches, ratio=0.8)
+    report['kept_ratio'], report['layers']['layers.0.attn.q_proj']['rank']
 
-Every method of `METHODS` (ctxlr, the baselines of `ctxlr.baselines`, and the
-reference `k_star`) runs through the same pipeline and
-sees exactly the same calibration data. The functional core
-(`factorize_layers`) takes kernels and statistics and returns factors, for
-users whose parameters are a plain pytree (e.g. Linen).
+Every registered method (`ctxlr.registry`: coala, the peers of
+`ctxlr.baselines`, the reference k_star) runs through the same pipeline and
+sees exactly the same calibration data. Entry points: `compress` (calibrate
+and compress), `compress_from_stats` (compress from statistics already
+computed, e.g. one calibration for a sweep over methods), and the
+functional core `factorize_layers` (kernels + statistics -> factors, for
+parameters held in a plain pytree, e.g. Linen).
 """
 import functools
 import logging
@@ -21,67 +23,31 @@ import numpy as np
 import tqdm
 
 from ctxlr import allocation as allocation_lib
-from ctxlr import baselines
 from ctxlr import calibration
+from ctxlr import registry
 from ctxlr import stats as stats_lib
 from ctxlr import store as store_lib
 from ctxlr import surgery
-from ctxlr.linalg import kstar
 from ctxlr.linalg import solvers
 from ctxlr.linalg import streaming
 
 ALLOCATIONS = ('uniform', 'global')
 MODES = ('one_shot', 'sequential')
-_GRAM_METHODS = ('svd_llm', 'svd_llm_eps', 'svd_llm_v2', 'corda')
-
-
-def k_star(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-           mu: float = 0.0) -> tuple[solvers.Factors, baselines.SolveInfo]:
-  """The reference K_* (`k_star`), computed in float64 from R.
-
-  The limit of the regularized solve as μ → 0 (MATH.md §5): the minimiser of
-  (P) closest to K. A reference for experiments, not a compression method
-  one would ship (float64 SVDs). `mu` must be 0.
-  """
-  if mu:
-    raise ValueError(f'k_star takes no mu; got {mu}.')
-  with jax.enable_x64(True):
-    f = kstar.k_star(np.asarray(kernel, np.float64),
-                                 np.asarray(stats.r), rank=rank)
-    a, b = np.asarray(f.a), np.asarray(f.b)
-  factors = solvers.Factors(jnp.asarray(a, kernel.dtype),
-                            jnp.asarray(b, kernel.dtype),
-                            jnp.asarray(np.asarray(f.sigma), jnp.float32))
-  finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
-  return factors, baselines.SolveInfo(retries=0, eps=0.0, failed=False,
-                                      nonfinite=not finite)
-
-
-METHODS = dict(baselines.METHODS, k_star=k_star)
-
-
-def stats_wanted(method: str) -> calibration.Want:
-  """The extra statistics a method needs beyond R."""
-  return calibration.Want(gram=method in _GRAM_METHODS,
-                          abs_sum=method == 'asvd')
-
-
 def check_options(*, ratio: float, method: str, mu: float,
                   allocation: str, mu_rule: str, mode: str,
                   auto_mu: float = 0.0) -> None:
   """Raises before any long work if an option is out of range."""
-  if not 0 < ratio <= 1:
+  if isinstance(ratio, bool) or not 0 < ratio <= 1:
     raise ValueError(f'ratio must be in (0, 1]; got {ratio}.')
-  if method not in METHODS:
-    raise ValueError(f'method must be one of {sorted(METHODS)}; '
-                     f'got {method!r}.')
+  record = registry.get(method)
   if not mu >= 0:
     raise ValueError(f'mu must be >= 0; got {mu}.')
   if not auto_mu >= 0:
     raise ValueError(f'auto_mu must be >= 0; got {auto_mu}.')
-  if (mu > 0 or auto_mu > 0) and method != 'coala':
-    raise ValueError(f'mu > 0 / auto_mu > 0 (regularization) is a ctxlr '
-                     f'option; method {method!r} has none.')
+  if (mu > 0 or auto_mu > 0) and not record.takes_mu:
+    raise ValueError(
+        f'mu > 0 / auto_mu > 0 (regularization): method {method!r} has no '
+        f'ridge term; methods with one: {registry.names(takes_mu=True)}.')
   if allocation not in ALLOCATIONS:
     raise ValueError(f'allocation must be one of {ALLOCATIONS}; got '
                      f'{allocation!r}.')
@@ -115,12 +81,12 @@ def numerical_rank(r: jax.Array) -> int:
 def assign_ranks(shapes: Mapping[str, tuple[int, int]],
                  kernels: Mapping[str, jax.Array],
                  stats: Mapping[str, stats_lib.LayerStats], *, ratio: float,
-                 rule: str = 'uniform') -> dict[str, int | None]:
+                 allocation: str = 'uniform') -> dict[str, int | None]:
   """Per-layer ranks for a kept ratio: uniform, or global from σ(R K).
 
   `stats` may be None for the uniform rule.
   """
-  if rule == 'uniform':
+  if allocation == 'uniform':
     return allocation_lib.uniform_ranks(shapes, ratio)
   sigmas = {}
   for name in tqdm.tqdm(shapes, desc='spectra', unit='layer'):
@@ -145,12 +111,13 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
       fine), float32 or float64 (every method but 'k_star' rounds them to
       float32 first; `stats_lib.as_float32`).
     ranks: {layer: rank, or None to keep dense}.
-    method: a name in `METHODS`.
+    method: a registered method (`registry.names()`).
     mu: μ₀ for ctxlr's layer-scaled regularization (0: none).
     mu_rule: 'energy' or 'error_ratio' (`solvers.layer_mu`).
     auto_mu: if > 0 (ctxlr only), a layer whose calibration inputs have
-      numerical rank below its rank (the data cannot determine it, MATH.md §5)
-      is solved with the energy-scaled ridge of this μ₀ even when `mu` is 0.
+      numerical rank below its rank (the data cannot determine it,
+      docs/method.md §5) is solved with the energy-scaled ridge of this μ₀
+      even when `mu` is 0.
     store: if given, layers it holds are loaded instead of solved, and each
       newly solved layer is saved to it at once.
 
@@ -160,6 +127,7 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
     tokens, retries, eps, failed, nonfinite)} for the layers with a rank
     (dense ones are absent).
   """
+  record = registry.get(method)
   done = set(store.finished_layers()) if store is not None else set()
   out = {n: store.load_layer(n) for n in kernels if n in done}
   todo = [n for n in kernels if ranks[n] is not None and n not in done]
@@ -179,12 +147,9 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
           kernel, jnp.asarray(layer_stats.r, jnp.float32), mu0, rank=rank,
           rule=rule))
     try:
-      if method == 'k_star':
-        factors, info = k_star(kernel, layer_stats, rank=rank)
-      else:                        # float64 statistics: rounded once
-        factors, info = baselines.solve(
-            method, kernel, stats_lib.as_float32(layer_stats), rank=rank,
-            mu=layer_mu)
+      factors, info = record.fn(
+          kernel, layer_stats if record.float64 else
+          stats_lib.as_float32(layer_stats), rank=rank, mu=layer_mu)
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from e
     result = dict(
@@ -222,8 +187,8 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     batches: calibration inputs, an iterable of what `call(model, batch)`
       takes (default: `model(batch)`, e.g. int32 ids [batch, seq]).
     ratio: kept fraction of the chosen layers' parameters, in (0, 1].
-    method: 'coala', a baseline of `ctxlr.baselines.METHODS`, or 'k_star'
-      (the float64 reference K_* of MATH.md §5).
+    method: a registered method (`registry.names()`): 'coala', a peer of
+      `ctxlr.baselines`, or 'k_star' (the float64 reference K_*).
     mu: μ₀ of the layer-scaled regularization (ctxlr only; 0 = none).
     mu_rule: 'energy' (default) or 'error_ratio', see `solvers.layer_mu`.
     auto_mu: if > 0, layers with insufficient calibration data (numerical
@@ -275,31 +240,83 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
         ratio=ratio, mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
         allocation=allocation, mode=mode, data=data_id,
         stats_dtype=stats_dtype.name))
-  solve = functools.partial(factorize_layers, method=method, mu=mu,
-                            mu_rule=mu_rule, auto_mu=auto_mu, store=store)
+  want = registry.get(method).want
   seconds = {}
   t = time.perf_counter()
   stats = None
   if mode == 'one_shot' or allocation == 'global':
     stats = _one_shot_stats(model, batches, shapes, call=call, store=store,
                             mesh=mesh, dtype=stats_dtype,
-                            want=(stats_wanted(method) if mode == 'one_shot'
-                                  else calibration.Want()))
+                            want=want if mode == 'one_shot' else
+                            stats_lib.Want())
   seconds['calibrate'] = time.perf_counter() - t
+  if mode == 'one_shot':
+    report = compress_from_stats(model, stats, ratio=ratio, method=method,
+                                 mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
+                                 allocation=allocation, store=store)
+    report['seconds'] = dict(seconds, **report['seconds'])
+    return report
   t = time.perf_counter()
   ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
-                       rule=allocation)
+                       allocation=allocation)
   seconds['allocate'] = time.perf_counter() - t
   t = time.perf_counter()
-  if mode == 'one_shot':
-    solved = solve(kernels, stats, ranks)
-    apply_factors(model, solved)
-  else:
-    solved = _sequential(model, batches, kernels, ranks, solve=solve,
-                         want=stats_wanted(method), seconds=seconds,
-                         mesh=mesh, dtype=stats_dtype)
+  solve = functools.partial(factorize_layers, method=method, mu=mu,
+                            mu_rule=mu_rule, auto_mu=auto_mu, store=store)
+  solved = _sequential(model, batches, kernels, ranks, solve=solve,
+                       want=want, seconds=seconds, mesh=mesh,
+                       dtype=stats_dtype)
   seconds['solve'] = time.perf_counter() - t - seconds.get(
       'calibrate_sequential', 0.)
+  return make_report(shapes, ranks, solved, seconds=seconds,
+                     params_before=params_before,
+                     params_after=count_params(model))
+
+
+def compress_from_stats(model: nnx.Module,
+                        stats: Mapping[str, stats_lib.LayerStats], *,
+                        ratio: float, method: str = 'coala', mu: float = 0.0,
+                        mu_rule: str = 'energy', auto_mu: float = 0.0,
+                        allocation: str = 'uniform',
+                        store: store_lib.RunStore | None = None
+                        ) -> dict[str, Any]:
+  """Compresses the layers named in `stats` in place, from their statistics.
+
+  The one-shot pipeline after calibration: allocate ranks, solve, swap in
+  factored layers, report. Every method sees exactly the statistics it is
+  given, so a sweep calibrates once and compresses copies:
+
+      stats = calibration.layer_stats(dense, batches, layers,
+                                      want=registry.get('corda').want)
+      model = nnx.clone(dense)
+      report = compress_from_stats(model, stats, ratio=0.8, method='corda')
+
+  Args:
+    model: the NNX model whose layers `stats` names (changed in place).
+    stats: {layer path: LayerStats of its calibration input}, with what the
+      method needs (`registry.get(method).needs`).
+    ratio, method, mu, mu_rule, auto_mu, allocation: as in `compress`.
+    store: a `store.RunStore` to save finished layers to and resume from.
+
+  Returns:
+    The report `compress` returns (seconds: allocate, solve).
+  """
+  check_options(ratio=ratio, method=method, mu=mu, auto_mu=auto_mu,
+                allocation=allocation, mu_rule=mu_rule, mode='one_shot')
+  modules = {n: surgery.get_module(model, n) for n in stats}
+  shapes = {n: tuple(m.kernel.shape) for n, m in modules.items()}
+  kernels = {n: m.kernel[...] for n, m in modules.items()}
+  params_before = count_params(model)
+  seconds = {}
+  t = time.perf_counter()
+  ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
+                       allocation=allocation)
+  seconds['allocate'] = time.perf_counter() - t
+  t = time.perf_counter()
+  solved = factorize_layers(kernels, stats, ranks, method=method, mu=mu,
+                            mu_rule=mu_rule, auto_mu=auto_mu, store=store)
+  apply_factors(model, solved)
+  seconds['solve'] = time.perf_counter() - t
   return make_report(shapes, ranks, solved, seconds=seconds,
                      params_before=params_before,
                      params_after=count_params(model))

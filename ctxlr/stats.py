@@ -3,7 +3,7 @@
 A layer's calibration inputs `X` (`n × d_in`, rows are tokens) are reduced
 to small summaries that the solvers need:
 
-* `r`: the R factor of X (`qr_r`), for `ctxlr` (MATH.md §2);
+* `r`: the R factor of X (`qr_r`), for `ctxlr` (docs/method.md §2);
 * `gram`: `XᵀX` accumulated in float32, for the Gram baselines (`svd_llm`,
   `svd_llm_eps`, `svd_llm_v2`, `corda`), as their authors accumulate it;
 * `abs_sum`: `Σ_tokens |x|` in float32, for `asvd`'s per-channel scale;
@@ -13,6 +13,7 @@ Each has a one-block update rule (`gram += blockᵀ block`, `abs_sum +=
 Σ|block|`, `r = fold_r(r, block)`), so streaming accumulation is a loop
 over blocks; here `stats_from_x` takes X in one piece.
 """
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -22,6 +23,13 @@ from ctxlr.linalg import checks
 from ctxlr.linalg import qr
 
 _HIGHEST = jax.lax.Precision.HIGHEST   # true float32 products (no TF32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Want:
+  """Which statistics to accumulate besides R (R is always kept)."""
+  gram: bool = False      # XᵀX in float32, for the Gram methods
+  abs_sum: bool = False   # Σ_tokens |x|, for asvd
 
 
 class LayerStats(NamedTuple):

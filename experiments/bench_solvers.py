@@ -6,7 +6,7 @@ CONFIG_JSON OUT_JSON`), on CPU pinned to one core before JAX starts, with one
 LAPACK thread, so that XLA's matmuls, LAPACK's QR/SVD/Cholesky and SciPy get
 the same single core:
 
-* solve: `baselines.solve(method, K, stats, rank)` as the pipeline calls it
+* solve: `registry.solve(method, K, stats, rank)` as the pipeline calls it
   (argument checks, float64 steps, transfers included), from statistics
   already computed (R for ctxlr, the float32 Gram for the others) to
   factors, at the uniform-ratio rank. X is Gaussian (`rows_per_d · d_in`
@@ -72,9 +72,9 @@ def _problem(cfg: dict, d_in: int, d_out: int):
 
 
 def _solve(method: str, kernel, stats, *, rank: int, infos=None):
-  """`baselines.solve`'s factors; its SolveInfo goes into `infos[method]`."""
-  from ctxlr import baselines  # pylint: disable=g-import-not-at-top
-  factors, info = baselines.solve(method, kernel, stats, rank=rank)
+  """`registry.solve`'s factors; its SolveInfo goes into `infos[method]`."""
+  from ctxlr import registry  # pylint: disable=g-import-not-at-top
+  factors, info = registry.solve(method, kernel, stats, rank=rank)
   if infos is not None:
     infos[method] = info
   return factors
@@ -319,8 +319,8 @@ def summarize(out: dict) -> str:
              'triangle + block without touching the zeros of R; qr_block: '
              'the same JAX geqrf on X_b alone (the fold if the triangle cost '
              'nothing); sgeqrf: SciPy LAPACK geqrf of the stacked matrix '
-             '(optimal workspace); flop_ratio: MATH.md §3 count. Target: '
-             'fold/gram <= 2.\n']
+             '(optimal workspace); flop_ratio: docs/method.md §3 count. '
+             'Target: fold/gram <= 2.\n']
   if out.get('model_stream'):
     text += ['### Projected: the default model\'s distinct inputs, from the '
              'per-token costs above\n',

@@ -19,6 +19,7 @@ import numpy as np
 
 from ctxlr import baselines
 from ctxlr import reference
+from ctxlr import registry
 from ctxlr import results
 from ctxlr import stats as stats_lib
 
@@ -42,7 +43,7 @@ def sweep(conds=CONDS, ranks=RANKS, methods=METHODS, shape=SHAPE,
     for method in methods:
       for rank in ranks:
         start = time.perf_counter()
-        factors, info = baselines.solve(method, jnp.asarray(kernel), stats,
+        factors, info = registry.solve(method, jnp.asarray(kernel), stats,
                                         rank=rank)
         seconds = time.perf_counter() - start
         err = reference.weighted_error(x, kernel, factors.a, factors.b)

@@ -8,6 +8,7 @@ import numpy as np
 
 from ctxlr import baselines
 from ctxlr import reference
+from ctxlr import registry
 from ctxlr import results
 from ctxlr import stats as stats_lib
 
@@ -22,7 +23,7 @@ def score_methods(x: np.ndarray, kernel: np.ndarray, methods, ranks,
   Args:
     x: X, float32[n, d_in] (the data every method sees).
     kernel: K, float32[d_in, d_out].
-    methods: names in `baselines.METHODS`.
+    methods: names in `registry.names()`.
     ranks: ranks to solve at.
     **row_fields: copied into every row (e.g. cond, shape).
 
@@ -35,7 +36,7 @@ def score_methods(x: np.ndarray, kernel: np.ndarray, methods, ranks,
   rows = []
   for method in methods:
     for rank in ranks:
-      factors, info = baselines.solve(method, jnp.asarray(kernel), stats,
+      factors, info = registry.solve(method, jnp.asarray(kernel), stats,
                                       rank=rank)
       err = reference.weighted_error(x, kernel, factors.a, factors.b)
       rows.append(dict(

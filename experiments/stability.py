@@ -55,6 +55,7 @@ import tqdm
 from ctxlr import baselines
 from ctxlr import calibration
 from ctxlr import reference
+from ctxlr import registry
 from ctxlr import results
 from ctxlr import stats as stats_lib
 from ctxlr import surgery
@@ -106,7 +107,7 @@ def solve_and_score(method: str, kernel: np.ndarray,
   k = jnp.asarray(kernel, jnp.bfloat16 if method == BF16 else jnp.float32)
   k64 = _f64(k)
   if base in PREFIX_METHODS:
-    factors, info = baselines.solve(base, k, stats, rank=max(ranks))
+    factors, info = registry.solve(base, k, stats, rank=max(ranks))
     a, b = _f64(factors.a), _f64(factors.b)
     errs = errors_at_ranks(w, k64, a, b, ranks)
     infos = [info._replace(nonfinite=not (np.isfinite(a[:, :r]).all() and
@@ -115,7 +116,7 @@ def solve_and_score(method: str, kernel: np.ndarray,
     return list(zip(errs, infos))
   out = []
   for r in ranks:
-    factors, info = baselines.solve(base, k, stats, rank=r)
+    factors, info = registry.solve(base, k, stats, rank=r)
     err = errors_at_ranks(w, k64, _f64(factors.a), _f64(factors.b), [r])[0]
     out.append((err, info))
   return out
@@ -130,7 +131,7 @@ def score(w: np.ndarray, kernel: np.ndarray, stats: stats_lib.LayerStats,
     w: float64[m, d_in] with `WᵀW = XᵀX` (the float64 R of X).
     kernel: K, float32[d_in, d_out].
     stats: the LayerStats of the float32 X that the methods see.
-    methods: names in `baselines.METHODS`, or 'coala_bf16'.
+    methods: names in `registry.names()`, or 'coala_bf16'.
     ranks: ranks to score.
     **fields: copied into every row.
   """

@@ -10,6 +10,7 @@ import pytest
 
 from ctxlr import baselines
 from ctxlr import reference
+from ctxlr import registry
 from ctxlr import stats as stats_lib
 
 # The excess (err − opt)/||XK||_F is second order in the float32 rounding of
@@ -78,7 +79,7 @@ def test_context_aware_methods_attain_the_optimum(method, d_in, d_out):
   stats = stats_lib.stats_from_x(jnp.asarray(x))
   p = min(d_in, d_out)
   for rank in (1, p // 2, p - 1):
-    f, info = baselines.solve(method, jnp.asarray(kernel), stats, rank=rank)
+    f, info = registry.solve(method, jnp.asarray(kernel), stats, rank=rank)
     assert f.a.shape == (d_in, rank) and f.b.shape == (rank, d_out)
     assert f.a.dtype == f.b.dtype == jnp.float32
     assert not (info.failed or info.nonfinite)
@@ -86,13 +87,13 @@ def test_context_aware_methods_attain_the_optimum(method, d_in, d_out):
 
 
 def test_ctxlr_with_mu_solves_the_ridge_problem():
-  # (P_μ) is (P) on [X; √μ I] (MATH.md §4): its optimum, from NumPy.
+  # (P_μ) is (P) on [X; √μ I] (docs/method.md §4): its optimum, from NumPy.
   x, kernel = _problem(2, 12, 16, 20, cond=1e3)
   mu = 0.3
   x_mu = np.concatenate([_f64(x), np.sqrt(mu) * np.eye(16)])
   stats = stats_lib.stats_from_x(jnp.asarray(x))
-  f, info = baselines.solve('coala', jnp.asarray(kernel), stats, rank=6, mu=mu)
-  assert info == baselines.SolveInfo(0, 0., False, False)
+  f, info = registry.solve('coala', jnp.asarray(kernel), stats, rank=6, mu=mu)
+  assert info == registry.SolveInfo(0, 0., False, False)
   assert 0 <= _excess(x_mu, kernel, f, 6) <= OPT_EXCESS
 
 
@@ -101,7 +102,7 @@ def test_svd_is_numpy_truncated_svd():
   u, s, vt = np.linalg.svd(_f64(kernel), full_matrices=False)
   stats = stats_lib.LayerStats(None, None, None, 0)
   for rank in (1, 7, 16):
-    f, info = baselines.solve('svd', jnp.asarray(kernel), stats, rank=rank)
+    f, info = registry.solve('svd', jnp.asarray(kernel), stats, rank=rank)
     want = (u[:, :rank] * s[:rank]) @ vt[:rank]
     # f32 SVD: backward error ~1e-7 ||K||, subspaces ~1e-7 ||K|| / gap.
     np.testing.assert_allclose(_f64(f.a) @ _f64(f.b), want, atol=1e-5 * s[0])
@@ -127,7 +128,7 @@ def test_asvd_is_its_formula():
     u, s, vh = np.linalg.svd(q.T @ a, full_matrices=False)
     # a = (W diag s)ᵀ ≈ (q u) s vh, so W' = vhᵀ s (q u)ᵀ diag(1/s).
     w_new = (vh.T * s) @ (q @ u).T / scale[None, :]
-    f, info = baselines.solve('asvd', jnp.asarray(kernel), stats, rank=rank)
+    f, info = registry.solve('asvd', jnp.asarray(kernel), stats, rank=rank)
     np.testing.assert_allclose(_f64(f.a) @ _f64(f.b), w_new.T,
                                atol=1e-4 * np.abs(w_new).max())
     np.testing.assert_allclose(f.sigma, s, rtol=1e-4)
@@ -143,7 +144,7 @@ def test_corda_is_its_formula_and_not_the_optimum():
   fixed = c + 0.01 * np.mean(np.diag(c)) * np.eye(24)    # passes their check
   assert np.linalg.norm(fixed @ np.linalg.inv(fixed) - np.eye(24)) < 0.05
   for rank in (4, 12):
-    f, info = baselines.solve('corda', jnp.asarray(kernel), stats, rank=rank)
+    f, info = registry.solve('corda', jnp.asarray(kernel), stats, rank=rank)
     want = _numpy_truncated(_f64(kernel).T, fixed, np.linalg.inv(fixed), rank)
     np.testing.assert_allclose(_f64(f.a) @ _f64(f.b), want.T,
                                atol=1e-4 * np.abs(want).max())
@@ -158,8 +159,8 @@ def test_factors_come_back_in_the_kernel_dtype():
   x, kernel = _problem(6, 64, 16, 16, cond=10.)
   stats = stats_lib.stats_from_x(jnp.asarray(x))
   k16 = jnp.asarray(kernel, jnp.bfloat16)
-  for method in baselines.METHODS:
-    f, info = baselines.solve(method, k16, stats, rank=4)
+  for method in registry.names():
+    f, info = registry.solve(method, k16, stats, rank=4)
     assert f.a.dtype == f.b.dtype == jnp.bfloat16, method
     assert not info.nonfinite
 
@@ -174,9 +175,9 @@ def test_habits_on_rank_deficient_x(kind):
     x, kernel = _problem(7, 96, 24, 20)
     x[:, :3] = 0.
   stats = stats_lib.stats_from_x(jnp.asarray(x))
-  solve = lambda m: baselines.solve(m, jnp.asarray(kernel), stats, rank=8)
+  solve = lambda m: registry.solve(m, jnp.asarray(kernel), stats, rank=8)
   f, info = solve('coala')                        # nothing to retry
-  assert info == baselines.SolveInfo(0, 0., False, False)
+  assert info == registry.SolveInfo(0, 0., False, False)
   assert _excess(x, kernel, f, 8) <= OPT_EXCESS
   _, info = solve('svd_llm')                      # one eigvalsh shift
   assert info.retries == 1 and not info.failed
@@ -197,7 +198,7 @@ def test_svd_llm_second_cholesky_can_fail():
   for seed in range(4):
     x, kernel = _problem(seed, 96, 24, 20, scale=1e12, rank=12)
     stats = stats_lib.stats_from_x(jnp.asarray(x))
-    infos.append(baselines.solve('svd_llm', jnp.asarray(kernel), stats,
+    infos.append(registry.solve('svd_llm', jnp.asarray(kernel), stats,
                                  rank=8)[1])
   assert all(i.retries == 1 for i in infos)
   assert any(i.failed for i in infos)
@@ -207,7 +208,7 @@ def test_svd_llm_second_cholesky_can_fail():
 def test_svd_llm_eps_gives_up_after_its_cap():
   x, kernel = _problem(8, 96, 24, 20, scale=1e16, rank=12)  # ||XᵀX|| ~ 1e32
   stats = stats_lib.stats_from_x(jnp.asarray(x))
-  _, info = baselines.solve('svd_llm_eps', jnp.asarray(kernel), stats, rank=8)
+  _, info = registry.solve('svd_llm_eps', jnp.asarray(kernel), stats, rank=8)
   assert info.failed and info.nonfinite
   assert info.retries == baselines.JITTER_MAX_TRIES
   np.testing.assert_allclose(
@@ -226,7 +227,7 @@ def test_corda_doubles_damping_until_the_inverse_passes():
   kernel = jnp.asarray(np.random.default_rng(9).standard_normal((d, 5)),
                        jnp.float32)
   stats = stats_lib.LayerStats(None, gram, None, 10)
-  _, info = baselines.solve('corda', kernel, stats, rank=2)
+  _, info = registry.solve('corda', kernel, stats, rank=2)
   mean = np.mean(np.diag(np.asarray(gram, np.float64)))
   assert info.retries == 1 and not info.failed and not info.nonfinite
   np.testing.assert_allclose(info.eps, 0.02 * mean, rtol=1e-5)
@@ -252,7 +253,7 @@ def test_svd_llm_is_its_authors_pipeline(ill_conditioned):
   a, b = ((root[:, None] * (vt[:rank] @ s_inv)).T, (u[:, :rank] * root).T)
   opt = reference.optimal_errors(x, kernel)[rank]
   want = reference.weighted_error(x, kernel, a, b) / opt
-  f, _ = baselines.solve('svd_llm', jnp.asarray(kernel), stats, rank=rank)
+  f, _ = registry.solve('svd_llm', jnp.asarray(kernel), stats, rank=rank)
   got = reference.weighted_error(x, kernel, f.a, f.b) / opt
   assert want > 3. and abs(got - want) <= 0.02 * want
 
@@ -269,7 +270,7 @@ def _kernel(d=8):
 
 
 @pytest.mark.parametrize('method,kernel,stats,kw,match', [
-    ('nope', _kernel(), _stats(), {}, 'Unknown method'),
+    ('nope', _kernel(), _stats(), {}, 'method must be one of'),
     ('svd', jnp.ones(8), _stats(), {}, 'must be a matrix'),
     ('svd', jnp.ones((8, 6), jnp.int32), _stats(), {}, 'floating point'),
     ('svd', _kernel().at[0, 0].set(jnp.nan), _stats(), {}, 'kernel contains'),
@@ -279,7 +280,7 @@ def _kernel(d=8):
     ('svd', _kernel(), (None, None, None, 1), {}, 'must be a LayerStats'),
     ('coala', _kernel(), _stats(), dict(mu=-1.), 'mu must be'),
     ('coala', _kernel(), _stats(), dict(mu=jnp.ones(2)), 'scalar'),
-    ('svd_llm', _kernel(), _stats(), dict(mu=0.1), 'only ctxlr'),
+    ('svd_llm', _kernel(), _stats(), dict(mu=0.1), 'has no ridge term'),
     ('coala', _kernel(), _stats()._replace(r=None), {}, 'needs stats.r'),
     ('corda', _kernel(), _stats()._replace(gram=None), {}, 'needs stats.gram'),
     ('asvd', _kernel(), _stats()._replace(abs_sum=None), {},
@@ -302,15 +303,15 @@ def _kernel(d=8):
 def test_bad_arguments_raise(method, kernel, stats, kw, match):
   kw = dict(dict(rank=2), **kw)
   with pytest.raises(ValueError, match=match):
-    baselines.solve(method, kernel, stats, **kw)
+    registry.solve(method, kernel, stats, **kw)
 
 
 def test_every_method_is_callable_by_name_with_one_signature():
   stats, kernel = _stats(), _kernel()
-  assert set(baselines.METHODS) == {'coala', 'svd', 'svd_llm', 'svd_llm_eps',
-                                    'svd_llm_v2', 'asvd', 'corda'}
-  for name, fn in baselines.METHODS.items():
-    f, info = fn(kernel, stats, rank=3, mu=0.)
+  assert set(registry.names()) == {'coala', 'svd', 'svd_llm', 'svd_llm_eps',
+                                   'svd_llm_v2', 'asvd', 'corda', 'k_star'}
+  for name in registry.names():
+    f, info = registry.get(name).fn(kernel, stats, rank=3, mu=0.)
     assert f.a.shape == (8, 3) and f.b.shape == (3, 6), name
-    assert isinstance(info, baselines.SolveInfo)
+    assert isinstance(info, registry.SolveInfo)
     assert isinstance(info.retries, int) and isinstance(info.eps, float)

@@ -66,7 +66,7 @@ def test_fold_r_zero_rows_change_nothing():
 
 def test_canonical_signs_makes_diagonal_nonnegative():
   r = jnp.array([[-2., 1.], [0., -3.]])
-  np.testing.assert_array_equal(ctxlr.canonical_signs(r),
+  np.testing.assert_array_equal(ctxlr.linalg.canonical_signs(r),
                                 [[2., -1.], [0., 3.]])
 
 

@@ -7,6 +7,7 @@ import pytest
 import ctxlr
 from ctxlr import baselines
 from ctxlr import reference
+from ctxlr import registry
 
 # Excess (err − opt) / ||XK||_F must stay at float32 rounding level.
 F32_EXCESS = 2e-6
@@ -47,7 +48,7 @@ def test_ctxlr_optimal_where_gram_methods_are_not(ill_conditioned):
   opt = reference.optimal_errors(x, kernel)
   ratio = {}
   for method in ('coala', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2'):
-    f, info = baselines.solve(method, jnp.asarray(kernel), stats, rank=rank)
+    f, info = registry.solve(method, jnp.asarray(kernel), stats, rank=rank)
     err = reference.weighted_error(x, kernel, f.a, f.b)
     ratio[method] = err / opt[rank]
     if method == 'coala':
@@ -71,7 +72,7 @@ def test_sigma_gives_every_ranks_error():
 
 
 def test_x_itself_in_place_of_r_when_short():
-  # MATH.md §2: with n < d_in, X already has the right Gram.
+  # docs/method.md §2: with n < d_in, X already has the right Gram.
   x, kernel = _problem(2, 6, 16, 12)
   a = ctxlr.ctx_factors(kernel, jnp.asarray(x), rank=3)
   b = ctxlr.ctx_factors(kernel, ctxlr.qr_r(x), rank=3)
@@ -127,9 +128,9 @@ def test_rank_for_ratio(d_in, d_out, ratio, expected):
 
 
 def test_saves_parameters():
-  assert ctxlr.saves_parameters(576, 576, 287)
-  assert not ctxlr.saves_parameters(576, 576, 288)   # 288·1152 = 576²
-  assert not ctxlr.saves_parameters(4, 100, 4)
+  assert ctxlr.linalg.saves_parameters(576, 576, 287)
+  assert not ctxlr.linalg.saves_parameters(576, 576, 288)   # 288·1152 = 576²
+  assert not ctxlr.linalg.saves_parameters(4, 100, 4)
 
 
 @pytest.mark.parametrize('call,match', [
@@ -160,7 +161,7 @@ def test_weighted_spectrum_is_sigma_of_rk():
   r = ctxlr.qr_r(x)
   expected = np.linalg.svd(np.asarray(x, np.float64) @ kernel,
                            compute_uv=False)[:16]
-  np.testing.assert_allclose(ctxlr.weighted_spectrum(kernel, r), expected,
+  np.testing.assert_allclose(ctxlr.linalg.weighted_spectrum(kernel, r), expected,
                              rtol=1e-5, atol=1e-6 * expected[0])
   with pytest.raises(ValueError, match='r has shape'):
-    ctxlr.weighted_spectrum(kernel, jnp.eye(5))
+    ctxlr.linalg.weighted_spectrum(kernel, jnp.eye(5))

@@ -9,6 +9,7 @@ import pytest
 
 from ctxlr import baselines
 from ctxlr import reference
+from ctxlr import registry
 from ctxlr import results
 from ctxlr import stats as stats_lib
 from experiments import stability
@@ -56,7 +57,7 @@ def test_one_solve_at_the_largest_rank_equals_a_solve_per_rank():
   for method in stability.PREFIX_METHODS:
     prefix = stability.solve_and_score(method, kernel, stats, w, ranks)
     for rank, (err, info) in zip(ranks, prefix):
-      f, direct_info = baselines.solve(method, jnp.asarray(kernel), stats,
+      f, direct_info = registry.solve(method, jnp.asarray(kernel), stats,
                                        rank=rank)
       direct = reference.weighted_error(x, kernel, f.a, f.b)
       assert abs(err - direct) <= 1e-5 * scale, (method, rank, err, direct)
@@ -68,7 +69,7 @@ def test_stability_quick_synthetic(tmp_path):
                  f'--workdir={tmp_path}', "--config.parts=('synthetic',)")
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = results.read_json(str(tmp_path / 'results.json'))['synthetic']
-  methods = set(baselines.METHODS) | {stability.BF16}
+  methods = set(registry.names()) | {stability.BF16}
   cases = {(r['n'], r['case']) for r in rows}
   assert cases == {(16, 'cond 1e+00'), (16, 'cond 1e+08'),
                    (128, 'cond 1e+00'), (128, 'cond 1e+08'),
@@ -98,7 +99,7 @@ def test_stability_quick_real_activations(tmp_path):
   assert layer['layer'] == 'layers.0.attn.o_proj'
   assert 1 < layer['cond_r'] < 1e12 and layer['complete']
   assert {r['method'] for r in layer['rows']} == (
-      set(baselines.METHODS) | {stability.BF16})
+      set(registry.names()) | {stability.BF16})
   rows = out['real_all']['rows']
   assert {r['layer'] for r in rows} == {'layers.0.attn.k_proj',
                                         'layers.0.attn.o_proj'}
@@ -126,4 +127,4 @@ def test_bench_solvers_quick(tmp_path):
   assert {p['piece'] for p in out['profile']} >= {'whole solve',
                                                   'SVD of R K'}
   assert (tmp_path / 'bench_solvers.png').stat().st_size > 0
-  assert 'ctxlr/svd_llm' in (tmp_path / 'summary.md').read_text()
+  assert 'coala/svd_llm' in (tmp_path / 'summary.md').read_text()

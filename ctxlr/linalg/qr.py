@@ -1,4 +1,4 @@
-"""The R factor of tall matrices, one-shot and streamed (MATH.md §2–3).
+"""The R factor of tall matrices, one-shot and streamed (docs/method.md §2–3).
 
 `R` is the `d × d` upper-triangular factor of a QR decomposition of the
 calibration matrix `X` (`n × d`, rows are tokens), with a non-negative
@@ -77,7 +77,7 @@ def fold_r_unchecked(r: jax.Array, block: jax.Array) -> jax.Array:
 
 
 def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
-  """One streaming step: `R ← qr_r([R; X_block])` (MATH.md §3).
+  """One streaming step: `R ← qr_r([R; X_block])` (docs/method.md §3).
 
   Starting from `R = 0` and folding blocks `X_1, X_2, …` gives the R of the
   stacked X. Zero rows change nothing, so a short last block may be

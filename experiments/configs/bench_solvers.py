@@ -5,7 +5,7 @@ r"""Speed: the per-layer solve and the streaming statistics, as ratios.
   OPENBLAS_NUM_THREADS=1 python launch.py \
       --config=experiments/configs/bench_solvers.py:quick
 
-(i) solve: wall time of `baselines.solve` (statistics → factors) of ctxlr
+(i) solve: wall time of `registry.solve` (statistics → factors) of ctxlr
 and svd_llm_v2 over svd_llm, same run, per (d_in, d_out); (ii) profile: the
 same solves cut into their kernels; (iii) stream: the cost per token of
 folding a block into R (`R ← qr_r([R; X_b])`) over adding `X_bᵀX_b` to the
