@@ -21,7 +21,7 @@ adapter starts from (K float[d_in, d_out], `y = x K`):
   and PEFT's `corda.py` do it: `svd(W C)` of the damped covariance, top r,
   `V ← (Vᵀ C⁻¹)ᵀ`, `A = √S Vᵀ`, `B = U √S` (`baselines.corda`; W = Kᵀ).
 * `ctxlr`: the inversion-free context-aware top r of the task data
-  (MATH.md §2): `R K = U Σ Vᵀ`, `a = K V_r`, `b = V_rᵀ`, so `a b` is the
+  (docs/method.md §2): `R K = U Σ Vᵀ`, `a = K V_r`, `b = V_rᵀ`, so `a b` is the
   rank-r minimiser of `||X_task (K − K')||_F`.
 * `coala_kpa`: knowledge-preserving: the context-aware directions of
   *general* data stay frozen. With `R_g K = U Σ Vᵀ` (thin SVD, p =

@@ -1,4 +1,4 @@
-"""From a kept-parameter ratio to per-layer ranks (MATH.md §7).
+"""From a kept-parameter ratio to per-layer ranks (docs/method.md §7).
 
 `uniform`: every layer keeps the same fraction of its parameters.
 `global_ranks`: one parameter budget for the whole set of layers, spent where

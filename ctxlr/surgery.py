@@ -13,8 +13,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-# Every projection except embeddings and output heads (MATH.md scope: the
-# dense layers that carry most parameters).
+# Every projection except embeddings and output heads (docs/method.md
+# §1: the dense layers that carry most parameters).
 DEFAULT_INCLUDE = ('*',)
 DEFAULT_EXCLUDE = ('*embed*', '*lm_head*', '*head')
 

@@ -4,7 +4,7 @@ Three measurements (config: experiments/configs/bench_tsqr.py):
 
 * fold: time of one fold `R ← qr_r([R; X_b])` for b = d … 16d rows, as a
   ratio to `G ← G + X_bᵀX_b` (the Gram route, float32, precision HIGHEST) on
-  the same block in the same run; with MATH.md §3's flop ratio beside it.
+  the same block in the same run; with docs/method.md §3's flop ratio beside it.
 * scaling: `tsqr` of one fixed X over 1, 2, 4, 8 forced host devices (a
   child process started with XLA_FLAGS=--xla_force_host_platform_device_count),
   parallel efficiency T_1 / (D · T_D), both combines.
@@ -228,8 +228,8 @@ def summarize(out: dict) -> str:
                  flop_ratio='.2f')),
         '\nOne core (process pinned). ratio: wall time of one fold over one '
         'Gram update XᵀX of the same block (minima); cpu_ratio: the same in '
-        'CPU time per call; flop_ratio: MATH.md §3 flop count of the fold '
-        'over 2bd².\n']
+        'CPU time per call; flop_ratio: docs/method.md §3 flop count of the '
+        'fold over 2bd².\n']
   if 'scaling' in out:
     sc = out['scaling']
     text += [
@@ -269,7 +269,7 @@ def _plot_fold(ax, out: dict) -> None:
   ax.plot([f['b_over_d'] for f in fold], [f['ratio'] for f in fold], 'o-',
           label='measured time ratio')
   ax.plot([f['b_over_d'] for f in fold], [f['flop_ratio'] for f in fold],
-          's--', label='flop ratio (MATH.md §3)')
+          's--', label='flop ratio (docs/method.md §3)')
   ax.set(xscale='log', xlabel='block rows b / d', ylabel='fold / Gram update',
          title=f"Fold cost, d = {fold[0]['d']}")
   ax.axhline(1, color='gray', lw=0.5)

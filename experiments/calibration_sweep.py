@@ -1,4 +1,4 @@
-"""Perplexity vs calibration size for every method (MATH.md §4–5)."""
+"""Perplexity vs calibration size for every method (docs/method.md §4–5)."""
 import os
 
 from absl import logging

@@ -38,7 +38,8 @@ def make_problem(rng: np.random.Generator, *, d_in: int, d_out: int, n: int,
 
   X has log-spaced singular values (ratio `cond`; `x_rank`: exactly that many
   non-zero), scaled to ||X||_F² = d_in: the mean eigenvalue of XᵀX is 1, so
-  the energy rule of MATH.md §4 gives μ = μ₀ and the μ axis is scale-free.
+  the energy rule of docs/method.md §4 gives μ = μ₀ and the μ axis is
+  scale-free.
   K is Gaussian with variance 1/d_in. With `tie=(a, t)` (needs
   n >= d_in) K is built so that σ(XK) has an exact t-fold tie at positions
   a+1 … a+t around r (a < r < a + t): X = U diag(s) Vᵀ and K = V diag(1/s) B
@@ -233,8 +234,8 @@ def summarize(summary: list[dict]) -> str:
       'slope: fitted over mu <= fit_max_mu where the bound applies (min–max '
       'over seeds); slope_all: over all mu (median); looseness: bound / '
       'measured wherever the bound applies (min–max), _asym: at the '
-      'smallest mu (median); gap_looseness: MATH.md\'s Davis–Kahan constant '
-      'alone (median).\n\n'
+      'smallest mu (median); gap_looseness: the Davis–Kahan constant '
+      '(docs/method.md §5) alone (median).\n\n'
       + results.markdown_table(table, rate, formats)
       + '\n## Float32, and the mu = 0 solver next to K_*\n\n'
       'f32_floor: the smallest float32 distance (median) and its mu; '

@@ -54,7 +54,7 @@ def test_report_ratios_and_dense_fallback():
   assert report['model_ratio'] < 1
   model = toy_model.Toy()
   report = pipeline.compress(model, _batches(), ratio=1.0)
-  # MATH.md §7: 16x16 at rank 8 stores 256 = 16·16 numbers: stays dense;
+  # docs/method.md §7: 16x16 at rank 8 stores 256 = 16·16 numbers: stays dense;
   # 16x40 at rank floor(640/56) = 11 stores 616 < 640: factored.
   assert report['layers']['layers.0.attn.q_proj']['rank'] is None
   assert report['layers']['layers.0.mlp.up_proj']['rank'] == 11

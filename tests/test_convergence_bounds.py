@@ -81,7 +81,10 @@ def test_regularized_never_changes_k_more_than_k_star(name):
 
 
 def test_error_ratio_rule_collapses_when_data_are_insufficient():
-  """MATH.md §4: rank(XK) <= r makes the error-ratio μ vanish, not energy."""
+  """docs/method.md §4: rank(XK) <= r makes the error-ratio μ vanish.
+
+  The energy rule does not vanish.
+  """
   d_in, d_out, n, rank, extra = SPECS['few_tokens']
   x, kernel = convergence.make_problem(
       np.random.default_rng(0), d_in=d_in, d_out=d_out, n=n, rank=rank,

@@ -1,4 +1,4 @@
-"""k_star (K_*) against float64 NumPy references (MATH.md §5).
+"""k_star (K_*) against float64 NumPy references (docs/method.md §5).
 
 References here are written in the paper's notation (W = Kᵀ, M_p = W Xᵀ) with
 NumPy SVDs, independently of ctxlr.linalg.kstar.
@@ -15,7 +15,7 @@ from ctxlr.linalg import solvers
 from experiments import convergence
 
 # (d_in, d_out, n, rank, extra make_problem arguments)
-FEW_TOKENS = (30, 40, 6, 10, {})                 # n < r: MATH.md's check
+FEW_TOKENS = (30, 40, 6, 10, {})                 # n < r: docs/method.md §5
 DEFICIENT_X = (24, 16, 64, 8, dict(x_rank=4))    # rank X = 4 < r, n > d_in
 GAP = (24, 16, 64, 6, {})
 TIE = (16, 24, 64, 6, dict(tie=(4, 4)))          # σ_5 = … = σ_8 of XK
@@ -42,7 +42,7 @@ def _best(a, j):
 
 
 def _paper_w_star(x, kernel, rank):
-  """MATH.md §5 in paper notation: W = Kᵀ, M = W Xᵀ (d_out × n)."""
+  """docs/method.md §5 in paper notation: W = Kᵀ, M = W Xᵀ (d_out × n)."""
   w = kernel.T
   m = w @ x.T
   u, s, _ = np.linalg.svd(m)

@@ -1,6 +1,6 @@
 """The limit K_* of the regularized solution, and how fast K_μ reaches it.
 
-MATH.md §5, proofs in docs/theory.md. With `M = X K` (`R K` has the same
+docs/method.md §5, proofs in docs/theory.md. With `M = X K` (`R K` has the same
 right singular vectors and values), σ_i = σ_i(M) zero-padded to d_out, and
 `s = σ_r`, the right singular vectors split into `V_1` (σ_i > s, `a` of them),
 `V_T` (σ_i = s, `t` of them, `a < r <= a + t`) and the rest. Among all
@@ -208,8 +208,8 @@ def k_star(kernel: jax.Array, r_or_x: jax.Array, *, rank: int,
 def gap_bound_constant(st: Structure) -> float:
   """C of `||K_μ − K_*||_F <= C μ` for all μ > 0 in the gap case (§5).
 
-  `C = √2 ||KᵀK||_F ||K||_2 / (σ_r² − σ_{r+1}²)` (Davis–Kahan; MATH.md's
-  constant in K notation). `inf` outside the gap case.
+  `C = √2 ||KᵀK||_F ||K||_2 / (σ_r² − σ_{r+1}²)` (Davis–Kahan;
+  docs/method.md §5, in K notation). `inf` outside the gap case.
   """
   if st.case != 'gap':
     return math.inf

@@ -1,4 +1,4 @@
-"""The inversion-free context-aware solver (MATH.md §2, §7).
+"""The inversion-free context-aware solver (docs/method.md §2, §7).
 
 Given the R of the calibration inputs X (see `qr.py`) and a kernel K
 (`y = x @ K`), the rank-r minimiser of `||X(K − K')||_F` is `K V_r V_rᵀ`, with
@@ -36,7 +36,7 @@ def _ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
 
 
 def ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
-  """Context-aware rank-`rank` factors of K from the R of X (MATH.md §2).
+  """Context-aware rank-`rank` factors of K from the R of X (docs/method.md §2).
 
   Minimises `||X(K − a b)||_F` over rank-`rank` products. With `R K = U Σ Vᵀ`,
   `a = K V_r` and `b = V_rᵀ`, so `a b` is the projection `K V_r V_rᵀ`.
@@ -142,7 +142,7 @@ def rank_for_ratio(d_in: int, d_out: int, ratio: float) -> int:
 def saves_parameters(d_in: int, d_out: int, rank: int) -> bool:
   """True if rank-`rank` factors store fewer numbers than the dense kernel.
 
-  Layers where it is False stay dense (MATH.md §7).
+  Layers where it is False stay dense (docs/method.md §7).
   """
   return rank * (d_in + d_out) < d_in * d_out
 
@@ -152,7 +152,7 @@ MU_RULES = ('energy', 'error_ratio')
 
 def layer_mu(kernel: jax.Array, r: jax.Array, mu0: float, *, rank: int,
              rule: str = 'energy') -> jax.Array:
-  """Per-layer μ from one global μ₀ (MATH.md §4).
+  """Per-layer μ from one global μ₀ (docs/method.md §4).
 
   `energy`: `μ = μ₀ ||X||_F² / d_in = μ₀ ||R||_F² / d_in`, the mean eigenvalue
   of XᵀX: scales with the layer's activations and never vanishes.

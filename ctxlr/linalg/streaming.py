@@ -1,4 +1,6 @@
-"""Streaming R: fold a calibration set larger than memory (MATH.md §3).
+"""Streaming R: fold a calibration set larger than memory.
+
+Specified in docs/method.md §3.
 
 X never needs to exist at once. For blocks `X_1, X_2, …` (each `b × d`),
 `R ← qr_r([R; X_j])`, starting from `R = 0`, gives the R of the stacked X.
@@ -34,8 +36,9 @@ def default_block_size(d: int) -> int:
   """Rows per fold when the caller gives none: `4 d`, and at least 256.
 
   A fold of `b` rows costs `2(b+d)d² − 2d³/3` flops against `2bd²` for the
-  rows themselves (MATH.md §3); `b = 4d` keeps that overhead near 17%. The
-  floor of 256 rows keeps tiny layers from paying dispatch costs per row.
+  rows themselves (docs/method.md §3); `b = 4d` keeps that overhead near
+  17%. The floor of 256 rows keeps tiny layers from paying dispatch costs per
+  row.
   """
   return max(4 * d, 256)
 
@@ -253,7 +256,7 @@ def stream(blocks: Iterable[Any], d: int | None,
 def accumulate_r(blocks: Iterable[Any], *, d: int | None = None,
                  block_size: int | None = None,
                  dtype: Any = jnp.float32) -> jax.Array:
-  """R of the stacked blocks, streamed: X itself is never held (MATH.md §3).
+  """R of the stacked blocks, streamed: X is never held (docs/method.md §3).
 
   >>> blocks = (np.ones((100, 8), np.float32) for _ in range(5))
   >>> accumulate_r(blocks, block_size=64).shape

@@ -1,4 +1,4 @@
-"""TSQR: the R of X with its rows sharded over a mesh axis (MATH.md §3).
+"""TSQR: the R of X with its rows sharded over a mesh axis (docs/method.md §3).
 
 Each device computes the R of its own rows; the per-device R's are combined
 by a QR of them stacked (Demmel–Grigori–Hoemmen–Langou):

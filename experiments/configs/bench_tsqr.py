@@ -1,4 +1,4 @@
-r"""Streaming and multi-device TSQR benchmark (issue 7).
+r"""Streaming and multi-device TSQR benchmark.
 
   python launch.py --config=experiments/configs/bench_tsqr.py
   python launch.py --config=experiments/configs/bench_tsqr.py:quick

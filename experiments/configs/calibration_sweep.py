@@ -9,7 +9,7 @@ the regularized, inversion-free solve stays defined. Each size calibrates
 once; all runs at that size see the same statistics. Finished rows are kept.
 
 'k_star' is the float64 reference K_* (the limit of the ridge as μ → 0, the
-minimiser closest to K; MATH.md §5). It needs statistics accumulated in
+minimiser closest to K; docs/method.md §5). It needs statistics accumulated in
 float64, so sizes up to `kstar_max_tokens` calibrate in float64 (the float32
 methods get them rounded to float32); above it K_* is not run (every layer
 then has full data rank, and K_* is the μ = 0 solution).
@@ -26,7 +26,7 @@ def get_config(arg=None):
   config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=2048,
                      seq_len=512, batch_size=4)
   config.ratio = 0.8
-  # 'method' or 'coala@mu0' (μ₀ of the energy-scaled ridge, MATH.md §4).
+  # 'method' or 'coala@mu0' (μ₀ of the energy-scaled ridge, docs/method.md §4).
   config.runs = ('coala', 'coala@0.0001', 'k_star', 'svd_llm', 'svd_llm_eps',
                  'svd_llm_v2', 'corda', 'coala@0.01', 'asvd')
   config.kstar_max_tokens = 2048

@@ -24,7 +24,7 @@ def get_config(arg=None):
   config.ratio = 0.8             # kept fraction of the projections' parameters
   config.method = 'coala'        # or svd, asvd, svd_llm, svd_llm_eps, ...
   config.mu = 0.0                # μ₀ of the layer-scaled ridge (ctxlr)
-  config.mu_rule = 'energy'      # or 'error_ratio' (MATH.md §4)
+  config.mu_rule = 'energy'      # or 'error_ratio' (docs/method.md §4)
   # μ₀ of the ridge for layers whose calibration rank is below their rank
   # (0: off). From the 64-token calibration sweep at kept ratio 0.8
   # (Wikipedia / SOTU perplexity): μ₀ = 1e-4 2,583 / 3,613, 1e-3 2,645 /

@@ -1,4 +1,4 @@
-r"""K_μ → K_* as μ → 0, with the proven bound (MATH.md §5, issue 8).
+r"""K_μ → K_* as μ → 0, with the proven bound (docs/method.md §5).
 
   python launch.py --config=experiments/configs/convergence.py
   python launch.py --config=experiments/configs/convergence.py:quick
@@ -30,7 +30,7 @@ def get_config(arg=None):
                            'deficient_x', 'tie')
   config.settings = dict(
       gap=_setting(64, 48, 256, 16),
-      few_tokens=_setting(30, 40, 6, 10),              # MATH.md's n < r check
+      few_tokens=_setting(30, 40, 6, 10),  # n < r: docs/method.md §5
       few_tokens_wide=_setting(128, 192, 32, 64, cond=100.),
       deficient_x=_setting(64, 48, 256, 16, x_rank=8),
       tie=_setting(48, 64, 256, 12, tie=(9, 6)),
