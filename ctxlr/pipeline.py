@@ -129,7 +129,12 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
   """
   record = registry.get(method)
   done = set(store.finished_layers()) if store is not None else set()
-  out = {n: store.load_layer(n) for n in kernels if n in done}
+  out = {n: dict(store.load_layer(n), resumed=True)
+         for n in kernels if n in done}
+  if out:
+    logging.warning('Resumed: %d of %d layers loaded from %s, %d to solve.',
+                    len(out), len(kernels), store.directory,
+                    sum(ranks[n] is not None for n in kernels) - len(out))
   todo = [n for n in kernels if ranks[n] is not None and n not in done]
   data_ranks = {}                   # per shared input (q/k/v share one R)
   for name in tqdm.tqdm(todo, desc=f'solve ({method})', unit='layer'):
@@ -241,12 +246,12 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
         allocation=allocation, mode=mode, data=data_id,
         stats_dtype=stats_dtype.name))
   want = registry.get(method).want
-  seconds = {}
+  seconds, resumed = {}, dict(stats=False)
   t = time.perf_counter()
   stats = None
   if mode == 'one_shot' or allocation == 'global':
     stats = _one_shot_stats(model, batches, shapes, call=call, store=store,
-                            mesh=mesh, dtype=stats_dtype,
+                            mesh=mesh, dtype=stats_dtype, resumed=resumed,
                             want=want if mode == 'one_shot' else
                             stats_lib.Want())
   seconds['calibrate'] = time.perf_counter() - t
@@ -255,6 +260,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
                                  mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
                                  allocation=allocation, store=store)
     report['seconds'] = dict(seconds, **report['seconds'])
+    report['stats_resumed'] = resumed['stats']
     return report
   t = time.perf_counter()
   ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
@@ -268,9 +274,11 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
                        dtype=stats_dtype)
   seconds['solve'] = time.perf_counter() - t - seconds.get(
       'calibrate_sequential', 0.)
-  return make_report(shapes, ranks, solved, seconds=seconds,
-                     params_before=params_before,
-                     params_after=count_params(model))
+  report = make_report(shapes, ranks, solved, seconds=seconds,
+                       params_before=params_before,
+                       params_after=count_params(model))
+  report['stats_resumed'] = resumed['stats']
+  return report
 
 
 def compress_from_stats(model: nnx.Module,
@@ -323,10 +331,13 @@ def compress_from_stats(model: nnx.Module,
 
 
 def _one_shot_stats(model, batches, shapes, *, call, store, want, mesh,
-                    dtype):
+                    dtype, resumed):
   """Every layer's statistics from one pass over the dense model."""
   if store is not None and store.has_stats():
     group_stats, group_of = store.load_stats()
+    resumed['stats'] = True
+    logging.warning('Resumed: calibration statistics of %d layers loaded '
+                    'from %s.', len(shapes), store.directory)
   else:
     group_stats, group_of = calibration.calibrate(
         model, batches, shapes, want=want, call=call, mesh=mesh, dtype=dtype)

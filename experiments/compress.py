@@ -1,5 +1,13 @@
-"""Compress the default model: calibrate, solve, swap, evaluate, save."""
+"""The main job: compress the default model, evaluate it, save it.
+
+Writes to the workdir: results.json (dense and compressed perplexity, the
+per-layer report, seconds per phase, wall time, disk use), summary.md,
+layer_errors.png (redrawn from results.json by `plot`), and, with
+`config.save`, the orbax checkpoint model/ and factors.safetensors.
+"""
+import json
 import os
+import shutil
 import time
 
 import jax
@@ -8,61 +16,154 @@ import numpy as np
 
 from ctxlr import checkpoint
 from ctxlr import pipeline
+from ctxlr import registry
 from ctxlr import results
 from experiments import common
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
+_DEFAULT_AUTO_MU = 1e-4   # μ₀ for layers short of data (docs/results/
+                          # calibration_sweep: within 1% of K_* at 128 tokens)
+
+
+def validate(config) -> None:
+  """Every option error of the main job, before anything is loaded."""
+  try:
+    record = registry.get(config.method)
+  except ValueError as e:
+    raise ValueError(f'method: {e}') from None
+  if config.auto_mu is not None and config.auto_mu > 0 and (
+      not record.takes_mu):
+    raise ValueError(
+        f'auto_mu: {config.method!r} has no ridge term (methods with one: '
+        f'{registry.names(takes_mu=True)}); leave auto_mu unset for it.')
+  try:
+    pipeline.check_options(
+        ratio=config.ratio, method=config.method, mu=config.mu,
+        allocation=config.allocation, mu_rule=config.mu_rule,
+        mode=config.mode, auto_mu=auto_mu(config))
+  except ValueError as e:
+    raise ValueError(str(e).replace('allocation must', 'allocation: must')
+                     ) from None
+  if isinstance(config.include, str) or isinstance(config.exclude, str):
+    raise ValueError('include/exclude: expected a tuple of fnmatch '
+                     f'patterns; got the string {config.include!r}.')
+  for name in ('calib', 'eval'):
+    spec = config[name]
+    for field in ('num_tokens', 'seq_len', 'batch_size'):
+      value = spec[field]
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name}.{field}: expected a positive integer; got '
+                         f'{value!r}.')
+    if spec.num_tokens < spec.seq_len:
+      raise ValueError(f'{name}.num_tokens: expected >= {name}.seq_len '
+                       f'({spec.seq_len}); got {spec.num_tokens}.')
+  if record.float64:
+    raise ValueError(f'method: {config.method!r} is a float64 reference, '
+                     'not a method to ship; the calibration_sweep '
+                     'experiment runs it.')
+
+
+def auto_mu(config) -> float:
+  """config.auto_mu, or the method's default: 1e-4 if it takes μ, else 0."""
+  if config.auto_mu is not None:
+    return config.auto_mu
+  return _DEFAULT_AUTO_MU if registry.get(config.method).takes_mu else 0.0
+
 
 def run(config, workdir: str) -> None:
+  """Calibrates, compresses, evaluates and saves; resumes from workdir.
+
+  Statistics and finished layers are kept in workdir/progress as they
+  complete (kill the run and rerun the same command to resume); the dense
+  evaluation is cached in workdir/dense.json. progress/ is removed once the
+  results and the model are saved, unless `config.keep_progress`.
+  """
+  start = time.perf_counter()
   t = time.perf_counter()
   model, tokenizer = common.load_model(config.model)
-  load_seconds = time.perf_counter() - t
-  t = time.perf_counter()
-  dense = common.evaluate(model, tokenizer, config.eval, 'dense')
-  dense_seconds = time.perf_counter() - t
+  seconds = dict(load=time.perf_counter() - t)
+  dense, dense_seconds, reused = _dense_eval(model, tokenizer, config,
+                                             workdir)
+  seconds['eval_dense'] = dense_seconds
   batches = common.calibration_batches(tokenizer, config.calib)
   mesh = None
   if config.data_parallel and jax.device_count() > 1:
     mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  progress = os.path.join(workdir, 'progress')
   report = pipeline.compress(
       model, batches,
       ratio=config.ratio, method=config.method, mu=config.mu,
-      mu_rule=config.mu_rule, auto_mu=config.auto_mu,
+      mu_rule=config.mu_rule, auto_mu=auto_mu(config),
       allocation=config.allocation,
       mode=config.mode, include=config.include, exclude=config.exclude,
-      mesh=mesh,
-      checkpoint_dir=os.path.join(workdir, 'progress'),
-      data_id=config.calib.to_dict())
+      mesh=mesh, checkpoint_dir=progress, data_id=config.calib.to_dict())
+  seconds.update(report.pop('seconds'))
   t = time.perf_counter()
   compressed = common.evaluate(model, tokenizer, config.eval, 'compressed')
-  report['seconds'].update(load=load_seconds, eval_dense=dense_seconds,
-                           eval_compressed=time.perf_counter() - t)
-  out = dict(method=config.method, ratio=config.ratio, mode=config.mode,
-             allocation=config.allocation, mu=config.mu,
-             calib_tokens=sum(int(b.size) for b in batches), dense=dense,
-             compressed=compressed,
-             **report)
-  results.write_json(os.path.join(workdir, 'results.json'), out)
+  seconds['eval_compressed'] = time.perf_counter() - t
   if config.save:
+    t = time.perf_counter()
     checkpoint.save(model, os.path.join(workdir, 'model'),
                     base=config.model.to_dict())
     checkpoint.export_factors(model, os.path.join(workdir,
                                                   'factors.safetensors'),
                               metadata=dict(config=config.to_dict()))
+    seconds['save'] = time.perf_counter() - t
+  out = dict(method=config.method, ratio=config.ratio, mode=config.mode,
+             allocation=config.allocation, mu=config.mu,
+             auto_mu=auto_mu(config),
+             calib_tokens=sum(int(b.size) for b in batches), dense=dense,
+             compressed=compressed, seconds=seconds,
+             dense_eval_reused=reused, **report)
+  path = os.path.join(workdir, 'results.json')
+  results.write_json(path, out)
+  if not config.keep_progress:
+    shutil.rmtree(progress, ignore_errors=True)
+  out['wall_seconds'] = time.perf_counter() - start
+  out['disk_bytes'] = _disk_bytes(workdir)
+  results.write_json(path, out)
   common.finish(workdir, summarize(out), plot)
 
 
+def _dense_eval(model, tokenizer, config, workdir: str):
+  """(perplexities, seconds, reused): cached in workdir/dense.json."""
+  path = os.path.join(workdir, 'dense.json')
+  key = json.loads(json.dumps(dict(model=config.model.to_dict(),
+                                   eval=config.eval.to_dict())))
+  if os.path.exists(path):
+    cached = results.read_json(path)
+    if cached.get('key') == key:
+      return cached['dense'], cached['seconds'], True
+  t = time.perf_counter()
+  dense = common.evaluate(model, tokenizer, config.eval, 'dense')
+  seconds = time.perf_counter() - t
+  results.write_json(path, dict(key=key, dense=dense, seconds=seconds))
+  return dense, seconds, False
+
+
+def _disk_bytes(directory: str) -> int:
+  total = 0
+  for root, _, files in os.walk(directory):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
+
+
 def summarize(out: dict) -> str:
+  """The run's summary.md: perplexities, ratios, time and disk."""
   rows = [dict(set=c, dense=out['dense'][c]['perplexity'],
                compressed=out['compressed'][c]['perplexity'],
+               ratio_to_dense=(out['compressed'][c]['perplexity'] /
+                               out['dense'][c]['perplexity']),
                tokens=out['compressed'][c]['tokens'])
           for c in out['dense']]
   layers = out['layers'].values()
   factored = [l for l in layers if l['rank'] is not None]
   flagged = [n for n, l in out['layers'].items()
              if l.get('insufficient_data')]
+  seconds = dict(out['seconds'])
+  resumed = sum(bool(l.get('resumed')) for l in layers)
   lines = [
       f"# {out['method']} at kept ratio {out['ratio']} ({out['mode']}, "
       f"{out['allocation']} ranks, {out['calib_tokens']} calibration tokens)",
@@ -71,10 +172,24 @@ def summarize(out: dict) -> str:
       f"{out['model_ratio']:.4f} of the whole model's. "
       f'{len(factored)} of {len(layers)} layers factored.',
       '',
-      results.markdown_table(rows, ['set', 'dense', 'compressed', 'tokens'],
-                             dict(dense='.3f', compressed='.3f')),
+      results.markdown_table(rows, ['set', 'dense', 'compressed',
+                                    'ratio_to_dense', 'tokens'],
+                             dict(dense='.3f', compressed='.3f',
+                                  ratio_to_dense='.2f')),
       'Seconds per phase: ' + ', '.join(
-          f'{k} {v:.1f}' for k, v in out['seconds'].items()),
+          f'{k} {v:.1f}' for k, v in seconds.items()) +
+      (' (dense evaluation reused from dense.json)'
+       if out.get('dense_eval_reused') else '') + '.',
+  ]
+  if out.get('stats_resumed') or resumed:
+    lines.append(
+        f"Resumed: {'statistics loaded, ' if out.get('stats_resumed') else ''}"
+        f'{resumed} of {len(factored)} layers loaded from progress/; their '
+        'phases took longer when first computed.')
+  if 'wall_seconds' in out:
+    lines.append(f"Wall time of this run: {out['wall_seconds']:.0f} s; "
+                 f"workdir on disk: {out['disk_bytes'] / 2**20:.0f} MiB.")
+  lines += [
       '',
       'Relative weighted error ||X(K-K\')||/||XK|| per layer: median '
       f"{np.median([l['rel_err'] for l in factored]):.4f}, max "
@@ -95,9 +210,9 @@ def plot(workdir: str) -> None:
     if layer['rank'] is None:
       continue
     parts = name.split('.')
-    by_kind.setdefault(parts[-1], []).append((int(parts[1]),
-                                              layer['rel_err']))
-  fig, ax = plt.subplots(figsize=(7, 4))
+    block = next((int(p) for p in parts if p.isdigit()), 0)
+    by_kind.setdefault(parts[-1], []).append((block, layer['rel_err']))
+  fig, ax = plt.subplots(figsize=(8, 4))
   for kind, points in sorted(by_kind.items()):
     points.sort()
     ax.plot([p[0] for p in points], [p[1] for p in points], 'o-', ms=3,
@@ -106,7 +221,8 @@ def plot(workdir: str) -> None:
   ax.set_ylabel("||X(K - K')||_F / ||XK||_F")
   ax.set_yscale('log')
   ax.set_title(f"{out['method']}, kept ratio {out['ratio']}")
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'layer_errors.png'), dpi=120)
   plt.close(fig)
+

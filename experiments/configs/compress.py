@@ -14,6 +14,11 @@ import ml_collections
 
 
 def get_config(arg=None):
+  """The main job; arg 'quick' is a CI-sized run (one block, few tokens).
+
+  Writes results.json, summary.md, layer_errors.png, model/ and
+  factors.safetensors to the workdir; a rerun resumes from workdir/progress.
+  """
   config = ml_collections.ConfigDict()
   config.experiment = 'compress'
   config.model = dict(path='', param_dtype='float32')   # '': bundled SmolLM2
@@ -23,22 +28,19 @@ def get_config(arg=None):
                      seq_len=512, batch_size=4)
   config.ratio = 0.8             # kept fraction of the projections' parameters
   config.method = 'coala'        # or svd, asvd, svd_llm, svd_llm_eps, ...
-  config.mu = 0.0                # μ₀ of the layer-scaled ridge (ctxlr)
+  config.mu = 0.0                # μ₀ of the layer-scaled ridge (coala)
   config.mu_rule = 'energy'      # or 'error_ratio' (docs/method.md §4)
-  # μ₀ of the ridge for layers whose calibration rank is below their rank
-  # (0: off). From the 64-token calibration sweep at kept ratio 0.8
-  # (Wikipedia / SOTU perplexity): μ₀ = 1e-4 2,583 / 3,613, 1e-3 2,645 /
-  # 3,738, 1e-2 2,635 / 3,780, 0.1 6,229 / 12,924, μ = 0 4,583 / 3,907; at
-  # 128 tokens (2,048 eval tokens) 1e-4 869 / 1,512, 1e-2 1,033 / 2,025,
-  # μ = 0 8,080 / 22,919. With the default 8,192 tokens no layer is short,
-  # so it changes nothing here.
-  config.auto_mu = 1e-4
+  # μ₀ of the ridge for layers whose calibration rank is below their rank.
+  # None: the method's default (1e-4 for methods that take μ, else off);
+  # docs/results/calibration_sweep/ measures it.
+  config.auto_mu = ml_collections.config_dict.placeholder(float)
   config.allocation = 'uniform'  # or 'global'
   config.mode = 'one_shot'       # or 'sequential'
   config.include = ('*_proj',)   # attention and MLP projections
   config.exclude = ()
   config.data_parallel = True    # split calibration over all devices (if >1)
   config.save = True             # orbax checkpoint + safetensors factors
+  config.keep_progress = False   # keep progress/ (the resume store) after success
   if arg == 'quick':             # a CI-sized run: one block, few tokens
     config.calib = dict(corpus='wikipedia', num_tokens=256, seq_len=64,
                         batch_size=2)
