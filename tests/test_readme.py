@@ -3,6 +3,7 @@
 Each block runs in a fresh namespace and must print its result. The files:
 README.md, docs/experiments.md and docs/results/*/README.md.
 """
+
 import glob
 import os
 import re
@@ -12,7 +13,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
 DOCS = [README, os.path.join(ROOT, 'docs', 'experiments.md')] + sorted(
-    glob.glob(os.path.join(ROOT, 'docs', 'results', '*', 'README.md')))
+    glob.glob(os.path.join(ROOT, 'docs', 'results', '*', 'README.md'))
+)
 
 
 def _blocks(path):
@@ -22,9 +24,12 @@ def _blocks(path):
 
 
 def _all_blocks():
-  return [pytest.param(code, id=f'{os.path.relpath(path, ROOT)}:{index}')
-          for path in DOCS if os.path.exists(path)
-          for index, code in enumerate(_blocks(path))]
+  return [
+      pytest.param(code, id=f'{os.path.relpath(path, ROOT)}:{index}')
+      for path in DOCS
+      if os.path.exists(path)
+      for index, code in enumerate(_blocks(path))
+  ]
 
 
 def test_readme_has_python_examples():
