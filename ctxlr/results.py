@@ -26,6 +26,11 @@ def write_text(path: str, text: str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+  fd = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
+  try:                              # the rename itself survives a crash too
+    os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -34,8 +39,20 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  """The JSON in `path`.
+
+  Raises:
+    FileNotFoundError: if `path` does not exist.
+    ValueError: naming the file, if it is not valid JSON (truncated or
+      damaged: `write_json` never leaves a partial file).
+  """
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    return json.loads(data.decode('utf-8'))
+  except ValueError as e:          # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f'{path} is not valid JSON ({e}; {len(data)} bytes): '
+                     'truncated or damaged.') from None
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str],

@@ -13,9 +13,16 @@ The loss is next-token cross-entropy (mean over every position but the
 first of each sequence). Batches are a pure function of the step
 (`batch_at`), and a checkpoint holds the trained parameters, the optimizer
 state (step count included) and the history, so a run resumed from a
-checkpoint continues exactly as the uninterrupted run would.
+checkpoint continues exactly as the uninterrupted run would. Each finished
+checkpoint gets a record of the SHA-256 and size of its files
+(`verified/<step>.json`, written once orbax has finalized the step); a run
+resumes from the newest step whose files match their record, and a step
+without one (killed before it was recorded) or with a damaged file is named
+in a warning and dropped: it is not finished.
 """
+import hashlib
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -28,6 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 import tqdm
 
+from ctxlr import results
 from ctxlr import surgery
 
 
@@ -101,9 +109,84 @@ def batch_at(seqs: np.ndarray, step: int, batch_size: int) -> np.ndarray:
 
 
 def _manager(directory: str, every: int) -> ocp.CheckpointManager:
+  # Two steps kept: the newest may be finalized but not yet recorded when a
+  # run is killed; the one before it is then the newest finished one.
   return ocp.CheckpointManager(
       os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, save_interval_steps=every, create=True))
+          max_to_keep=2, save_interval_steps=every, create=True))
+
+
+def _record_path(directory: str, step: int) -> str:
+  return os.path.join(os.path.abspath(directory), 'verified', f'{step}.json')
+
+
+def _file_table(folder: str) -> dict[str, dict[str, Any]]:
+  table = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      h = hashlib.sha256()
+      with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+          h.update(chunk)
+      table[os.path.relpath(path, folder)] = dict(
+          sha256=h.hexdigest(), size=os.path.getsize(path))
+  return dict(sorted(table.items()))
+
+
+def _record_step(directory: str, step: int) -> None:
+  """Writes the checksums of a finalized step (after orbax has finished)."""
+  folder = os.path.join(os.path.abspath(directory), str(step))
+  results.write_json(_record_path(directory, step), _file_table(folder))
+  kept = {f'{s}.json' for s in _steps_on_disk(directory)}
+  for entry in os.listdir(os.path.dirname(_record_path(directory, step))):
+    if entry not in kept:               # steps orbax has deleted
+      os.remove(os.path.join(os.path.dirname(_record_path(directory, step)),
+                             entry))
+
+
+def _steps_on_disk(directory: str) -> list[int]:
+  root = os.path.abspath(directory)
+  return sorted(int(e) for e in os.listdir(root) if e.isdigit() and
+                os.path.isdir(os.path.join(root, e)))
+
+
+def _step_problem(directory: str, step: int) -> str | None:
+  """Why checkpoint `step` is not finished, or None if its files verify."""
+  path = _record_path(directory, step)
+  if not os.path.isfile(path):
+    return 'no checksum record (killed before it was recorded)'
+  try:
+    record = results.read_json(path)
+  except ValueError as e:
+    return str(e)
+  folder = os.path.join(os.path.abspath(directory), str(step))
+  actual = _file_table(folder)
+  bad = sorted(rel for rel in set(record) | set(actual)
+               if record.get(rel) != actual.get(rel))
+  if bad:
+    return f'files that do not match their record: {bad[:5]}'
+  return None
+
+
+def latest_finished_step(directory: str) -> int | None:
+  """The newest training checkpoint in `directory` whose files verify.
+
+  Newer steps that do not verify are named in a warning and deleted (they
+  are not finished: the run redoes them).
+  """
+  if not os.path.isdir(directory):
+    return None
+  for step in reversed(_steps_on_disk(directory)):
+    problem = _step_problem(directory, step)
+    if problem is None:
+      return step
+    logging.warning('Training checkpoint %s/%d is not finished (%s): '
+                    'dropping it.', directory, step, problem)
+    shutil.rmtree(os.path.join(os.path.abspath(directory), str(step)))
+    if os.path.exists(_record_path(directory, step)):
+      os.remove(_record_path(directory, step))
+  return None
 
 
 def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
@@ -148,14 +231,23 @@ def train(model: nnx.Module, seqs: np.ndarray, *, wrt: Any,
   if steps < 1 or batch_size < 1:
     raise ValueError(f'steps and batch_size must be >= 1; got {steps} and '
                      f'{batch_size}.')
+  if np.ndim(seqs) != 2 or not np.issubdtype(np.asarray(seqs).dtype,
+                                             np.integer):
+    raise ValueError(f'seqs must be integer token ids int[n, L]; got shape '
+                     f'{np.shape(seqs)} and dtype {np.asarray(seqs).dtype}.')
+  if len(seqs) == 0 or np.shape(seqs)[1] < 2:
+    raise ValueError(f'seqs must hold at least one sequence of >= 2 tokens '
+                     f'(the loss predicts token t+1 from 1..t); got shape '
+                     f'{np.shape(seqs)}.')
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
   history = dict(train=[], eval=[])
   start = 0
   manager = None
   if checkpoint_dir is not None:
+    finished = latest_finished_step(checkpoint_dir)   # before orbax looks
     manager = _manager(checkpoint_dir, max(checkpoint_every, 1))
-    if manager.latest_step() is not None:
-      start = manager.latest_step()
+    if finished is not None:
+      start = finished
       restored = manager.restore(start, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(_train_state(model, optimizer)),
           history=ocp.args.JsonRestore()))
@@ -172,10 +264,11 @@ def train(model: nnx.Module, seqs: np.ndarray, *, wrt: Any,
       logging.info('%s eval %s', desc, row)
 
   def save(step, force=False):
-    if manager is not None:
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(_train_state(model, optimizer)),
-          history=ocp.args.JsonSave(history)), force=force)
+    if manager is not None and manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_train_state(model, optimizer)),
+        history=ocp.args.JsonSave(history)), force=force):
+      manager.wait_until_finished()          # finalized: now record it
+      _record_step(checkpoint_dir, step)
 
   if eval_at_start and start == 0:
     evaluate(0)

@@ -45,7 +45,7 @@ def test_compress_quick_end_to_end(tmp_path):
   assert len(layers) == 7 and all(0 < l['rel_err'] < 1 for l in
                                   layers.values())
   for name in ('summary.md', 'layer_errors.png', 'factors.safetensors',
-               'model/surgery.json', 'progress/manifest.json'):
+               'model/checkpoint.json', 'progress/manifest.json'):
     assert (tmp_path / name).exists(), name
 
 
