@@ -1,8 +1,8 @@
 """Fine-tuning adapters `y = x K_res + s (x a) b + bias`, initialised six ways.
 
-    >>> stats = {n: ... for n in layers}      # LayerStats of task inputs
-    >>> add_adapters(model, stats, method='coala', rank=8)
-    >>> optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE)   # a, b only
+    stats = calibration.layer_stats(model, batches, layers)   # task inputs
+    add_adapters(model, stats, method='coala', rank=8)
+    optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE)   # a, b only
 
 An `AdapterLinear` replaces an `nnx.Linear` (same surgery as compression):
 the frozen residual `K_res` and bias stay `nnx.Param`s, the factors `a`
@@ -286,7 +286,7 @@ def init_adapter(method: str, kernel: jax.Array,
 
   >>> x = jax.random.normal(jax.random.key(0), (256, 16))
   >>> kernel = jax.random.normal(jax.random.key(1), (16, 24))
-  >>> init = init_adapter('coala', kernel, stats_from_x(x), rank=4)
+  >>> init = init_adapter('coala', kernel, stats_lib.stats_from_x(x), rank=4)
   >>> init.k_res.shape, init.a.shape, init.b.shape
   ((16, 24), (16, 4), (4, 24))
 
@@ -369,11 +369,15 @@ def add_adapters(model: nnx.Module,
   report = {}
   for index, (name, (d_in, d_out)) in enumerate(shapes.items()):
     linear = surgery.get_module(model, name)
-    init = init_adapter(
-        method, linear.kernel[...], None if stats is None else stats.get(name),
-        rank=rank, key=jax.random.fold_in(key, index),
-        general_stats=None if general_stats is None else
-        general_stats.get(name), split=split)
+    try:
+      init = init_adapter(
+          method, linear.kernel[...],
+          None if stats is None else stats.get(name),
+          rank=rank, key=jax.random.fold_in(key, index),
+          general_stats=None if general_stats is None else
+          general_stats.get(name), split=split)
+    except ValueError as e:
+      raise ValueError(f'{name}: {e}') from e
     bias = linear.bias[...] if linear.bias is not None else None
     b = init.b if scaling == 1.0 else (init.b / scaling).astype(init.b.dtype)
     surgery.replace_module(model, name, AdapterLinear(

@@ -43,7 +43,7 @@ def ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
 
   >>> x = jax.random.normal(jax.random.key(0), (256, 16))
   >>> kernel = jax.random.normal(jax.random.key(1), (16, 24))
-  >>> f = ctx_factors(kernel, qr_r(x), rank=4)
+  >>> f = ctx_factors(kernel, ctxlr.qr_r(x), rank=4)
   >>> f.a.shape, f.b.shape, f.sigma.shape
   ((16, 4), (4, 24), (16,))
 
@@ -108,6 +108,9 @@ def error_of_each_rank(sigma: jax.Array) -> jax.Array:
     entry p is 0). Divide by entry 0 for relative errors.
   """
   sigma = jnp.asarray(sigma)
+  if sigma.ndim != 1:
+    raise ValueError(f'sigma must be a vector (1-D) of singular values; got '
+                     f'shape {sigma.shape}.')
   tail = jnp.cumsum(jnp.square(sigma)[::-1])[::-1]           # Σ_{i>=k} σ_i²
   return jnp.sqrt(jnp.concatenate([tail, jnp.zeros((1,), tail.dtype)]))
 

@@ -114,7 +114,7 @@ def tsqr(x: Any, *, mesh: jax.sharding.Mesh | None = None,
          axis: str = 'rows', combine: str = 'tree') -> jax.Array:
   """R of X with its rows sharded over `axis` of `mesh`.
 
-  >>> mesh = jax.make_mesh((8,), ('rows',))
+  >>> mesh = jax.make_mesh((jax.device_count(),), ('rows',))
   >>> tsqr(np.ones((1000, 16), np.float32), mesh=mesh).shape
   (16, 16)
 

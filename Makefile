@@ -1,0 +1,33 @@
+# Two commands on a fresh machine (Python 3.11; no GPU needed):
+#   make run    set up, then run the main job on the bundled model
+#   make test   set up, then run the test suite (what CI runs)
+# The first use builds .venv from the pinned requirements; later uses reuse it.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Shared cores: one BLAS thread per process (LAPACK-heavy phases run 10x+
+# faster than with OpenBLAS's default threads on a loaded 2-core machine).
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: run test check format setup
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-assets.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps -r requirements-assets.txt
+	$(BIN)/pip install --no-deps -e .
+	touch $@
+
+run: setup
+	$(BIN)/python launch.py --config=experiments/configs/compress.py
+
+# Formatting (pyink, the Flax/optax formatter), the docstring examples, tests.
+test: setup
+	$(BIN)/pyink --check --diff ctxlr experiments tests launch.py
+	$(BIN)/python -m pytest -q --doctest-modules ctxlr
+	$(BIN)/python -m pytest -q tests
+
+format: setup
+	$(BIN)/pyink ctxlr experiments tests launch.py
