@@ -376,9 +376,9 @@ def test_hf_dir_round_trip_and_errors(tmp_path):
     models.load_hf_dir(str(tmp_path / 'nowhere'))
   bad = str(tmp_path / 'bad')
   shutil.copytree(out, bad)
-  json.dump({**hf, 'rope_scaling': {'type': 'linear', 'factor': 2.0}},
+  json.dump({**hf, 'rope_scaling': {'type': 'dynamic', 'factor': 2.0}},
             open(os.path.join(bad, 'config.json'), 'w'))
-  with pytest.raises(ValueError, match='rope_scaling'):
+  with pytest.raises(ValueError, match="rope_scaling rope_type='dynamic'"):
     models.load_hf_dir(bad)
   json.dump({**hf, 'model_type': 'gpt2'},
             open(os.path.join(bad, 'config.json'), 'w'))

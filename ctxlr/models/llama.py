@@ -20,6 +20,12 @@ by default, bf16 optional); all arithmetic runs in float32.
 RoPE is the half-split ("NeoX", Hugging Face) form: q/k rows in the Hugging
 Face order. GGUF files store them permuted for interleaved RoPE;
 `gguf_io` undoes that permutation when it loads them.
+
+One class covers the Llama family as `transformers` implements it: Llama
+2/3.x (grouped-query attention, Llama-3 or linear RoPE scaling, tied or untied
+head), Qwen2/2.5 (biases on q/k/v), Qwen3 (RMS norms on each q/k head before
+RoPE) and Mistral (sliding-window attention). A bias, where the checkpoint
+has one, is the `bias` of the same `nnx.Linear`.
 """
 import dataclasses
 from typing import Any
@@ -30,6 +36,47 @@ import numpy as np
 from flax import nnx
 
 _F32 = jnp.float32
+
+
+MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3')
+ROPE_TYPES = ('linear', 'llama3')
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling (`transformers`' `rope_scaling` / `rope_type`).
+
+  Attributes:
+    rope_type: 'linear' (every frequency divided by `factor`) or 'llama3'
+      (Llama 3.1+: long wavelengths divided by `factor`, short ones kept,
+      a smooth blend between).
+    factor: the scaling factor (> 0).
+    low_freq_factor: 'llama3' only: wavelengths above
+      `original_max_position / low_freq_factor` are divided by `factor`.
+    high_freq_factor: 'llama3' only: wavelengths below
+      `original_max_position / high_freq_factor` are kept.
+    original_max_position: 'llama3' only: the pretraining context length
+      (`original_max_position_embeddings`).
+  """
+  rope_type: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f'RopeScaling.rope_type={self.rope_type!r}; expected '
+                       f'one of {ROPE_TYPES}.')
+    if not self.factor > 0:
+      raise ValueError(f'RopeScaling.factor must be > 0; got {self.factor}.')
+    if self.rope_type == 'llama3' and not (
+        0 < self.low_freq_factor < self.high_freq_factor and
+        self.original_max_position >= 1):
+      raise ValueError(
+          'RopeScaling (llama3) needs 0 < low_freq_factor < high_freq_factor '
+          f'and original_max_position >= 1; got {self.low_freq_factor}, '
+          f'{self.high_freq_factor}, {self.original_max_position}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +96,17 @@ class LlamaConfig:
     tie_embeddings: whether the output head reuses the token embedding.
     max_position: context length the model was trained for (informational;
       longer inputs run but are outside the training distribution).
+    model_type: the `transformers` family the model is exported as: 'llama',
+      'mistral', 'qwen2' or 'qwen3'. The forward pass depends on the fields
+      below only, never on this name.
+    qkv_bias: q/k/v projections have a bias (Qwen2; Llama `attention_bias`).
+    o_bias: the output projection has a bias (Llama `attention_bias`).
+    mlp_bias: gate/up/down projections have a bias (Llama `mlp_bias`).
+    qk_norm: an RMS norm (weight `[head_dim]`) on every query and key head
+      before RoPE (Qwen3).
+    rope_scaling: RoPE frequency scaling, or None.
+    sliding_window: each query attends to itself and the `sliding_window - 1`
+      tokens before it (Mistral), or None: to all tokens before it.
   """
   vocab_size: int
   hidden_size: int
@@ -61,6 +119,13 @@ class LlamaConfig:
   rms_eps: float = 1e-5
   tie_embeddings: bool = True
   max_position: int = 2048
+  model_type: str = 'llama'
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  rope_scaling: RopeScaling | None = None
+  sliding_window: int | None = None
 
   def __post_init__(self):
     for name in ('vocab_size', 'hidden_size', 'intermediate_size',
@@ -80,32 +145,80 @@ class LlamaConfig:
     if not self.rope_theta > 0 or not self.rms_eps > 0:
       raise ValueError('LlamaConfig.rope_theta and rms_eps must be > 0; got '
                        f'{self.rope_theta} and {self.rms_eps}.')
+    if self.model_type not in MODEL_TYPES:
+      raise ValueError(f'LlamaConfig.model_type={self.model_type!r}; '
+                       f'expected one of {MODEL_TYPES}.')
+    for name in ('tie_embeddings', 'qkv_bias', 'o_bias', 'mlp_bias',
+                 'qk_norm'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'LlamaConfig.{name} must be a bool; got '
+                         f'{getattr(self, name)!r}.')
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling,
+                                                        RopeScaling):
+      raise ValueError('LlamaConfig.rope_scaling must be a RopeScaling or '
+                       f'None; got {self.rope_scaling!r}.')
+    window = self.sliding_window
+    if window is not None and (isinstance(window, bool) or not isinstance(
+        window, (int, np.integer)) or window < 1):
+      raise ValueError('LlamaConfig.sliding_window must be None or an int '
+                       f'>= 1; got {window!r}.')
 
   def num_params(self) -> int:
     """Number of stored parameters (the tied head counted once)."""
     d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-    attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-    block = attn + 3 * d * f + 2 * d
+    q, kv = self.num_heads * hd, self.num_kv_heads * hd
+    attn = d * (2 * q + 2 * kv)
+    attn += (q + 2 * kv) * self.qkv_bias + d * self.o_bias
+    attn += 2 * hd * self.qk_norm
+    mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
+    block = attn + mlp + 2 * d
     head = 0 if self.tie_embeddings else self.vocab_size * d
     return self.vocab_size * d + self.num_layers * block + d + head
 
 
 def _linear(d_in: int, d_out: int, param_dtype: Any, rngs: nnx.Rngs,
-            init: Any):
-  kwargs = {} if init is None else dict(kernel_init=init)
-  return nnx.Linear(d_in, d_out, use_bias=False, dtype=_F32,
+            init: Any, bias: bool = False):
+  kwargs = {} if init is None else dict(kernel_init=init, bias_init=init)
+  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=_F32,
                     param_dtype=param_dtype, rngs=rngs, **kwargs)
 
 
-def _rms_norm(config: LlamaConfig, param_dtype: Any, rngs: nnx.Rngs):
-  return nnx.RMSNorm(config.hidden_size, epsilon=config.rms_eps, dtype=_F32,
+def _rms_norm(width: int, config: LlamaConfig, param_dtype: Any,
+              rngs: nnx.Rngs):
+  return nnx.RMSNorm(width, epsilon=config.rms_eps, dtype=_F32,
                      param_dtype=param_dtype, rngs=rngs)
 
 
-def rope_tables(seq_len: int, head_dim: int,
-                theta: float) -> tuple[jax.Array, jax.Array]:
-  """cos and sin of RoPE angles, float32[seq_len, head_dim // 2] each."""
+def rope_inv_freq(head_dim: int, theta: float,
+                  scaling: RopeScaling | None = None) -> np.ndarray:
+  """RoPE inverse frequencies, float64[head_dim // 2], scaling applied.
+
+  The same formulas as `transformers`' `ROPE_INIT_FUNCTIONS` ('default',
+  'linear', 'llama3'); the attention factor is 1 for all three.
+  """
   inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  if scaling is None:
+    return inv_freq
+  if scaling.rope_type == 'linear':
+    return inv_freq / scaling.factor
+  # 'llama3'
+  old = scaling.original_max_position
+  low_wavelen = old / scaling.low_freq_factor
+  high_wavelen = old / scaling.high_freq_factor
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float,
+                scaling: RopeScaling | None = None
+                ) -> tuple[jax.Array, jax.Array]:
+  """cos and sin of RoPE angles, float32[seq_len, head_dim // 2] each."""
+  inv_freq = rope_inv_freq(head_dim, theta, scaling)
   angles = jnp.arange(seq_len, dtype=_F32)[:, None] * jnp.asarray(
       inv_freq, _F32)[None, :]
   return jnp.cos(angles), jnp.sin(angles)
@@ -128,6 +241,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
+def attention_mask(seq_len: int, sliding_window: int | None) -> jax.Array:
+  """bool[seq, seq]: query s sees key t iff t <= s (and s - t < window)."""
+  s = jnp.arange(seq_len)[:, None]
+  t = jnp.arange(seq_len)[None, :]
+  mask = t <= s
+  if sliding_window is not None:
+    mask &= s - t < sliding_window
+  return mask
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with RoPE."""
 
@@ -137,26 +260,42 @@ class Attention(nnx.Module):
     self.num_kv_heads = config.num_kv_heads
     self.head_dim = config.head_dim
     self.rope_theta = config.rope_theta
+    self.rope_scaling = config.rope_scaling
+    self.sliding_window = config.sliding_window
     d, hd = config.hidden_size, config.head_dim
-    self.q_proj = _linear(d, config.num_heads * hd, param_dtype, rngs, init)
-    self.k_proj = _linear(d, config.num_kv_heads * hd, param_dtype, rngs, init)
-    self.v_proj = _linear(d, config.num_kv_heads * hd, param_dtype, rngs, init)
-    self.o_proj = _linear(config.num_heads * hd, d, param_dtype, rngs, init)
+    qkv = config.qkv_bias
+    self.q_proj = _linear(d, config.num_heads * hd, param_dtype, rngs, init,
+                          qkv)
+    self.k_proj = _linear(d, config.num_kv_heads * hd, param_dtype, rngs,
+                          init, qkv)
+    self.v_proj = _linear(d, config.num_kv_heads * hd, param_dtype, rngs,
+                          init, qkv)
+    self.o_proj = _linear(config.num_heads * hd, d, param_dtype, rngs, init,
+                          config.o_bias)
+    if config.qk_norm:
+      self.q_norm = _rms_norm(hd, config, param_dtype, rngs)
+      self.k_norm = _rms_norm(hd, config, param_dtype, rngs)
+    else:
+      self.q_norm = self.k_norm = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """float32[batch, seq, hidden] -> float32[batch, seq, hidden]."""
     b, s, _ = x.shape
     kv, hd = self.num_kv_heads, self.head_dim
     group = self.num_heads // kv
-    cos, sin = rope_tables(s, hd, self.rope_theta)       # positions 0..s-1
-    q = apply_rope(self.q_proj(x).reshape(b, s, kv * group, hd), cos, sin)
-    q = q.reshape(b, s, kv, group, hd)    # query head j*group+g uses kv head j
-    k = apply_rope(self.k_proj(x).reshape(b, s, kv, hd), cos, sin)
+    cos, sin = rope_tables(s, hd, self.rope_theta,
+                           self.rope_scaling)            # positions 0..s-1
+    q = self.q_proj(x).reshape(b, s, kv * group, hd)
+    k = self.k_proj(x).reshape(b, s, kv, hd)
+    if self.q_norm is not None:                          # per head, pre-RoPE
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, cos, sin).reshape(b, s, kv, group, hd)
+    k = apply_rope(k, cos, sin)           # query head j*group+g uses kv head j
     v = self.v_proj(x).reshape(b, s, kv, hd)
     scores = jnp.einsum('bskgd,btkd->bkgst', q, k) / np.sqrt(hd).astype(
         np.float32)                                       # [b, kv, g, s, s]
-    causal = jnp.tril(jnp.ones((s, s), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(_F32).min)
+    mask = attention_mask(s, self.sliding_window)
+    scores = jnp.where(mask, scores, jnp.finfo(_F32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum('bkgst,btkd->bskgd', probs, v)       # [b, s, kv, g, hd]
     return self.o_proj(out.reshape(b, s, kv * group * hd))
@@ -167,10 +306,10 @@ class MLP(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, param_dtype: Any = _F32,
                rngs: nnx.Rngs, init: Any = None):
-    d, f = config.hidden_size, config.intermediate_size
-    self.gate_proj = _linear(d, f, param_dtype, rngs, init)
-    self.up_proj = _linear(d, f, param_dtype, rngs, init)
-    self.down_proj = _linear(f, d, param_dtype, rngs, init)
+    d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+    self.gate_proj = _linear(d, f, param_dtype, rngs, init, bias)
+    self.up_proj = _linear(d, f, param_dtype, rngs, init, bias)
+    self.down_proj = _linear(f, d, param_dtype, rngs, init, bias)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -181,10 +320,12 @@ class Block(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, param_dtype: Any = _F32,
                rngs: nnx.Rngs, init: Any = None):
-    self.attn_norm = _rms_norm(config, param_dtype, rngs)
+    self.attn_norm = _rms_norm(config.hidden_size, config,
+                               param_dtype, rngs)
     self.attn = Attention(config, param_dtype=param_dtype, rngs=rngs,
                           init=init)
-    self.mlp_norm = _rms_norm(config, param_dtype, rngs)
+    self.mlp_norm = _rms_norm(config.hidden_size, config,
+                              param_dtype, rngs)
     self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs, init=init)
 
   def __call__(self, h: jax.Array) -> jax.Array:
@@ -226,7 +367,8 @@ class Llama(nnx.Module):
     self.layers = nnx.List([
         Block(config, param_dtype=param_dtype, rngs=rngs, init=init)
         for _ in range(config.num_layers)])
-    self.norm = _rms_norm(config, param_dtype, rngs)
+    self.norm = _rms_norm(config.hidden_size, config, param_dtype,
+                          rngs)
     if not config.tie_embeddings:
       self.lm_head = _linear(config.hidden_size, config.vocab_size,
                              param_dtype, rngs, init)
