@@ -1,15 +1,22 @@
 """Calibration: run data through a model once, fold each target layer's input.
 
-The chosen `nnx.Linear` layers are temporarily wrapped in taps. One jitted
-step runs the model on a batch and folds every tapped input into its layer's
-statistics (docs/method.md §3), so memory is O(Σ d_in²) whatever the number
-of tokens and no activation is kept. Layers fed the *same* array (q/k/v of
-attention, gate/up of a SwiGLU MLP) are detected while tracing and share one
-set of statistics, computed once.
+The chosen layers (`surgery.select_linears`: `nnx.Linear`, `nnx.LinearGeneral`,
+`nnx.Einsum`) are temporarily wrapped in taps that hold their statistics as
+NNX state. One jitted step runs the model on a batch, and each tap folds its
+layer's input, as the rows of the layer's matrix view, into its statistics
+where the layer is called (docs/method.md §3): memory is O(Σ d_in²) whatever
+the number of tokens and no activation is kept. Because the statistics are
+state of the layer's module, they pass through `nnx.scan`, `nnx.vmap` and
+`nnx.remat` as the layer's parameters do: a stacked layer gets one R per
+stacked kernel, folded inside the scan. A layer called several times per
+step folds every call's input; a layer not called on some batch folds
+nothing from it (its `count` says how many tokens it saw). Layers fed the
+*same* arrays (q/k/v of attention, gate/up of a SwiGLU MLP) are detected
+while tracing and share one set of statistics, computed once.
 """
 import contextlib
 import contextvars
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from flax import nnx
 import jax
@@ -26,44 +33,91 @@ from ctxlr.linalg import tsqr
 _HIGHEST = jax.lax.Precision.HIGHEST
 _RECORDER = contextvars.ContextVar('ctxlr_calibration_recorder', default=None)
 
+Want = stats_lib.Want          # re-exported: what to accumulate besides R
+
+
+class _Stat(nnx.Param):
+  """One statistic held by a tap during calibration.
+
+  A Param, so that transforms whose state rules name Params (such as
+  `nnx.scan(in_axes=(nnx.Carry, nnx.StateAxes({nnx.Param: 0, ...: None})))`)
+  carry it along with the layer's own weights.
+  """
+
+
+def _fields(want: Want) -> tuple[str, ...]:
+  return (('r', 'count', 'ok') + (('gram',) if want.gram else ()) +
+          (('abs_sum',) if want.abs_sum else ()))
+
 
 class _Recorder:
-  """Collects the inputs of tapped layers during one trace of the model."""
+  """What the taps do during one trace of the model.
 
-  def __init__(self):
-    self.inputs: dict[str, jax.Array] = {}   # group -> x, float[tokens, d]
-    self.group_of: dict[str, str] = {}       # layer -> group (first sharer)
-    self._by_id: dict[int, str] = {}
+  Without `fold`, records every tapped call's input (the rows of the
+  layer's matrix view); `inputs` and `group_of` read them. With `fold`
+  (names of taps), those taps fold their inputs into their statistics.
+  """
 
-  def record(self, name: str, x: jax.Array) -> None:
-    key = id(x)
-    if key in self._by_id:                   # same traced array: shared input
-      self.group_of[name] = self._by_id[key]
+  def __init__(self, fold: frozenset[str] = frozenset(), mask=None,
+               mesh=None, axis: str = 'data'):
+    self.fold, self.mask, self.mesh, self.axis = fold, mask, mesh, axis
+    self.calls: dict[str, list[tuple[tuple, jax.Array]]] = {}
+    self._keep = []                       # keeps ids unique during the trace
+
+  def seen(self, tap: '_Tap', x: jax.Array) -> None:
+    xm = surgery.input_as_matrix(tap.view, x)               # f[tokens, d_in]
+    if self.fold:
+      if tap.name in self.fold:
+        _fold(tap, xm, self)
       return
-    self._by_id[key] = name
-    self.group_of[name] = name
-    self.inputs[name] = x.reshape(-1, x.shape[-1])
+    self._keep.append(x)
+    key = (id(x), tap.view.kind, tap.view.in_shape, tap.view.axis,
+           tap.view.einsum_str, tap.view.stack)
+    self.calls.setdefault(tap.name, []).append((key, xm))
+
+  def signatures(self) -> dict[str, tuple]:
+    """{tap: the identities of its inputs, call by call}."""
+    return {n: tuple(k for k, _ in calls) for n, calls in self.calls.items()}
+
+  @property
+  def group_of(self) -> dict[str, str]:
+    """{layer: the first layer (in call order) fed the same arrays}."""
+    first, out = {}, {}
+    for name, sig in self.signatures().items():
+      out[name] = first.setdefault(sig, name)
+    return out
+
+  @property
+  def inputs(self) -> dict[str, jax.Array]:
+    """{group: its inputs, every call's rows stacked, float[tokens, d]}."""
+    return {g: jnp.concatenate([x for _, x in self.calls[g]])
+            for g in set(self.group_of.values())}
 
 
 class _Tap(nnx.Module):
-  """Stands in for a Linear during calibration: records, then passes on."""
+  """Stands in for a layer during calibration: records, then passes on."""
 
-  def __init__(self, inner: nnx.Module, name: str):
+  def __init__(self, inner: nnx.Module, name: str, stats: nnx.Dict):
     self.inner = inner
     self.name = name
+    self.view = surgery.matrix_view(inner)
+    self.stats = stats
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *args, **kwargs) -> Any:
     recorder = _RECORDER.get()
     if recorder is not None:
-      recorder.record(self.name, x)
-    return self.inner(x)
+      recorder.seen(self, x)
+    return self.inner(x, *args, **kwargs)
 
 
 def record(run: Callable[[], Any]) -> _Recorder:
   """Runs `run()` (a model call on tapped layers); returns what the taps saw.
 
-  `recorder.inputs[group]` is each distinct input, float[tokens, d];
-  `recorder.group_of[layer]` names the first layer fed the same array.
+  `recorder.inputs[group]` is each distinct input, float[tokens, d] (all
+  calls of the layer stacked); `recorder.group_of[layer]` names the first
+  layer fed the same arrays. The inputs are those of the trace `run` is
+  in: for layers called inside `nnx.scan` / `nnx.vmap` they belong to that
+  transform's trace (use `calibrate`, which folds them there).
   """
   recorder = _Recorder()
   token = _RECORDER.set(recorder)
@@ -75,41 +129,98 @@ def record(run: Callable[[], Any]) -> _Recorder:
 
 
 @contextlib.contextmanager
-def tapped(model: nnx.Module, names: Iterable[str]):
-  """Wraps the named layers in taps for the duration of the block."""
-  names = list(names)
-  originals = {n: surgery.get_module(model, n) for n in names}
-  for n, m in originals.items():
-    surgery.replace_module(model, n, _Tap(m, n))
+def _recording(recorder: _Recorder):
+  token = _RECORDER.set(recorder)
   try:
-    yield
+    yield recorder
+  finally:
+    _RECORDER.reset(token)
+
+
+def _placeholder(stack: tuple[int, ...], fields, sharding=None) -> nnx.Dict:
+  """Statistics of a tap that folds nothing: empty arrays, stacked."""
+  z = jnp.zeros(stack + (0,), jnp.float32)
+  if sharding is not None:
+    z = jax.device_put(z, sharding)
+  return nnx.Dict({f: _Stat(z) for f in fields})
+
+
+def _modules_of(model: nnx.Module, names: Iterable[str]
+                ) -> dict[str, surgery.MatrixView]:
+  """{module path: view} of the layers `names` (stacked layers -> module)."""
+  out = {}
+  for name in names:
+    module, index = surgery.split_name(name)
+    if module not in out:
+      out[module] = surgery.matrix_view(surgery.get_module(model, module))
+    stack = out[module].stack
+    if len(index) != len(stack) or any(not 0 <= i < s
+                                       for i, s in zip(index, stack)):
+      raise ValueError(f'Layer {name!r}: {module!r} has stacked axes {stack}; '
+                       f'name its layers as '
+                       f'{surgery.stacked_names(module, stack)[0]!r}, ….')
+  return out
+
+
+@contextlib.contextmanager
+def _tapped(model: nnx.Module, views: Mapping[str, surgery.MatrixView],
+            fields, sharding=None):
+  originals = {n: surgery.get_module(model, n) for n in views}
+  for n, m in originals.items():
+    surgery.replace_module(model, n, _Tap(
+        m, n, _placeholder(views[n].stack, fields, sharding)))
+  try:
+    yield {n: surgery.get_module(model, n) for n in views}
   finally:
     for n, m in originals.items():
       surgery.replace_module(model, n, m)
 
 
-Want = stats_lib.Want          # re-exported: what to accumulate besides R
+@contextlib.contextmanager
+def tapped(model: nnx.Module, names: Iterable[str]):
+  """Wraps the named layers in taps for the duration of the block.
+
+  `names` are layers of `surgery.select_linears` (a stacked layer's module
+  is tapped once). Inside, `record(lambda: model(batch))` gives their
+  inputs.
+  """
+  with _tapped(model, _modules_of(model, names), _fields(Want())):
+    yield
 
 
-def _init(d: int, want: Want, mesh, axis, dtype) -> dict[str, jax.Array]:
-  r = (jnp.zeros((d, d), dtype) if mesh is None else
-       tsqr.zeros_sharded(d, mesh=mesh, axis=axis, dtype=dtype))  # [D, d, d]
-  s = dict(r=r, count=jnp.zeros((), jnp.int32))
+def _init(view: surgery.MatrixView, want: Want, mesh, axis, dtype
+          ) -> dict[str, jax.Array]:
+  """Zero statistics of one tapped module: leading axes = its stack."""
+  d, stack = view.d_in, view.stack
+  if mesh is None:
+    r = jnp.zeros(stack + (d, d), dtype)
+  else:                                          # [*stack, D, d, d]
+    size = mesh.shape[axis]
+    sharding = jax.sharding.NamedSharding(
+        mesh, jax.P(*([None] * len(stack)), axis))
+    r = jax.jit(lambda: jnp.zeros(stack + (size, d, d), dtype),
+                out_shardings=sharding)()
+  s = dict(r=r, count=jnp.zeros(stack, jnp.int32),
+           ok=jnp.ones(stack, jnp.bool_))
   if want.gram:
-    s['gram'] = jnp.zeros((d, d), dtype)
+    s['gram'] = jnp.zeros(stack + (d, d), dtype)
   if want.abs_sum:
-    s['abs_sum'] = jnp.zeros((d,), dtype)
+    s['abs_sum'] = jnp.zeros(stack + (d,), dtype)
+  if mesh is not None:
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+    s = {k: v if k == 'r' else jax.device_put(v, replicated)
+         for k, v in s.items()}
   return s
 
 
 def _update(s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None,
-            mesh, axis) -> tuple[dict[str, jax.Array], jax.Array]:
+            mesh, axis) -> dict[str, jax.Array]:
   """One block of every statistic: fold R, add XᵀX and Σ|x|.
 
   Accumulates in the statistics' dtype (float32, or float64). `rows`
   (bool[b], or None for all) marks real rows; padding rows are zeroed, which
   changes none of the statistics. With a mesh, each device folds its
-  rows into its own R (no communication). Returns (stats, all finite).
+  rows into its own R (no communication). `ok` turns False on NaN/Inf.
   """
   x = x.astype(s['r'].dtype)                                    # f[b, d]
   if rows is not None:
@@ -120,23 +231,35 @@ def _update(s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None,
   else:
     r, ok = tsqr.fold_sharded(s['r'], x, mesh=mesh, axis=axis)
     ok = ok.all()
-  out = dict(s, r=r, count=count)
+  out = dict(s, r=r, count=count.astype(jnp.int32), ok=s['ok'] & ok)
   if 'gram' in s:
     out['gram'] = s['gram'] + jnp.matmul(x.T, x, precision=_HIGHEST)
   if 'abs_sum' in s:
     out['abs_sum'] = s['abs_sum'] + jnp.abs(x).sum(0)
-  return out, ok
+  return out
 
 
-def _finalize(stats: dict[str, dict[str, jax.Array]], mesh, axis
-              ) -> dict[str, stats_lib.LayerStats]:
-  rs = {g: s['r'] for g, s in stats.items()}
-  if mesh is not None:                     # one tree reduction, every layer
-    rs = tsqr.reduce_r(rs, mesh=mesh, axis=axis)
-  return {g: stats_lib.LayerStats(r=rs[g], gram=s.get('gram'),
-                                   abs_sum=s.get('abs_sum'),
-                                   count=int(s['count']))
-          for g, s in stats.items()}
+def _fold(tap: _Tap, x: jax.Array, recorder: _Recorder) -> None:
+  """Folds one call's input into the tap's statistics, in place."""
+  s = {k: v[...] for k, v in tap.stats.items()}
+  if s['count'].ndim:
+    raise ValueError(
+        f'Layer {tap.name!r} is stacked {tuple(tap.view.stack)} (its kernel '
+        f'has leading axes {s["count"].shape}) but was called on its whole '
+        'stack at once: call it through nnx.scan or nnx.vmap over its '
+        'leading axes (its statistics are sliced like its kernel).')
+  rows = None
+  if recorder.mask is not None:
+    n, b = x.shape[0], recorder.mask.shape[0]
+    if n % b:
+      raise ValueError(f'Layer {tap.name!r}: its input has {n} rows, not a '
+                       f'multiple of the batch size {b}: data-parallel '
+                       'calibration needs layer inputs whose leading axis is '
+                       'the batch.')
+    rows = jnp.repeat(recorder.mask, n // b)
+  new = _update(s, x, rows, recorder.mesh, recorder.axis)
+  for k, v in new.items():
+    tap.stats[k][...] = v
 
 
 def _shard_batch(batch: Any, mesh, axis: str) -> tuple[Any, jax.Array]:
@@ -163,6 +286,46 @@ def default_call(model: nnx.Module, batch: Any) -> Any:
   return model(batch)
 
 
+def _abstract(batch: Any) -> tuple:
+  leaves, treedef = jax.tree.flatten(batch)
+  return treedef, tuple((np.shape(l), jnp.result_type(l)) for l in leaves)
+
+
+class _Groups:
+  """Which tapped modules share statistics, refined batch by batch.
+
+  Modules fed the same arrays on every batch so far share one group, named
+  by its first module (in the order of `modules`). A batch on which they
+  part (different inputs, or some not called) splits the group; each part
+  starts from a copy of the statistics so far, which are the same for all.
+  """
+
+  def __init__(self, modules: list[str]):
+    self.modules = modules
+    self.group_of: dict[str, str] = {}         # module -> group
+    self.stats: dict[str, dict[str, jax.Array]] = {}
+
+  def refine(self, signatures: Mapping[str, tuple], init: Callable
+             ) -> list[str]:
+    """Refines by one batch's call signatures; returns the groups it folds."""
+    buckets: dict[tuple, list[str]] = {}
+    for m in self.modules:
+      key = (self.group_of.get(m), signatures.get(m))
+      buckets.setdefault(key, []).append(m)
+    folding, stats = [], {}
+    for (old, sig), members in buckets.items():
+      if old is None and sig is None:
+        continue                              # never called so far
+      gid = members[0]
+      stats[gid] = init(gid) if old is None else self.stats[old]
+      for m in members:
+        self.group_of[m] = gid
+      if sig is not None:
+        folding.append(gid)
+    self.stats = stats
+    return folding
+
+
 def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
               *, want: Want = Want(), call: Callable = default_call,
               mesh: jax.sharding.Mesh | None = None, axis: str = 'data',
@@ -172,9 +335,10 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
 
   Args:
     model: an NNX model; it is not changed (taps are removed on exit).
-    batches: iterable of model inputs (e.g. int32 ids [batch, seq]); all
-      batches should share one shape (one compile).
-    layers: dotted paths of the layers to calibrate (`surgery.select_linears`).
+    batches: iterable of model inputs (e.g. int32 ids [batch, seq]); each
+      distinct batch shape compiles once.
+    layers: names of the layers to calibrate (`surgery.select_linears`;
+      `path[i]` for one layer of a stack).
     want: extra statistics for the Gram baselines.
     call: `call(model, batch)` runs the model (default `model(batch)`).
     mesh: if given, data-parallel: each batch is split over the devices of
@@ -188,69 +352,135 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
       float64 (needs 64-bit JAX, e.g. `with jax.enable_x64(True):`), for
       references that must resolve what float32 statistics cannot, such as
       `k_star` on near-tied spectra.
+    desc: the progress bar's label.
 
   Returns:
     (stats, group_of): `stats[group]` is the LayerStats of that group's input
     and `group_of[layer]` names the group of each layer (layers sharing an
-    input share a group).
+    input share a group). A layer's `count` is the number of input rows it
+    folded over all its calls: a layer called twice per batch counts both,
+    a layer some batches do not reach counts only the others.
 
   Raises:
-    ValueError: on an empty stream, or NaN/Inf in a layer's input (naming the
-      layer and the batch index).
+    ValueError: on an empty stream; NaN/Inf in a layer's input (naming the
+      layer and the batch index); a layer never called; a layer called inside
+      a transform whose state rules drop its statistics (e.g. its module
+      broadcast, `in_axes=None`, in `nnx.scan`).
   """
   layers = list(layers)
   dtype = streaming.check_dtype(dtype)
-  recorder_box = {}
+  if mesh is not None and axis not in mesh.axis_names:
+    raise ValueError(f'mesh has axes {mesh.axis_names}; calibration is '
+                     f'data-parallel over axis={axis!r}: name that mesh '
+                     f'axis {axis!r} (or pass axis=).')
+  replicated = None
   if mesh is not None:
     # Auto axes: XLA propagates the batch sharding through any model, which
     # need not annotate its own ops (Explicit axes would require it).
     mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(
         jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
-  with tapped(model, layers):
-    graphdef, state = nnx.split(model)
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  views = _modules_of(model, layers)
+  fields = _fields(want)
+  groups = _Groups(list(views))
+  init = lambda m: _init(views[m], want, mesh, axis, dtype)
+  with _tapped(model, views, fields, replicated) as taps:
+    graphdef, stats_state, rest = nnx.split(model, _Stat, ...)
     if mesh is not None:                      # replicate the model
-      state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.P()))
+      rest = jax.device_put(rest, replicated)
+    empty = {m: {k: v[...] for k, v in taps[m].stats.items()} for m in taps}
 
-    def trace(state, batch):
-      recorder = record(lambda: call(nnx.merge(graphdef, state), batch))
-      recorder_box['last'] = recorder
-      return recorder
+    def run(stats_state, rest, batch, recorder):
+      with _recording(recorder):
+        call(nnx.merge(graphdef, stats_state, rest), batch)
 
-    @jax.jit
-    def step(state, batch, mask, stats):
-      recorder = trace(state, batch)
-      new, finite = {}, {}
-      for g, x in recorder.inputs.items():
-        rows = None if mask is None else jnp.repeat(
-            mask, x.shape[0] // mask.shape[0])
-        new[g], finite[g] = _update(stats[g], x, rows, mesh, axis)
-      return new, finite
+    def discover(stats_state, rest, batch):
+      recorder = _Recorder()
+      jax.eval_shape(lambda s, r, b: run(s, r, b, recorder), stats_state,
+                     rest, batch)
+      return recorder.signatures()
 
-    stats = None
+    @jax.jit(static_argnames='fold')
+    def step(stats_state, rest, batch, mask, fold):
+      model = nnx.merge(graphdef, stats_state, rest)
+      with _recording(_Recorder(fold, mask, mesh, axis)):
+        call(model, batch)
+      return nnx.state(model, _Stat)
+
+    plans, seen = {}, set()
+    index = -1
     for index, batch in enumerate(tqdm.tqdm(batches, desc=desc,
                                             unit='batch')):
       mask = None
       if mesh is not None:
         batch, mask = _shard_batch(batch, mesh, axis)
-      if stats is None:                       # discover groups and shapes
-        shapes = jax.eval_shape(lambda s, b: trace(s, b).inputs, state, batch)
-        rec = recorder_box['last']
-        missing = set(layers) - set(rec.group_of)
-        if missing:
-          raise ValueError(f'Layers {sorted(missing)} were not called by the '
-                           'model during calibration.')
-        group_of = dict(rec.group_of)
-        stats = {g: _init(x.shape[-1], want, mesh, axis, dtype)
-                 for g, x in shapes.items()}
-      stats, finite = step(state, batch, mask, stats)
-      bad = sorted(g for g, ok in jax.device_get(finite).items() if not ok)
-      if bad:
-        sharers = [n for n in layers if group_of[n] in bad]
-        raise ValueError(f'NaN or Inf in the input of layer(s) {sharers} at '
-                         f'calibration batch {index}.')
-  if stats is None:
+      key = _abstract(batch)
+      if key not in plans:
+        plans[key] = discover(nnx.state(model, _Stat), rest, batch)
+      signatures = plans[key]
+      seen.update(signatures)
+      folding = groups.refine(signatures, init)
+      for m, tap in taps.items():
+        values = groups.stats[m] if m in folding else empty[m]
+        for k, v in values.items():
+          tap.stats[k].set_value(v)
+      before = {g: groups.stats[g]['count'] for g in folding}
+      new = step(nnx.state(model, _Stat), rest, batch, mask,
+                 fold=frozenset(folding))
+      nnx.update(model, new)
+      for g in folding:
+        groups.stats[g] = {k: v[...] for k, v in taps[g].stats.items()}
+      _check_step(groups, folding, before, layers, index)
+  if index < 0:
     raise ValueError('The calibration stream is empty: no batch to fold.')
-  return _finalize(stats, mesh, axis), group_of
+  never = [n for n in layers if surgery.split_name(n)[0] not in seen]
+  if never:
+    raise ValueError(f'Layers {never} were not called by the model during '
+                     'calibration.')
+  return _finalize(groups, views, layers, mesh, axis)
+
+
+def _check_step(groups: _Groups, folding, before, layers, index) -> None:
+  """Raises on NaN/Inf, or on statistics a transform did not give back."""
+  got = jax.device_get({g: (groups.stats[g]['ok'], groups.stats[g]['count'],
+                            before[g]) for g in folding})
+  module_of = {n: surgery.split_name(n)[0] for n in layers}
+  bad = [g for g, (ok, _, _) in got.items() if not np.all(ok)]
+  if bad:
+    sharers = [n for n in layers if groups.group_of[module_of[n]] in bad]
+    raise ValueError(f'NaN or Inf in the input of layer(s) {sharers} at '
+                     f'calibration batch {index}.')
+  lost = [g for g, (_, after, prev) in got.items() if np.any(after <= prev)]
+  if lost:
+    raise ValueError(
+        f'Layer(s) {lost} were called at calibration batch {index}, but their '
+        'statistics did not come back out of the transform around them: its '
+        'state rules drop changes to their module (e.g. nnx.scan or nnx.vmap '
+        'with the module broadcast, in_axes=None). Pass the module as '
+        'nnx.Carry, or scan its state (axis 0).')
+
+
+def _finalize(groups: _Groups, views, layers, mesh, axis
+              ) -> tuple[dict[str, stats_lib.LayerStats], dict[str, str]]:
+  """{group layer: LayerStats}, {layer: group layer} for the asked layers."""
+  group_of, wanted = {}, {}
+  for name in layers:
+    module, index = surgery.split_name(name)
+    gid = groups.group_of[module]
+    group = f"{gid}[{','.join(map(str, index))}]" if index else gid
+    group_of[name] = group
+    wanted[group] = (gid, index)
+  rs = {g: groups.stats[gid]['r'][index] for g, (gid, index) in wanted.items()}
+  if mesh is not None:                     # one tree reduction, every layer
+    rs = tsqr.reduce_r(rs, mesh=mesh, axis=axis)
+  out = {}
+  for g, (gid, index) in wanted.items():
+    s = groups.stats[gid]
+    pick = lambda k: s[k][index] if k in s else None
+    out[g] = stats_lib.LayerStats(r=rs[g], gram=pick('gram'),
+                                  abs_sum=pick('abs_sum'),
+                                  count=int(s['count'][index]))
+  return out, group_of
 
 
 def layer_stats(model: nnx.Module, batches: Iterable[Any],
@@ -261,8 +491,8 @@ def layer_stats(model: nnx.Module, batches: Iterable[Any],
   The same as `calibrate` (same arguments), with its groups expanded: layers
   fed the same array (q/k/v, gate/up) map to one shared `LayerStats` object.
 
-      stats = layer_stats(model, batches, ['layers.0.attn.q_proj'])
-      stats['layers.0.attn.q_proj'].r.shape     # (d_in, d_in)
+  >>> stats = layer_stats(model, batches, ['layers.0.attn.q_proj'])
+  >>> stats['layers.0.attn.q_proj'].r.shape       # doctest: +SKIP
   """
   layers = list(layers)
   group_stats, group_of = calibrate(model, batches, layers, **kwargs)

@@ -145,3 +145,70 @@ def test_float64_needs_x64():
   with pytest.raises(ValueError, match='64-bit JAX'):
     calibration.calibrate(model, batches, ['layers.0.attn.q_proj'],
                           dtype=jnp.float64)
+
+
+def _x64(x):
+  return np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+
+
+def test_layer_called_twice_folds_every_call():
+  model = toy_model.Twice()
+  rng = np.random.default_rng(0)
+  batches = [jnp.asarray(rng.standard_normal((2, 5, 6)), jnp.float32)
+             for _ in range(3)]
+  stats, group_of = calibration.calibrate(model, batches, ['shared', 'side'])
+  calls = [model.inputs(b) for b in batches]
+  both = np.concatenate([_x64(x) for c in calls for x in c])
+  first = np.concatenate([_x64(c[0]) for c in calls])
+  # `side` shares the first call's input only: it is not grouped with
+  # `shared`, whose statistics hold both calls.
+  assert group_of == {'shared': 'shared', 'side': 'side'}
+  assert stats['shared'].count == 2 * 3 * 10 == both.shape[0]
+  assert stats['side'].count == 3 * 10
+  assert reference.r_error(stats['shared'].r, both) < 1e-5
+  assert reference.r_error(stats['side'].r, first) < 1e-5
+
+
+def test_layer_missing_from_some_batches_counts_what_it_saw():
+  model = toy_model.Branchy()
+  rng = np.random.default_rng(0)
+  shapes = [(2, 6), (2, 3), (1, 6), (3, 3)]      # 'long' runs for seq 6 only
+  batches = [jnp.asarray(rng.standard_normal(s + (6,)), jnp.float32)
+             for s in shapes]
+  stats, group_of = calibration.calibrate(model, batches, ['proj', 'long'])
+  assert stats[group_of['proj']].count == 12 + 6 + 6 + 9
+  assert stats[group_of['long']].count == 12 + 6
+  reached = np.concatenate([
+      _x64(jnp.tanh(model.proj(b))) for b in batches if b.shape[1] > 4])
+  assert reference.r_error(stats['long'].r, reached) < 1e-5
+  # A layer no batch reaches has no statistics to give.
+  with pytest.raises(ValueError, match=r"\['long'\] were not called"):
+    calibration.calibrate(model, batches[1::2][1:], ['proj', 'long'])
+
+
+def test_groups_split_when_sharers_part():
+  """Layers fed one array on a batch, different ones later, part exactly."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Part(nnx.Module):
+    def __init__(self):
+      rngs = nnx.Rngs(0)
+      self.a = nnx.Linear(4, 4, rngs=rngs)
+      self.b = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+      other = jnp.flip(x, -1) if x.shape[0] == 3 else x
+      return self.a(x) + self.b(other)
+
+  model = Part()
+  rng = np.random.default_rng(1)
+  batches = [jnp.asarray(rng.standard_normal((n, 4)), jnp.float32)
+             for n in (2, 3, 2)]
+  stats, group_of = calibration.calibrate(model, batches, ['a', 'b'])
+  assert group_of == {'a': 'a', 'b': 'b'}
+  xa = np.concatenate([_x64(b) for b in batches])
+  xb = np.concatenate([_x64(jnp.flip(b, -1) if b.shape[0] == 3 else b)
+                       for b in batches])
+  assert reference.r_error(stats['a'].r, xa) < 1e-5
+  assert reference.r_error(stats['b'].r, xb) < 1e-5
+  assert stats['a'].count == stats['b'].count == 7

@@ -30,7 +30,7 @@ def test_select_patterns_and_numeric_order():
 def test_select_raises_on_pattern_without_match():
   with pytest.raises(ValueError, match=r"Pattern '\*nope\*' matches no"):
     surgery.select_linears(toy_model.Toy(), include=('*nope*',))
-  with pytest.raises(ValueError, match='No nnx.Linear layer matches'):
+  with pytest.raises(ValueError, match='No handled layer matches'):
     surgery.select_linears(toy_model.Toy(), exclude=('*',))
 
 
@@ -80,3 +80,40 @@ def test_swapped_model_jits_and_splits():
   out = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))(state, jnp.ones(
       (1, 3), jnp.int32))
   assert out.shape == (1, 3, 64)
+
+
+def test_unhandled_layers_are_listed_and_warned_once(caplog):
+  model = toy_model.Unhandled()
+  with caplog.at_level('WARNING'):
+    shapes = surgery.select_linears(model)
+  assert shapes == {'proj': (6, 6)}
+  warnings = [r for r in caplog.records if 'does not factor' in r.message]
+  assert len(warnings) == 1
+  assert 'conv (Conv' in warnings[0].message
+  assert 'custom (Custom: params w)' in warnings[0].message
+  assert set(surgery.unhandled_layers(model)) == {'conv', 'custom'}
+  assert surgery.unhandled_layers(model, exclude=('conv',)) == {
+      'custom': 'Custom: params w'}
+
+
+def test_include_must_be_a_sequence():
+  with pytest.raises(ValueError, match='sequences of patterns'):
+    surgery.select_linears(toy_model.Toy(), include='*up*')
+
+
+@pytest.mark.parametrize('allocation', ['uniform', 'global'])
+def test_ratio_one_leaves_every_layer_unchanged(allocation):
+  from ctxlr import pipeline  # pylint: disable=g-import-not-at-top
+  model = toy_model.Toy(d=32, f=128)                 # 32 x 128 MLP layers
+  ids = jnp.arange(24).reshape(2, 12) % 64
+  before = model(ids)
+  kernels = {n: surgery.kernel_matrix(model, n)
+             for n in surgery.select_linears(model)}
+  report = pipeline.compress(model, [ids], ratio=1.0, allocation=allocation)
+  assert all(row['rank'] is None for row in report['layers'].values())
+  assert report['kept_ratio'] == report['model_ratio'] == 1.0
+  assert not any(isinstance(m, surgery.FactoredLinear)
+                 for _, m in nnx.iter_modules(model))
+  for n, k in kernels.items():
+    np.testing.assert_array_equal(surgery.kernel_matrix(model, n), k)
+  np.testing.assert_array_equal(model(ids), before)

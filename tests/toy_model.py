@@ -45,3 +45,55 @@ class Toy(nnx.Module):
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     return self.lm_head(self.hidden(ids))
+
+
+class Twice(nnx.Module):
+  """`shared` is called on two different inputs per pass; `side` on one."""
+
+  def __init__(self, d: int = 6, *, seed: int = 0):
+    rngs = nnx.Rngs(seed)
+    self.shared = nnx.Linear(d, d, rngs=rngs)
+    self.side = nnx.Linear(d, d, rngs=rngs)
+
+  def inputs(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two inputs `shared` sees (the first is also `side`'s)."""
+    return x, jnp.tanh(self.shared(x))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    first, second = self.inputs(x)
+    return self.shared(second) + self.side(first)
+
+
+class Branchy(nnx.Module):
+  """`long` is reached only by inputs longer than 4 steps."""
+
+  def __init__(self, d: int = 6, *, seed: int = 0):
+    rngs = nnx.Rngs(seed)
+    self.proj = nnx.Linear(d, d, rngs=rngs)
+    self.long = nnx.Linear(d, d, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.proj(x)
+    if x.shape[1] > 4:
+      h = h + self.long(jnp.tanh(h))
+    return h
+
+
+class Unhandled(nnx.Module):
+  """One Linear, one Conv, one custom layer with a matrix Param."""
+
+  class Custom(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+      self.w = nnx.Param(jax.random.normal(rngs.params(), (6, 6)))
+
+    def __call__(self, x):
+      return x @ self.w[...]
+
+  def __init__(self, *, seed: int = 0):
+    rngs = nnx.Rngs(seed)
+    self.proj = nnx.Linear(6, 6, rngs=rngs)
+    self.conv = nnx.Conv(6, 6, kernel_size=(3,), rngs=rngs)
+    self.custom = Unhandled.Custom(rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.custom(self.conv(self.proj(x)))
