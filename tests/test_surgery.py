@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import ctxlr
 from ctxlr import surgery
 from tests import toy_model
 
@@ -117,3 +118,122 @@ def test_ratio_one_leaves_every_layer_unchanged(allocation):
   for n, k in kernels.items():
     np.testing.assert_array_equal(surgery.kernel_matrix(model, n), k)
   np.testing.assert_array_equal(model(ids), before)
+
+
+_GENERAL = {
+    'linear': lambda r: nnx.Linear(6, 5, rngs=r),
+    'general_out': lambda r: nnx.LinearGeneral(6, (2, 3), rngs=r),
+    'general_in': lambda r: nnx.LinearGeneral((3, 2), 5, axis=(-2, -1),
+                                              rngs=r),
+    'general_mid': lambda r: nnx.LinearGeneral((4, 2), (5,), axis=(1, -1),
+                                               rngs=r),
+    'einsum_split': lambda r: nnx.Einsum('bsd,dnh->bsnh', (6, 2, 3), (2, 3),
+                                         rngs=r),
+    'einsum_merge': lambda r: nnx.Einsum('bnsh,nhd->bsd', (2, 2, 5), (5,),
+                                         rngs=r),
+    'einsum_ellipsis': lambda r: nnx.Einsum('...a,ab->...b', (6, 5), (5,),
+                                            rngs=r),
+    'einsum_order': lambda r: nnx.Einsum('bd,dk->kb', (6, 5), (5, 1),
+                                         rngs=r),
+}
+_INPUTS = {'linear': (2, 3, 6), 'general_out': (2, 3, 6),
+           'general_in': (2, 3, 3, 2), 'general_mid': (2, 4, 3, 2),
+           'einsum_split': (2, 3, 6), 'einsum_merge': (2, 2, 3, 2),
+           'einsum_ellipsis': (2, 3, 6), 'einsum_order': (3, 6)}
+
+
+@pytest.mark.parametrize('kind', sorted(_GENERAL))
+def test_matrix_view_is_the_layer_and_factored_computes_it(kind):
+  """||layer(x) − factored(x)||_F = ||X (K − a b)||_F, same output shape."""
+  rng = np.random.default_rng(0)
+  layer = _GENERAL[kind](nnx.Rngs(0))
+  if layer.bias is not None:
+    layer.bias[...] = jnp.asarray(rng.standard_normal(layer.bias.shape),
+                                  jnp.float32)
+  x = jnp.asarray(rng.standard_normal(_INPUTS[kind]), jnp.float32)
+  view = surgery.matrix_view(layer)
+  k = np.asarray(surgery.kernel_as_matrix(layer), np.float64)
+  xm = np.asarray(surgery.input_as_matrix(view, x), np.float64)
+  assert k.shape == (view.d_in, view.d_out) and xm.shape[1] == view.d_in
+  a = rng.standard_normal((view.d_in, 2)).astype(np.float32)
+  b = rng.standard_normal((2, view.d_out)).astype(np.float32)
+  new = surgery.factored_from(layer, a, b)
+  y, y_new = layer(x), new(x)
+  assert y_new.shape == y.shape and y_new.dtype == y.dtype
+  got = np.linalg.norm(np.asarray(y, np.float64) - np.asarray(y_new))
+  want = np.linalg.norm(xm @ (k - a.astype(np.float64) @ b))
+  assert got == pytest.approx(want, rel=1e-5)
+  u, s, vt = np.linalg.svd(k, full_matrices=False)          # full rank: exact
+  exact = surgery.factored_from(layer, jnp.asarray(u * s, jnp.float32),
+                                jnp.asarray(vt, jnp.float32))
+  np.testing.assert_allclose(exact(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_general_layers_reach_the_float64_optimum():
+  from ctxlr import calibration  # pylint: disable=g-import-not-at-top
+  from ctxlr import reference  # pylint: disable=g-import-not-at-top
+  model = toy_model.General()
+  rng = np.random.default_rng(0)
+  batches = [jnp.asarray(rng.standard_normal((2, 12, 8)), jnp.float32)
+             for _ in range(3)]
+  shapes = surgery.select_linears(model)
+  assert shapes == {'merge': (6, 8), 'o': (8, 8), 'q': (8, 8),
+                    'split': (8, 6)}
+  stats = calibration.layer_stats(model, batches, shapes)
+  x = {n: np.concatenate([np.asarray(surgery.input_as_matrix(
+      surgery.matrix_view(surgery.get_module(model, n)), model.inputs(b)[n]),
+                                     np.float64) for b in batches])
+       for n in shapes}
+  factors = {}
+  for name in shapes:
+    kernel = surgery.kernel_matrix(model, name)
+    assert stats[name].count == 72
+    f = ctxlr.ctx_factors(kernel, stats[name].r, rank=3)
+    factors[name] = (f.a, f.b)
+    got = reference.weighted_error(x[name], kernel, f.a, f.b)
+    best = reference.optimal_errors(x[name], kernel)[3]
+    assert got == pytest.approx(best, rel=1e-4), name
+  before = model(batches[0])
+  surgery.apply_factors(model, factors)
+  assert all(isinstance(surgery.get_module(model, n), surgery.FactoredLinear)
+             for n in shapes)
+  assert model(batches[0]).shape == before.shape
+
+
+def test_factored_keeps_dtype_precision_and_dot_general():
+  calls = []
+
+  def dot_general(*args, **kwargs):
+    calls.append(kwargs.get('precision'))
+    return jax.lax.dot_general(*args, **kwargs)
+
+  def einsum_op(*args, **kwargs):
+    calls.append(kwargs.get('precision'))
+    return jnp.einsum(*args, **kwargs)
+
+  hi = jax.lax.Precision.HIGHEST
+  rngs = nnx.Rngs(0)
+  layers = [
+      nnx.Linear(6, 4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                 precision=hi, dot_general=dot_general, rngs=rngs),
+      nnx.LinearGeneral(6, (2, 2), dtype=jnp.bfloat16, precision=hi,
+                        dot_general=dot_general, rngs=rngs),
+      nnx.Einsum('bd,dk->bk', (6, 4), (4,), dtype=jnp.bfloat16, precision=hi,
+                 einsum_op=einsum_op, rngs=rngs)]
+  x = jnp.ones((3, 6), jnp.float32)
+  for layer in layers:
+    k = surgery.kernel_as_matrix(layer)
+    assert k.dtype == layer.param_dtype                  # storage dtype
+    new = surgery.factored_from(layer, k.astype(jnp.float32), jnp.eye(4))
+    for attr in ('dtype', 'param_dtype', 'precision', 'promote_dtype',
+                 'preferred_element_type'):
+      assert getattr(new, attr) == getattr(layer, attr), attr
+    assert new.a.dtype == new.b.dtype == layer.param_dtype
+    dense = layer(x)
+    calls.clear()
+    y = new(x)
+    assert y.dtype == dense.dtype == jnp.bfloat16
+    assert calls == [hi, hi]                 # both products, its own op
+    np.testing.assert_allclose(np.asarray(y, np.float32),
+                               np.asarray(dense, np.float32), rtol=2e-2,
+                               atol=2e-2)

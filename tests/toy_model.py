@@ -97,3 +97,24 @@ class Unhandled(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.custom(self.conv(self.proj(x)))
+
+
+class General(nnx.Module):
+  """LinearGeneral and Einsum projections, attention-style shapes."""
+
+  def __init__(self, *, seed: int = 0, **kwargs):
+    rngs = nnx.Rngs(seed)
+    self.q = nnx.LinearGeneral(8, (2, 4), rngs=rngs, **kwargs)
+    self.o = nnx.LinearGeneral((2, 4), 8, axis=(-2, -1), rngs=rngs, **kwargs)
+    self.split = nnx.Einsum('bsd,dnh->bsnh', (8, 2, 3), (2, 3), rngs=rngs,
+                            **kwargs)
+    self.merge = nnx.Einsum('bsnh,nhd->bsd', (2, 3, 8), rngs=rngs, **kwargs)
+
+  def inputs(self, x: jax.Array) -> dict[str, jax.Array]:
+    """Each layer's input on `x` float[b, s, 8]."""
+    q = jnp.tanh(self.q(x))
+    o = self.o(q)
+    return dict(q=x, o=q, split=o, merge=jnp.tanh(self.split(o)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.merge(self.inputs(x)['merge'])
