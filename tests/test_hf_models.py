@@ -21,6 +21,7 @@ import safetensors
 
 from ctxlr import models
 from ctxlr import results
+from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from ctxlr.models import hf_io
 from ctxlr.models import llama
@@ -324,3 +325,26 @@ def test_quick_compress_through_launch(name, tmp_path, token_cache):
   assert 0.7 < out['kept_ratio'] <= 0.8
   for split in ('dense', 'compressed'):
     assert all(np.isfinite(v['perplexity']) for v in out[split].values())
+
+
+def test_scale_facts():
+  model, _ = models.load_llama(fixture('qwen3')[0])
+  shapes = surgery.select_linears(model, include=('*_proj',))
+  facts = models.scale_facts(model, shapes)
+  # Per block: q/k/v share a 16-wide input, o_proj reads 4 heads x 8 = 32,
+  # gate/up share 16, down_proj reads 32: 16² + 32² + 16² + 32² = 2,560.
+  assert facts == dict(
+      num_params=model.config.num_params(),
+      param_bytes=4 * model.config.num_params(), num_layers=14,
+      layer_params=sum(a * b for a, b in shapes.values()), num_inputs=8,
+      sum_d_in_sq=2 * 2560, largest_d_in=32, stats_dtype='float32',
+      stats_bytes=4 * 2 * 2560)
+  both = models.scale_facts(model, shapes, jnp.float64,
+                            want=stats_lib.Want(gram=True))
+  assert both['stats_bytes'] == 8 * 2 * 2 * 2560
+  assert both['stats_dtype'] == 'float64'
+  one = {'layers.1.mlp.down_proj': (32, 16)}
+  assert models.scale_facts(model, one)['sum_d_in_sq'] == 32 * 32
+  assert '5,120 elements = 20.5 KB in float32' in models.describe_scale(facts)
+  with pytest.raises(ValueError, match='its input has width 32'):
+    models.scale_facts(model, {'layers.1.mlp.down_proj': (16, 16)})

@@ -3,6 +3,12 @@
     model, tokenizer = ctxlr.models.load_llama()   # SmolLM2-135M, bundled
     ids = jnp.asarray([tokenizer.encode('Building a bridge').ids])
     logits = model(ids)                            # float32[1, 3, 49152]
+
+    model, tokenizer = ctxlr.models.load_llama('/ckpt/Qwen2.5-0.5B')
+    facts = ctxlr.models.scale_facts(model, surgery.select_linears(model))
+
+A local directory may hold a Llama 2/3.x, Mistral, Qwen2/2.5 or Qwen3
+checkpoint as `transformers` saves it (`hf_io`).
 """
 import os
 from typing import Any
@@ -17,9 +23,12 @@ from ctxlr.models.hf_io import load_hf_dir
 from ctxlr.models.hf_io import save_hf_dir
 from ctxlr.models.llama import Llama
 from ctxlr.models.llama import LlamaConfig
+from ctxlr.models.llama import RopeScaling
+from ctxlr.models.scale import describe as describe_scale
+from ctxlr.models.scale import scale_facts
 
-__all__ = ['load_llama', 'Llama', 'LlamaConfig', 'load_hf_dir', 'save_hf_dir',
-           'default_path']
+__all__ = ['load_llama', 'Llama', 'LlamaConfig', 'RopeScaling', 'load_hf_dir',
+           'save_hf_dir', 'default_path', 'scale_facts', 'describe_scale']
 
 
 def default_path() -> str:
@@ -34,7 +43,8 @@ def load_llama(
 
   Args:
     path: a llama-architecture `.gguf` file, or a Hugging-Face-style directory
-      (`config.json`, `*.safetensors`, `tokenizer.json`). None: the bundled
+      (`config.json`, `*.safetensors`, `tokenizer.json`) of a Llama 2/3.x,
+      Mistral, Qwen2/2.5 or Qwen3 model. None: the bundled
       SmolLM2-135M-Instruct (Q4_1/Q8_0 weights dequantized to float).
     param_dtype: storage dtype of the weights (float32 default, or bfloat16);
       the forward pass computes in float32 either way.
