@@ -169,9 +169,9 @@ def save(model: nnx.Module, directory: str,
       current = _read_record(directory)['save']
     except ValueError:
       current = None            # a damaged record commits nothing
-  _remove_other_saves(directory, keep=current)   # killed saves' leftovers
-  number = 1 + max([int(e[len(_SAVE_PREFIX):])
+  number = 1 + max([int(e[len(_SAVE_PREFIX):])       # never reused
                     for e in _save_folders(directory)], default=0)
+  _remove_other_saves(directory, keep=current)   # killed saves' leftovers
   name = f'{_SAVE_PREFIX}{number:06d}'
   folder = os.path.join(directory, name)
   spec = surgery_spec(model)

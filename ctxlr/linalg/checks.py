@@ -69,3 +69,28 @@ def check_nonnegative(name: str, value: Any) -> None:
   v = float(np.asarray(value))
   if not np.isfinite(v) or v < 0:
     raise ValueError(f'{name} must be a finite number >= 0; got {v}.')
+
+
+def check_ratio(name: str, value: Any) -> None:
+  """Raises unless `value` is a real number in (0, 1] (a bool is not)."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, float, np.integer, np.floating)):
+    raise ValueError(f'{name} must be a number in (0, 1]; got '
+                     f'{type(value).__name__} {value!r}.')
+  if not 0 < value <= 1:
+    raise ValueError(f'{name} must be in (0, 1]; got {value}.')
+
+
+def relative_norm(num: Any, den: Any) -> float:
+  """`||num||_F / ||den||_F` (0 if `den` is 0), safe near float32's limits.
+
+  Both are divided by their largest |entry| first, so entries up to
+  float32's maximum give a finite ratio where `norm(num) / norm(den)` would
+  square them past it (inf / inf = NaN). Non-finite entries give NaN.
+  """
+  num, den = jnp.asarray(num), jnp.asarray(den)
+  scale = jnp.maximum(jnp.max(jnp.abs(num)), jnp.max(jnp.abs(den)))
+  scale = jnp.where(scale > 0, scale, 1.)
+  top = jnp.linalg.norm(num / scale)
+  bottom = jnp.linalg.norm(den / scale)
+  return float(top / jnp.where(bottom > 0, bottom, 1.))
