@@ -94,6 +94,7 @@ def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
   d = r.shape[1]
   checks.check_matrix('r', r, rows=d)
   checks.check_matrix('block', block, cols=d)
+  checks.check_finite('r', r)
   checks.check_finite('block', block)
   return fold_r_unchecked(jnp.asarray(r), jnp.asarray(block))
 
