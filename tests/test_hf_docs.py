@@ -4,6 +4,7 @@ The command block's MODEL / CORPUS / WORKDIR lines are pointed at the tiny
 Qwen2 fixture, a generated .jsonl corpus and a temporary directory; the
 rest runs unchanged.
 """
+
 import json
 import os
 import re
@@ -43,27 +44,43 @@ def test_python_block_runs(index, capsys):
 
 def test_command_block_runs(tmp_path):
   rng = np.random.default_rng(0)
-  words = ('the river rose and the bridge held while a market grew near '
-           'old forest roads in winter').split()
+  words = (
+      'the river rose and the bridge held while a market grew near '
+      'old forest roads in winter'
+  ).split()
   texts = tmp_path / 'texts'
   texts.mkdir()
   with open(texts / 'part1.jsonl', 'w') as f:
     for i in range(1500):
-      f.write(json.dumps({'text': ' '.join(rng.choice(words, 40)) +
-                          f' ({i}).'}) + '\n')
+      f.write(
+          json.dumps({'text': ' '.join(rng.choice(words, 40)) + f' ({i}).'})
+          + '\n'
+      )
   work = tmp_path / 'work'
   script = _blocks('bash')[0]
-  values = dict(MODEL='tests/fixtures/hf/qwen2',
-                CORPUS=f"'files:{texts}/*.jsonl'", WORKDIR=str(work))
+  values = dict(
+      MODEL='tests/fixtures/hf/qwen2',
+      CORPUS=f"'files:{texts}/*.jsonl'",
+      WORKDIR=str(work),
+  )
   for name, value in values.items():
-    script, n = re.subn(rf'^{name}=.*$', f'{name}={value}', script,
-                        flags=re.M)
+    script, n = re.subn(rf'^{name}=.*$', f'{name}={value}', script, flags=re.M)
     assert n == 1, name
   # `python` in the block is this interpreter (a venv's, under `make test`).
-  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep +
-             os.environ.get('PATH', ''))
-  proc = subprocess.run(['bash', '-euo', 'pipefail', '-c', script], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600, env=env)
+  env = dict(
+      os.environ,
+      PATH=os.path.dirname(sys.executable)
+      + os.pathsep
+      + os.environ.get('PATH', ''),
+  )
+  proc = subprocess.run(
+      ['bash', '-euo', 'pipefail', '-c', script],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=env,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(work / 'results.json'))
   corpus = f'files:{texts}/*.jsonl'

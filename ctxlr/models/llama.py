@@ -27,6 +27,7 @@ head), Qwen2/2.5 (biases on q/k/v), Qwen3 (RMS norms on each q/k head before
 RoPE) and Mistral (sliding-window attention). A bias, where the checkpoint
 has one, is the `bias` of the same `nnx.Linear`.
 """
+
 import dataclasses
 from typing import Any
 
@@ -58,6 +59,7 @@ class RopeScaling:
     original_max_position: 'llama3' only: the pretraining context length
       (`original_max_position_embeddings`).
   """
+
   rope_type: str
   factor: float
   low_freq_factor: float = 1.0
@@ -66,17 +68,21 @@ class RopeScaling:
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
-      raise ValueError(f'RopeScaling.rope_type={self.rope_type!r}; expected '
-                       f'one of {ROPE_TYPES}.')
+      raise ValueError(
+          f'RopeScaling.rope_type={self.rope_type!r}; expected '
+          f'one of {ROPE_TYPES}.'
+      )
     if not self.factor > 0:
       raise ValueError(f'RopeScaling.factor must be > 0; got {self.factor}.')
     if self.rope_type == 'llama3' and not (
-        0 < self.low_freq_factor < self.high_freq_factor and
-        self.original_max_position >= 1):
+        0 < self.low_freq_factor < self.high_freq_factor
+        and self.original_max_position >= 1
+    ):
       raise ValueError(
           'RopeScaling (llama3) needs 0 < low_freq_factor < high_freq_factor '
           f'and original_max_position >= 1; got {self.low_freq_factor}, '
-          f'{self.high_freq_factor}, {self.original_max_position}.')
+          f'{self.high_freq_factor}, {self.original_max_position}.'
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +114,7 @@ class LlamaConfig:
     sliding_window: each query attends to itself and the `sliding_window - 1`
       tokens before it (Mistral), or None: to all tokens before it.
   """
+
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -128,40 +135,64 @@ class LlamaConfig:
   sliding_window: int | None = None
 
   def __post_init__(self):
-    for name in ('vocab_size', 'hidden_size', 'intermediate_size',
-                 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
-                 'max_position'):
+    for name in (
+        'vocab_size',
+        'hidden_size',
+        'intermediate_size',
+        'num_layers',
+        'num_heads',
+        'num_kv_heads',
+        'head_dim',
+        'max_position',
+    ):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f'LlamaConfig.{name} must be an int; got {value!r}.')
       if value < 1:
         raise ValueError(f'LlamaConfig.{name} must be >= 1; got {value}.')
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f'LlamaConfig.num_heads={self.num_heads} is not a '
-                       f'multiple of num_kv_heads={self.num_kv_heads}.')
+      raise ValueError(
+          f'LlamaConfig.num_heads={self.num_heads} is not a '
+          f'multiple of num_kv_heads={self.num_kv_heads}.'
+      )
     if self.head_dim % 2:
-      raise ValueError(f'LlamaConfig.head_dim={self.head_dim} must be even '
-                       '(RoPE rotates pairs of features).')
+      raise ValueError(
+          f'LlamaConfig.head_dim={self.head_dim} must be even '
+          '(RoPE rotates pairs of features).'
+      )
     if not self.rope_theta > 0 or not self.rms_eps > 0:
-      raise ValueError('LlamaConfig.rope_theta and rms_eps must be > 0; got '
-                       f'{self.rope_theta} and {self.rms_eps}.')
+      raise ValueError(
+          'LlamaConfig.rope_theta and rms_eps must be > 0; got '
+          f'{self.rope_theta} and {self.rms_eps}.'
+      )
     if self.model_type not in MODEL_TYPES:
-      raise ValueError(f'LlamaConfig.model_type={self.model_type!r}; '
-                       f'expected one of {MODEL_TYPES}.')
-    for name in ('tie_embeddings', 'qkv_bias', 'o_bias', 'mlp_bias',
-                 'qk_norm'):
+      raise ValueError(
+          f'LlamaConfig.model_type={self.model_type!r}; '
+          f'expected one of {MODEL_TYPES}.'
+      )
+    for name in ('tie_embeddings', 'qkv_bias', 'o_bias', 'mlp_bias', 'qk_norm'):
       if not isinstance(getattr(self, name), bool):
-        raise ValueError(f'LlamaConfig.{name} must be a bool; got '
-                         f'{getattr(self, name)!r}.')
-    if self.rope_scaling is not None and not isinstance(self.rope_scaling,
-                                                        RopeScaling):
-      raise ValueError('LlamaConfig.rope_scaling must be a RopeScaling or '
-                       f'None; got {self.rope_scaling!r}.')
+        raise ValueError(
+            f'LlamaConfig.{name} must be a bool; got '
+            f'{getattr(self, name)!r}.'
+        )
+    if self.rope_scaling is not None and not isinstance(
+        self.rope_scaling, RopeScaling
+    ):
+      raise ValueError(
+          'LlamaConfig.rope_scaling must be a RopeScaling or '
+          f'None; got {self.rope_scaling!r}.'
+      )
     window = self.sliding_window
-    if window is not None and (isinstance(window, bool) or not isinstance(
-        window, (int, np.integer)) or window < 1):
-      raise ValueError('LlamaConfig.sliding_window must be None or an int '
-                       f'>= 1; got {window!r}.')
+    if window is not None and (
+        isinstance(window, bool)
+        or not isinstance(window, (int, np.integer))
+        or window < 1
+    ):
+      raise ValueError(
+          'LlamaConfig.sliding_window must be None or an int '
+          f'>= 1; got {window!r}.'
+      )
 
   def num_params(self) -> int:
     """Number of stored parameters (the tied head counted once)."""
@@ -176,21 +207,41 @@ class LlamaConfig:
     return self.vocab_size * d + self.num_layers * block + d + head
 
 
-def _linear(d_in: int, d_out: int, param_dtype: Any, rngs: nnx.Rngs,
-            init: Any, bias: bool = False):
+def _linear(
+    d_in: int,
+    d_out: int,
+    param_dtype: Any,
+    rngs: nnx.Rngs,
+    init: Any,
+    bias: bool = False,
+):
   kwargs = {} if init is None else dict(kernel_init=init, bias_init=init)
-  return nnx.Linear(d_in, d_out, use_bias=bias, dtype=_F32,
-                    param_dtype=param_dtype, rngs=rngs, **kwargs)
+  return nnx.Linear(
+      d_in,
+      d_out,
+      use_bias=bias,
+      dtype=_F32,
+      param_dtype=param_dtype,
+      rngs=rngs,
+      **kwargs,
+  )
 
 
-def _rms_norm(width: int, config: LlamaConfig, param_dtype: Any,
-              rngs: nnx.Rngs):
-  return nnx.RMSNorm(width, epsilon=config.rms_eps, dtype=_F32,
-                     param_dtype=param_dtype, rngs=rngs)
+def _rms_norm(
+    width: int, config: LlamaConfig, param_dtype: Any, rngs: nnx.Rngs
+):
+  return nnx.RMSNorm(
+      width,
+      epsilon=config.rms_eps,
+      dtype=_F32,
+      param_dtype=param_dtype,
+      rngs=rngs,
+  )
 
 
-def rope_inv_freq(head_dim: int, theta: float,
-                  scaling: RopeScaling | None = None) -> np.ndarray:
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> np.ndarray:
   """RoPE inverse frequencies, float64[head_dim // 2], scaling applied.
 
   The same formulas as `transformers`' `ROPE_INIT_FUNCTIONS` ('default',
@@ -208,19 +259,25 @@ def rope_inv_freq(head_dim: int, theta: float,
   wavelen = 2 * np.pi / inv_freq
   scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
   smooth = (old / wavelen - scaling.low_freq_factor) / (
-      scaling.high_freq_factor - scaling.low_freq_factor)
+      scaling.high_freq_factor - scaling.low_freq_factor
+  )
   smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
   medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
   return np.where(medium, smoothed, scaled)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float,
-                scaling: RopeScaling | None = None
-                ) -> tuple[jax.Array, jax.Array]:
+def rope_tables(
+    seq_len: int,
+    head_dim: int,
+    theta: float,
+    scaling: RopeScaling | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """cos and sin of RoPE angles, float32[seq_len, head_dim // 2] each."""
   inv_freq = rope_inv_freq(head_dim, theta, scaling)
-  angles = jnp.arange(seq_len, dtype=_F32)[:, None] * jnp.asarray(
-      inv_freq, _F32)[None, :]
+  angles = (
+      jnp.arange(seq_len, dtype=_F32)[:, None]
+      * jnp.asarray(inv_freq, _F32)[None, :]
+  )
   return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -237,7 +294,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """
   half = x.shape[-1] // 2
   x1, x2 = x[..., :half], x[..., half:]
-  c, s = cos[:, None, :], sin[:, None, :]                 # [seq, 1, half]
+  c, s = cos[:, None, :], sin[:, None, :]  # [seq, 1, half]
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
@@ -254,8 +311,14 @@ def attention_mask(seq_len: int, sliding_window: int | None) -> jax.Array:
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with RoPE."""
 
-  def __init__(self, config: LlamaConfig, *, param_dtype: Any = _F32,
-               rngs: nnx.Rngs, init: Any = None):
+  def __init__(
+      self,
+      config: LlamaConfig,
+      *,
+      param_dtype: Any = _F32,
+      rngs: nnx.Rngs,
+      init: Any = None,
+  ):
     self.num_heads = config.num_heads
     self.num_kv_heads = config.num_kv_heads
     self.head_dim = config.head_dim
@@ -264,14 +327,18 @@ class Attention(nnx.Module):
     self.sliding_window = config.sliding_window
     d, hd = config.hidden_size, config.head_dim
     qkv = config.qkv_bias
-    self.q_proj = _linear(d, config.num_heads * hd, param_dtype, rngs, init,
-                          qkv)
-    self.k_proj = _linear(d, config.num_kv_heads * hd, param_dtype, rngs,
-                          init, qkv)
-    self.v_proj = _linear(d, config.num_kv_heads * hd, param_dtype, rngs,
-                          init, qkv)
-    self.o_proj = _linear(config.num_heads * hd, d, param_dtype, rngs, init,
-                          config.o_bias)
+    self.q_proj = _linear(
+        d, config.num_heads * hd, param_dtype, rngs, init, qkv
+    )
+    self.k_proj = _linear(
+        d, config.num_kv_heads * hd, param_dtype, rngs, init, qkv
+    )
+    self.v_proj = _linear(
+        d, config.num_kv_heads * hd, param_dtype, rngs, init, qkv
+    )
+    self.o_proj = _linear(
+        config.num_heads * hd, d, param_dtype, rngs, init, config.o_bias
+    )
     if config.qk_norm:
       self.q_norm = _rms_norm(hd, config, param_dtype, rngs)
       self.k_norm = _rms_norm(hd, config, param_dtype, rngs)
@@ -283,29 +350,37 @@ class Attention(nnx.Module):
     b, s, _ = x.shape
     kv, hd = self.num_kv_heads, self.head_dim
     group = self.num_heads // kv
-    cos, sin = rope_tables(s, hd, self.rope_theta,
-                           self.rope_scaling)            # positions 0..s-1
+    cos, sin = rope_tables(
+        s, hd, self.rope_theta, self.rope_scaling
+    )  # positions 0..s-1
     q = self.q_proj(x).reshape(b, s, kv * group, hd)
     k = self.k_proj(x).reshape(b, s, kv, hd)
-    if self.q_norm is not None:                          # per head, pre-RoPE
+    if self.q_norm is not None:  # per head, pre-RoPE
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, cos, sin).reshape(b, s, kv, group, hd)
-    k = apply_rope(k, cos, sin)           # query head j*group+g uses kv head j
+    k = apply_rope(k, cos, sin)  # query head j*group+g uses kv head j
     v = self.v_proj(x).reshape(b, s, kv, hd)
     scores = jnp.einsum('bskgd,btkd->bkgst', q, k) / np.sqrt(hd).astype(
-        np.float32)                                       # [b, kv, g, s, s]
+        np.float32
+    )  # [b, kv, g, s, s]
     mask = attention_mask(s, self.sliding_window)
     scores = jnp.where(mask, scores, jnp.finfo(_F32).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum('bkgst,btkd->bskgd', probs, v)       # [b, s, kv, g, hd]
+    out = jnp.einsum('bkgst,btkd->bskgd', probs, v)  # [b, s, kv, g, hd]
     return self.o_proj(out.reshape(b, s, kv * group * hd))
 
 
 class MLP(nnx.Module):
   """SwiGLU: `down_proj(silu(gate_proj(x)) * up_proj(x))`."""
 
-  def __init__(self, config: LlamaConfig, *, param_dtype: Any = _F32,
-               rngs: nnx.Rngs, init: Any = None):
+  def __init__(
+      self,
+      config: LlamaConfig,
+      *,
+      param_dtype: Any = _F32,
+      rngs: nnx.Rngs,
+      init: Any = None,
+  ):
     d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
     self.gate_proj = _linear(d, f, param_dtype, rngs, init, bias)
     self.up_proj = _linear(d, f, param_dtype, rngs, init, bias)
@@ -318,14 +393,17 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm decoder block: `h + attn(norm(h))`, then `h + mlp(norm(h))`."""
 
-  def __init__(self, config: LlamaConfig, *, param_dtype: Any = _F32,
-               rngs: nnx.Rngs, init: Any = None):
-    self.attn_norm = _rms_norm(config.hidden_size, config,
-                               param_dtype, rngs)
-    self.attn = Attention(config, param_dtype=param_dtype, rngs=rngs,
-                          init=init)
-    self.mlp_norm = _rms_norm(config.hidden_size, config,
-                              param_dtype, rngs)
+  def __init__(
+      self,
+      config: LlamaConfig,
+      *,
+      param_dtype: Any = _F32,
+      rngs: nnx.Rngs,
+      init: Any = None,
+  ):
+    self.attn_norm = _rms_norm(config.hidden_size, config, param_dtype, rngs)
+    self.attn = Attention(config, param_dtype=param_dtype, rngs=rngs, init=init)
+    self.mlp_norm = _rms_norm(config.hidden_size, config, param_dtype, rngs)
     self.mlp = MLP(config, param_dtype=param_dtype, rngs=rngs, init=init)
 
   def __call__(self, h: jax.Array) -> jax.Array:
@@ -346,8 +424,14 @@ class Llama(nnx.Module):
   (2, 5, 64)
   """
 
-  def __init__(self, config: LlamaConfig, *, param_dtype: Any = _F32,
-               rngs: nnx.Rngs, init: Any = None):
+  def __init__(
+      self,
+      config: LlamaConfig,
+      *,
+      param_dtype: Any = _F32,
+      rngs: nnx.Rngs,
+      init: Any = None,
+  ):
     """Builds the model with randomly initialised weights.
 
     Args:
@@ -361,23 +445,32 @@ class Llama(nnx.Module):
     self.config = config
     self.param_dtype = jnp.dtype(param_dtype)
     kwargs = {} if init is None else dict(embedding_init=init)
-    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size,
-                                  dtype=_F32, param_dtype=param_dtype,
-                                  rngs=rngs, **kwargs)
-    self.layers = nnx.List([
-        Block(config, param_dtype=param_dtype, rngs=rngs, init=init)
-        for _ in range(config.num_layers)])
-    self.norm = _rms_norm(config.hidden_size, config, param_dtype,
-                          rngs)
+    self.embed_tokens = nnx.Embed(
+        config.vocab_size,
+        config.hidden_size,
+        dtype=_F32,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        **kwargs,
+    )
+    self.layers = nnx.List(
+        [
+            Block(config, param_dtype=param_dtype, rngs=rngs, init=init)
+            for _ in range(config.num_layers)
+        ]
+    )
+    self.norm = _rms_norm(config.hidden_size, config, param_dtype, rngs)
     if not config.tie_embeddings:
-      self.lm_head = _linear(config.hidden_size, config.vocab_size,
-                             param_dtype, rngs, init)
+      self.lm_head = _linear(
+          config.hidden_size, config.vocab_size, param_dtype, rngs, init
+      )
 
   def embed(self, ids: jax.Array) -> jax.Array:
     """int[batch, seq] token ids -> float32[batch, seq, hidden]."""
     if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f'ids must be int[batch, seq]; got {ids.dtype}'
-                       f'{list(ids.shape)}.')
+      raise ValueError(
+          f'ids must be int[batch, seq]; got {ids.dtype}' f'{list(ids.shape)}.'
+      )
     return self.embed_tokens(ids).astype(_F32)
 
   def head(self, h: jax.Array) -> jax.Array:
@@ -404,8 +497,11 @@ def abstract_llama(config: LlamaConfig, *, param_dtype: Any = _F32) -> Llama:
 
   Loaders fill it with `set_value`; see `hf_io.from_hf_tensors`.
   """
+
   def shape_only(key, shape, dtype=_F32):
     del key
     return jax.ShapeDtypeStruct(shape, dtype)
-  return Llama(config, param_dtype=param_dtype, rngs=nnx.Rngs(0),
-               init=shape_only)
+
+  return Llama(
+      config, param_dtype=param_dtype, rngs=nnx.Rngs(0), init=shape_only
+  )

@@ -9,6 +9,7 @@ input: layers fed the same array (q/k/v, gate/up) share theirs, found here
 exactly as calibration finds them, by tracing the model once on two tokens
 (no arithmetic is run).
 """
+
 from typing import Any, Mapping
 
 from flax import nnx
@@ -19,11 +20,14 @@ from ctxlr import calibration
 from ctxlr import stats as stats_lib
 
 
-def scale_facts(model: nnx.Module,
-                layer_shapes: Mapping[str, tuple[int, int]],
-                stats_dtype: Any = jnp.float32, *,
-                want: stats_lib.Want = stats_lib.Want(),
-                sample: Any = None) -> dict[str, Any]:
+def scale_facts(
+    model: nnx.Module,
+    layer_shapes: Mapping[str, tuple[int, int]],
+    stats_dtype: Any = jnp.float32,
+    *,
+    want: stats_lib.Want = stats_lib.Want(),
+    sample: Any = None,
+) -> dict[str, Any]:
   """Parameter count and the memory of the calibration statistics.
 
   Args:
@@ -55,8 +59,7 @@ def scale_facts(model: nnx.Module,
     graphdef, state = nnx.split(model)
 
     def trace(state, batch):
-      recorder = calibration.record(
-          lambda: nnx.merge(graphdef, state)(batch))
+      recorder = calibration.record(lambda: nnx.merge(graphdef, state)(batch))
       box['recorder'] = recorder
       return recorder.inputs
 
@@ -64,19 +67,24 @@ def scale_facts(model: nnx.Module,
   group_of = box['recorder'].group_of
   missing = sorted(set(names) - set(group_of))
   if missing:
-    raise ValueError(f'Layers {missing[:4]} ({len(missing)} in all) are not '
-                     'called by the model.')
+    raise ValueError(
+        f'Layers {missing[:4]} ({len(missing)} in all) are not '
+        'called by the model.'
+    )
   for name in names:
     d_in = inputs[group_of[name]].shape[-1]
     if d_in != layer_shapes[name][0]:
-      raise ValueError(f'layer_shapes[{name!r}] = {layer_shapes[name]}; its '
-                       f'input has width {d_in}.')
+      raise ValueError(
+          f'layer_shapes[{name!r}] = {layer_shapes[name]}; its '
+          f'input has width {d_in}.'
+      )
   widths = [int(x.shape[-1]) for x in inputs.values()]
   sum_sq = sum(d * d for d in widths)
   itemsize = jnp.dtype(stats_dtype).itemsize
   per_element = 1 + int(want.gram)
-  stats_bytes = itemsize * (per_element * sum_sq +
-                            (sum(widths) if want.abs_sum else 0))
+  stats_bytes = itemsize * (
+      per_element * sum_sq + (sum(widths) if want.abs_sum else 0)
+  )
   return dict(
       num_params=int(sum(p.size for p in params)),
       param_bytes=int(sum(p.size * p.dtype.itemsize for p in params)),
@@ -86,7 +94,8 @@ def scale_facts(model: nnx.Module,
       sum_d_in_sq=int(sum_sq),
       largest_d_in=max(widths) if widths else 0,
       stats_dtype=jnp.dtype(stats_dtype).name,
-      stats_bytes=int(stats_bytes))
+      stats_bytes=int(stats_bytes),
+  )
 
 
 def _bytes(n: float) -> str:
@@ -114,10 +123,12 @@ def describe(facts: Mapping[str, Any]) -> str:
 distinct inputs (widest 1024); their statistics take Σ d_in² = 2,000,000 \
 elements = 8.0 MB in float32.'
   """
-  return (f'{_count(facts["num_params"])} parameters '
-          f'({_bytes(facts["param_bytes"])}); {facts["num_layers"]} layers to '
-          f'compress ({_count(facts["layer_params"])} parameters) read '
-          f'{facts["num_inputs"]} distinct inputs (widest '
-          f'{facts["largest_d_in"]}); their statistics take Σ d_in² = '
-          f'{facts["sum_d_in_sq"]:,} elements = '
-          f'{_bytes(facts["stats_bytes"])} in {facts["stats_dtype"]}.')
+  return (
+      f'{_count(facts["num_params"])} parameters '
+      f'({_bytes(facts["param_bytes"])}); {facts["num_layers"]} layers to '
+      f'compress ({_count(facts["layer_params"])} parameters) read '
+      f'{facts["num_inputs"]} distinct inputs (widest '
+      f'{facts["largest_d_in"]}); their statistics take Σ d_in² = '
+      f'{facts["sum_d_in_sq"]:,} elements = '
+      f'{_bytes(facts["stats_bytes"])} in {facts["stats_dtype"]}.'
+  )
