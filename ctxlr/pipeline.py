@@ -236,7 +236,8 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
   if mode == 'sequential':
     _check_sequential(model, shapes)
     batches = list(batches)                   # read twice: keep them
-  kernels = {n: surgery.get_module(model, n).kernel[...] for n in shapes}
+  unhandled = surgery.unhandled_layers(model, include, exclude)
+  kernels = {n: surgery.kernel_matrix(model, n) for n in shapes}
   params_before = count_params(model)
   store = None
   if checkpoint_dir is not None:
@@ -261,6 +262,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
                                  allocation=allocation, store=store)
     report['seconds'] = dict(seconds, **report['seconds'])
     report['stats_resumed'] = resumed['stats']
+    report['unhandled'] = unhandled
     return report
   t = time.perf_counter()
   ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
@@ -278,6 +280,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
                        params_before=params_before,
                        params_after=count_params(model))
   report['stats_resumed'] = resumed['stats']
+  report['unhandled'] = unhandled
   return report
 
 
@@ -311,9 +314,8 @@ def compress_from_stats(model: nnx.Module,
   """
   check_options(ratio=ratio, method=method, mu=mu, auto_mu=auto_mu,
                 allocation=allocation, mu_rule=mu_rule, mode='one_shot')
-  modules = {n: surgery.get_module(model, n) for n in stats}
-  shapes = {n: tuple(m.kernel.shape) for n, m in modules.items()}
-  kernels = {n: m.kernel[...] for n, m in modules.items()}
+  kernels = {n: surgery.kernel_matrix(model, n) for n in stats}
+  shapes = {n: tuple(k.shape) for n, k in kernels.items()}
   params_before = count_params(model)
   seconds = {}
   t = time.perf_counter()
@@ -392,10 +394,7 @@ def _sequential(model, batches, kernels, ranks, *, solve, want, seconds,
 
 def apply_factors(model: nnx.Module, solved: Mapping[str, dict]) -> None:
   """Swaps each solved layer for a FactoredLinear, in place."""
-  for name, result in solved.items():
-    linear = surgery.get_module(model, name)
-    surgery.replace_module(model, name, surgery.factored_from_linear(
-        linear, result['a'], result['b']))
+  surgery.apply_factors(model, solved)
 
 
 def make_report(shapes, ranks, solved, *, seconds, params_before,

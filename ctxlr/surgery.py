@@ -41,6 +41,10 @@ DEFAULT_INCLUDE = ('*',)
 DEFAULT_EXCLUDE = ('*embed*', '*lm_head*', '*head')
 
 HANDLED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+# Modules whose parameters are not a dense layer's (a lookup, scales), even
+# when stacking makes them matrix-shaped.
+_NOT_DENSE = (nnx.Embed, nnx.RMSNorm, nnx.LayerNorm, nnx.BatchNorm,
+              nnx.GroupNorm)
 _ELLIPSIS = '...'
 
 
@@ -391,13 +395,13 @@ def find_layers(model: nnx.Module) -> tuple[dict[str, MatrixView],
   Returns:
     (handled, unhandled): `handled[module path]` is the layer's MatrixView;
     `unhandled[module path]` says why a module holding a matrix-shaped
-    nnx.Param is not handled (`nnx.Embed` is a lookup, not listed;
-    already factored layers are neither).
+    nnx.Param is not handled (embeddings and norms are not dense layers and
+    are not listed; already factored layers are neither).
   """
   handled, unhandled = {}, {}
   for path, module in nnx.iter_modules(model):
     name = path_name(path)
-    if isinstance(module, (FactoredLinear, nnx.Embed)):
+    if isinstance(module, (FactoredLinear,) + _NOT_DENSE):
       continue
     if isinstance(module, HANDLED):
       try:

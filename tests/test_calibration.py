@@ -212,3 +212,60 @@ def test_groups_split_when_sharers_part():
   assert reference.r_error(stats['a'].r, xa) < 1e-5
   assert reference.r_error(stats['b'].r, xb) < 1e-5
   assert stats['a'].count == stats['b'].count == 7
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scanned_stack_has_the_unrolled_models_statistics(remat):
+  model = toy_model.Scanned(layers=3, remat=remat)
+  unrolled = model.unrolled()
+  rng = np.random.default_rng(0)
+  batches = [jnp.asarray(rng.integers(0, 64, (2, 7))) for _ in range(3)]
+  names = list(surgery.select_linears(model))
+  assert len(names) == 3 * 7 and 'layers.mlp.up_proj[2]' in names
+  stats, group_of = calibration.calibrate(
+      model, batches, names, want=calibration.Want(gram=True))
+  ref, ref_group = calibration.calibrate(
+      unrolled, batches, surgery.select_linears(unrolled),
+      want=calibration.Want(gram=True))
+  for name in names:
+    module, (i,) = surgery.split_name(name)
+    flat = module.replace('layers.', f'layers.{i}.')
+    got, want = stats[group_of[name]], ref[ref_group[flat]]
+    assert got.count == want.count == 42
+    err = np.linalg.norm(got.r - want.r) / np.linalg.norm(want.r)
+    assert err < 1e-5, name
+    np.testing.assert_allclose(got.gram, want.gram, rtol=1e-4, atol=1e-4)
+  # q/k/v of one stacked layer share their statistics; layers do not.
+  assert group_of['layers.attn.q_proj[1]'] == group_of['layers.attn.v_proj[1]']
+  assert group_of['layers.attn.q_proj[1]'] != group_of['layers.attn.q_proj[0]']
+  assert type(model.layers.mlp.up_proj).__name__ == 'Linear'   # taps removed
+
+
+def test_vmapped_members_each_fold_the_input():
+  model = toy_model.Ensemble()
+  rng = np.random.default_rng(0)
+  batches = [jnp.asarray(rng.standard_normal((5, 6)), jnp.float32)
+             for _ in range(2)]
+  names = list(surgery.select_linears(model))
+  assert names == ['members[0]', 'members[1]', 'members[2]']
+  stats = calibration.layer_stats(model, batches, names)
+  x = np.concatenate([_x64(b) for b in batches])
+  for name in names:
+    assert stats[name].count == 10
+    assert reference.r_error(stats[name].r, x) < 1e-5
+
+
+def test_recurrent_layer_folds_every_step_or_says_why_not():
+  model = toy_model.Recurrent(carry=True)
+  xs = jnp.asarray(np.random.default_rng(0).standard_normal((4, 2, 6)),
+                   jnp.float32)
+  stats, _ = calibration.calibrate(model, [xs], ['cell'])
+  h, inputs = jnp.zeros((2, 6)), []
+  for x in xs:                                    # the cell's inputs: h_t
+    inputs.append(_x64(h))
+    h = jnp.tanh(model.cell(h) + x)
+  assert stats['cell'].count == 8
+  assert reference.r_error(stats['cell'].r, np.concatenate(inputs)) < 1e-5
+  with pytest.raises(ValueError, match=r"\['cell'\] were called at "
+                     'calibration batch 0, but their statistics did not'):
+    calibration.calibrate(toy_model.Recurrent(carry=False), [xs], ['cell'])

@@ -55,12 +55,11 @@ def test_report_ratios_and_dense_fallback():
   assert report['model_ratio'] < 1
   model = toy_model.Toy()
   report = pipeline.compress(model, _batches(), ratio=1.0)
-  # docs/method.md §7: 16x16 at rank 8 stores 256 = 16·16 numbers: stays dense;
-  # 16x40 at rank floor(640/56) = 11 stores 616 < 640: factored.
-  assert report['layers']['layers.0.attn.q_proj']['rank'] is None
-  assert report['layers']['layers.0.mlp.up_proj']['rank'] == 11
+  # docs/method.md §7: ratio 1 keeps every layer dense, also a 16x40 one whose
+  # rank floor(640/56) = 11 would store 616 < 640 numbers.
+  assert all(row['rank'] is None for row in report['layers'].values())
   assert isinstance(model.layers[0].attn.q_proj, type(toy_model.Toy().lm_head))
-  assert isinstance(model.layers[0].mlp.up_proj, surgery.FactoredLinear)
+  assert isinstance(model.layers[0].mlp.up_proj, type(toy_model.Toy().lm_head))
 
 
 def test_global_allocation_spends_the_same_budget_better():

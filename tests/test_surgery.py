@@ -237,3 +237,45 @@ def test_factored_keeps_dtype_precision_and_dot_general():
     np.testing.assert_allclose(np.asarray(y, np.float32),
                                np.asarray(dense, np.float32), rtol=2e-2,
                                atol=2e-2)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scanned_stack_factored_back_in_its_stack(remat):
+  model = toy_model.Scanned(layers=3, remat=remat)
+  ids = jnp.arange(14).reshape(2, 7)
+  before = model(ids)
+  shapes = surgery.select_linears(model)
+  exact = {}
+  for name in shapes:
+    k = np.asarray(surgery.kernel_matrix(model, name), np.float64)
+    u, s, vt = np.linalg.svd(k, full_matrices=False)
+    exact[name] = (u * s, vt)
+  ranks = surgery.apply_factors(model, exact)
+  assert ranks['layers.mlp.up_proj'] == 16
+  up = model.layers.mlp.up_proj
+  assert isinstance(up, surgery.FactoredLinear)
+  assert up.a.shape == (3, 16, 16) and up.b.shape == (3, 16, 40)
+  np.testing.assert_allclose(model(ids), before, rtol=1e-4, atol=1e-4)
+  # Layers of a stack may differ in rank: padded to the largest, exactly.
+  model = toy_model.Scanned(layers=3, remat=remat)
+  k0 = surgery.kernel_matrix(model, 'layers.mlp.down_proj[0]')
+  u, s, vt = np.linalg.svd(np.asarray(k0, np.float64), full_matrices=False)
+  surgery.apply_factors(model, {'layers.mlp.down_proj[0]': (u[:, :2] * s[:2],
+                                                            vt[:2])})
+  down = model.layers.mlp.down_proj
+  assert down.a.shape == (3, 40, 16)        # [1], [2] kept exactly (rank 16)
+  np.testing.assert_allclose(np.asarray(down.a[0] @ down.b[0]),
+                             (u[:, :2] * s[:2]) @ vt[:2], atol=1e-5)
+  assert model(ids).shape == before.shape
+
+
+def test_compress_a_scanned_model_by_layer_name():
+  model = toy_model.Scanned(layers=2)
+  ids = [jnp.arange(14).reshape(2, 7) % 64 for _ in range(2)]
+  report = ctxlr.compress(model, ids, ratio=0.5)
+  assert set(report['layers']) == set(surgery.select_linears(
+      toy_model.Scanned(layers=2)))
+  assert report['layers']['layers.attn.q_proj[1]']['rank'] == 4
+  assert report['model_ratio'] < 1 and report['unhandled'] == {}
+  assert model.layers.attn.q_proj.a.shape == (2, 16, 4)
+  assert model(ids[0]).shape == (2, 7, 64)

@@ -118,3 +118,88 @@ class General(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.merge(self.inputs(x)['merge'])
+
+
+class Scanned(nnx.Module):
+  """`Toy` with its blocks stacked (`nnx.vmap`) and applied by `nnx.scan`.
+
+  Under `remat=True` each scanned block is also wrapped in `nnx.remat`.
+  """
+
+  def __init__(self, vocab=64, d=16, f=40, layers=2, *, seed=0,
+               remat=False):
+    rngs = nnx.Rngs(seed)
+    self.embed = nnx.Embed(vocab, d, rngs=rngs)
+
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return Block(d, f, rngs)
+
+    self.layers = make(rngs)
+    self.lm_head = nnx.Linear(d, vocab, rngs=rngs)
+    self.remat = remat
+    self.sizes = (vocab, d, f, layers)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    def body(h, block):
+      return block(h)
+    if self.remat:
+      body = nnx.remat(body)
+    h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
+        self.embed(ids), self.layers)
+    return self.lm_head(h)
+
+  def unrolled(self) -> Toy:
+    """A `Toy` with the same weights, block by block."""
+    vocab, d, f, layers = self.sizes
+    toy = Toy(vocab, d, f, layers)
+    nnx.update(toy.embed, nnx.state(self.embed))
+    nnx.update(toy.lm_head, nnx.state(self.lm_head))
+    stacked = nnx.state(self.layers)
+    for i in range(layers):
+      nnx.update(toy.layers[i], jax.tree.map(lambda a: a[i], stacked))
+    return toy
+
+
+class Ensemble(nnx.Module):
+  """Three stacked Linear members applied to one input with `nnx.vmap`."""
+
+  def __init__(self, *, seed: int = 0):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return nnx.Linear(6, 4, rngs=rngs)
+
+    self.members = make(nnx.Rngs(seed))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nnx.vmap(lambda m, x: m(x), in_axes=(0, None))(self.members, x)
+
+
+class Recurrent(nnx.Module):
+  """One Linear applied at every step of an `nnx.scan` (the module carried
+  when `carry=True`, else broadcast)."""
+
+  def __init__(self, *, carry: bool = True, seed: int = 0):
+    self.cell = nnx.Linear(6, 6, rngs=nnx.Rngs(seed))
+    self.carry = carry
+
+  def __call__(self, xs: jax.Array) -> jax.Array:   # xs: [steps, b, 6]
+    if self.carry:
+      def step(carry, x):
+        cell, h = carry
+        h = jnp.tanh(cell(h) + x)
+        return (cell, h), h
+      (_, h), _ = nnx.scan(step, in_axes=(nnx.Carry, 0),
+                           out_axes=(nnx.Carry, 0))(
+                               (self.cell, jnp.zeros_like(xs[0])), xs)
+      return h
+
+    def step(h, x, cell):
+      h = jnp.tanh(cell(h) + x)
+      return h, h
+    h, _ = nnx.scan(step, in_axes=(nnx.Carry, 0, None),
+                    out_axes=(nnx.Carry, 0))(jnp.zeros_like(xs[0]), xs,
+                                             self.cell)
+    return h
