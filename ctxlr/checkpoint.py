@@ -44,19 +44,26 @@ def surgery_spec(model: nnx.Module) -> dict[str, dict[str, Any]]:
 
 def apply_spec(model: nnx.Module, spec: Mapping[str, Mapping[str, Any]]
                ) -> nnx.Module:
-  """Replaces each spec'd Linear of a dense model by zero factors, in place."""
+  """Replaces each spec'd layer of a dense model by zero factors, in place.
+
+  The factored modules are `surgery.factored_like` the dense layers, so they
+  keep each layer's contraction, stacking and compute settings.
+  """
   for name, s in spec.items():
-    linear = surgery.get_module(model, name)
-    if not isinstance(linear, nnx.Linear) or (
-        linear.in_features, linear.out_features) != (s['d_in'], s['d_out']):
-      raise ValueError(f'{name}: the model has {type(linear).__name__} '
+    layer = surgery.get_module(model, name)
+    try:
+      view = surgery.matrix_view(layer)
+    except ValueError:
+      view = None
+    if view is None or (view.d_in, view.d_out) != (s['d_in'], s['d_out']) or (
+        (layer.bias is not None) != s['bias']):
+      raise ValueError(f'{name}: the model has {type(layer).__name__} '
                        f'where the checkpoint expects a ({s["d_in"]}, '
-                       f'{s["d_out"]}) Linear: another model?')
-    dtype = linear.kernel.dtype
-    surgery.replace_module(model, name, surgery.FactoredLinear(
-        jnp.zeros((s['d_in'], s['rank']), dtype),
-        jnp.zeros((s['rank'], s['d_out']), dtype),
-        jnp.zeros((s['d_out'],), dtype) if s['bias'] else None))
+                       f'{s["d_out"]}) dense layer'
+                       f'{" with" if s["bias"] else " without"} bias: '
+                       'another model?')
+    surgery.replace_module(model, name, surgery.factored_like(layer,
+                                                              s['rank']))
   return model
 
 

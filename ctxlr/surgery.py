@@ -649,3 +649,15 @@ def apply_factors(model: nnx.Module,
     replace_module(model, module, new)
     ranks[module] = new.rank
   return ranks
+
+
+def factored_like(module: Any, rank: int) -> FactoredLinear:
+  """A rank-`rank` FactoredLinear for `module` with zero factors.
+
+  The structure to restore saved factors into (`checkpoint.load`): shapes,
+  stacking, bias and compute settings are those `factored_from` gives.
+  """
+  view = matrix_view(module)
+  dtype = module.kernel.dtype
+  return factored_from(module, jnp.zeros(view.stack + (view.d_in, rank), dtype),
+                       jnp.zeros(view.stack + (rank, view.d_out), dtype))
