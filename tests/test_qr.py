@@ -96,6 +96,8 @@ def test_regularize_r_mu_is_traced():
      'r has shape'),
     (lambda: ctxlr.fold_r(jnp.zeros((3, 3)), jnp.full((2, 3), jnp.inf)),
      'block contains 6 NaN or Inf'),
+    (lambda: ctxlr.fold_r(jnp.ones((3, 3)), jnp.ones((2, 3))),
+     'r must be upper triangular'),
     (lambda: ctxlr.regularize_r(jnp.eye(3), -1e-3), 'mu must be'),
     (lambda: ctxlr.regularize_r(jnp.eye(3), jnp.ones(2)), 'mu must be a'),
 ])

@@ -1,5 +1,9 @@
-"""The structured fold (tpqrt) against float64 NumPy QR of the stacked rows."""
-import jax
+"""The structured fold (tpqrt) against float64 NumPy QR of the stacked rows.
+
+Through `qr.fold_r` it is also checked by tests/test_streaming.py (the
+mostly-zero R under wide blocks, float32 and float64) and every calibration
+test.
+"""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,22 +30,6 @@ def test_fold_matches_float64_qr_of_the_stack(d, b, leaf):
   assert np.all(np.tril(r, -1) == 0)
   x = np.concatenate([x0, block])
   assert reference.r_error(r, x) < 5e-6               # RᵀR = XᵀX, relative
-
-
-@pytest.mark.parametrize('dtype, tol', [('float32', 1e-5), ('float64', 1e-12)])
-def test_first_folds_into_zero_r_with_wide_blocks(dtype, tol):
-  # A mostly-zero R under a few wide rows: the case where the dense float64
-  # geqrf of jaxlib 0.10 returned NaN for [R; X_block].
-  rng = np.random.default_rng(0)
-  d = 1024
-  blocks = [rng.standard_normal((b, d)) for b in (8, 31, 33)]
-  with jax.enable_x64(dtype == 'float64'):
-    r = jnp.zeros((d, d), dtype)
-    for i, block in enumerate(blocks):
-      r = tpqrt.fold(r, jnp.asarray(block, dtype))
-      x = np.concatenate(blocks[:i + 1])
-      assert reference.r_error(np.asarray(qr.canonical_signs(r), np.float64),
-                              x) < tol, i
 
 
 def test_zero_rows_and_rank_deficient_blocks():

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ctxlr.linalg import checks
+from ctxlr.linalg import tpqrt
 
 
 def canonical_signs(r: jax.Array) -> jax.Array:
@@ -66,14 +67,13 @@ def qr_r(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def fold_r_unchecked(r: jax.Array, block: jax.Array) -> jax.Array:
-  """`fold_r` without argument checks, for the package's hot loops."""
+  """`fold_r` without argument checks, for the package's hot loops.
+
+  The structured fold (`tpqrt.fold`): R's zeros are never touched, and the
+  work is matrix products (docs/results/bench_pipeline/).
+  """
   dtype = checks.compute_dtype(r.dtype, block.dtype)
-  # [X_block; R], not [R; X_block]: the same R (row order does not change
-  # RᵀR), but jaxlib 0.10's float64 CPU geqrf returns NaN for some wide
-  # blocks under a mostly-zero R (e.g. the first fold into R = 0 with
-  # d >= 1000, b = 8); data first never did (tests/test_streaming.py).
-  stacked = jnp.concatenate([block.astype(dtype), r.astype(dtype)])  # [b+d, d]
-  return qr_r_unchecked(stacked)
+  return canonical_signs(tpqrt.fold(r.astype(dtype), block.astype(dtype)))
 
 
 def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
@@ -84,7 +84,7 @@ def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
   zero-padded to keep one compiled shape.
 
   Args:
-    r: R so far, float[d, d] (zeros to start).
+    r: R so far, float[d, d] upper triangular (zeros to start).
     block: X_block, float[b, d]; any b >= 1.
 
   Returns:
@@ -96,6 +96,9 @@ def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
   checks.check_matrix('block', block, cols=d)
   checks.check_finite('r', r)
   checks.check_finite('block', block)
+  if bool(jnp.any(jnp.tril(jnp.asarray(r), -1) != 0)):
+    raise ValueError('r must be upper triangular (an R from qr_r, fold_r or '
+                     'zeros); it has nonzeros below the diagonal.')
   return fold_r_unchecked(jnp.asarray(r), jnp.asarray(block))
 
 
