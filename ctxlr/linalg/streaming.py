@@ -77,8 +77,7 @@ def fold_padded(r: jax.Array, block: jax.Array,
   if mask is not None:
     block = jnp.where(jnp.asarray(mask, bool)[:, None], block, 0)
   ok = jnp.all(jnp.isfinite(block))
-  stacked = jnp.concatenate([block, jnp.asarray(r).astype(dtype)])  # [b+d, d]
-  return qr.qr_r_unchecked(stacked), ok          # data first: see qr.fold_r_unchecked
+  return qr.fold_r_unchecked(jnp.asarray(r).astype(dtype), block), ok
 
 
 def check_dtype(dtype: Any) -> jnp.dtype:

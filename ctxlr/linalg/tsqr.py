@@ -40,7 +40,8 @@ P = jax.sharding.PartitionSpec
 
 
 def _qr_stack(top: jax.Array, bottom: jax.Array) -> jax.Array:
-  return qr.qr_r_unchecked(jnp.concatenate([top, bottom]))         # f[d, d]
+  """R of two stacked triangles (the structured fold)."""
+  return qr.fold_r_unchecked(top, bottom)                         # f[d, d]
 
 
 def combine_r(r: jax.Array, axis_name: str, *, axis_size: int,
