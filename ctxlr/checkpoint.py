@@ -16,6 +16,7 @@ Two formats, both loading to identical logits:
   whole file (`store.write_verified`), applied to a dense model you load
   yourself (e.g. the original GGUF): small, and readable without JAX.
 """
+
 import hashlib
 import json
 import os
@@ -35,15 +36,21 @@ from ctxlr import surgery
 
 def surgery_spec(model: nnx.Module) -> dict[str, dict[str, Any]]:
   """{layer: dict(rank, d_in, d_out, bias)} for every FactoredLinear."""
-  return {surgery.path_name(p): dict(rank=m.rank, d_in=m.in_features,
-                                     d_out=m.out_features,
-                                     bias=m.bias is not None)
-          for p, m in nnx.iter_modules(model)
-          if isinstance(m, surgery.FactoredLinear)}
+  return {
+      surgery.path_name(p): dict(
+          rank=m.rank,
+          d_in=m.in_features,
+          d_out=m.out_features,
+          bias=m.bias is not None,
+      )
+      for p, m in nnx.iter_modules(model)
+      if isinstance(m, surgery.FactoredLinear)
+  }
 
 
-def apply_spec(model: nnx.Module, spec: Mapping[str, Mapping[str, Any]]
-               ) -> nnx.Module:
+def apply_spec(
+    model: nnx.Module, spec: Mapping[str, Mapping[str, Any]]
+) -> nnx.Module:
   """Replaces each spec'd layer of a dense model by zero factors, in place.
 
   The factored modules are `surgery.factored_like` the dense layers, so they
@@ -55,22 +62,26 @@ def apply_spec(model: nnx.Module, spec: Mapping[str, Mapping[str, Any]]
       view = surgery.matrix_view(layer)
     except ValueError:
       view = None
-    if view is None or (view.d_in, view.d_out) != (s['d_in'], s['d_out']) or (
-        (layer.bias is not None) != s['bias']):
-      raise ValueError(f'{name}: the model has {type(layer).__name__} '
-                       f'where the checkpoint expects a ({s["d_in"]}, '
-                       f'{s["d_out"]}) dense layer'
-                       f'{" with" if s["bias"] else " without"} bias: '
-                       'another model?')
-    surgery.replace_module(model, name, surgery.factored_like(layer,
-                                                              s['rank']))
+    if (
+        view is None
+        or (view.d_in, view.d_out) != (s['d_in'], s['d_out'])
+        or ((layer.bias is not None) != s['bias'])
+    ):
+      raise ValueError(
+          f'{name}: the model has {type(layer).__name__} '
+          f'where the checkpoint expects a ({s["d_in"]}, '
+          f'{s["d_out"]}) dense layer'
+          f'{" with" if s["bias"] else " without"} bias: '
+          'another model?'
+      )
+    surgery.replace_module(model, name, surgery.factored_like(layer, s['rank']))
   return model
 
 
 FORMAT = 'ctxlr-checkpoint/1'
-RECORD = 'checkpoint.json'       # the commit: spec, save folder, checksums
+RECORD = 'checkpoint.json'  # the commit: spec, save folder, checksums
 _SAVE_PREFIX = 'save-'
-FACTORS_NAME = 'ctxlr factors'   # what an export_factors file holds
+FACTORS_NAME = 'ctxlr factors'  # what an export_factors file holds
 
 
 def _hash_file(path: str) -> str:
@@ -88,7 +99,8 @@ def _file_table(folder: str) -> dict[str, dict[str, Any]]:
     for name in files:
       path = os.path.join(root, name)
       table[os.path.relpath(path, folder)] = dict(
-          sha256=_hash_file(path), size=os.path.getsize(path))
+          sha256=_hash_file(path), size=os.path.getsize(path)
+      )
   return dict(sorted(table.items()))
 
 
@@ -98,21 +110,27 @@ def _read_record(directory: str) -> dict[str, Any]:
     raise ValueError(
         f'{directory} holds no finished checkpoint: {RECORD} is missing '
         '(nothing was saved there, the first save was interrupted before it '
-        'completed, or it was written by an older ctxlr).')
+        'completed, or it was written by an older ctxlr).'
+    )
   try:
     record = results.read_json(path)
   except ValueError as e:
     raise ValueError(f'Checkpoint {directory} is damaged: {e}') from e
   if not isinstance(record, dict) or record.get('format') != FORMAT:
     found = record.get('format') if isinstance(record, dict) else None
-    raise ValueError(f'{path} is not a checkpoint record of this version '
-                     f'(format {found!r}, expected {FORMAT!r}).')
+    raise ValueError(
+        f'{path} is not a checkpoint record of this version '
+        f'(format {found!r}, expected {FORMAT!r}).'
+    )
   return record
 
 
 def _save_folders(directory: str) -> list[str]:
-  return [e for e in os.listdir(directory) if e.startswith(_SAVE_PREFIX) and
-          e[len(_SAVE_PREFIX):].isdigit()]
+  return [
+      e
+      for e in os.listdir(directory)
+      if e.startswith(_SAVE_PREFIX) and e[len(_SAVE_PREFIX) :].isdigit()
+  ]
 
 
 def _remove_other_saves(directory: str, keep: str | None) -> None:
@@ -140,20 +158,25 @@ def verify(directory: str) -> dict[str, Any]:
     if not os.path.isfile(path):
       bad.append(f'{rel} is missing')
     elif os.path.getsize(path) != info['size']:
-      bad.append(f'{rel} has {os.path.getsize(path)} bytes, expected '
-                 f'{info["size"]} (truncated or altered)')
+      bad.append(
+          f'{rel} has {os.path.getsize(path)} bytes, expected '
+          f'{info["size"]} (truncated or altered)'
+      )
     elif _hash_file(path) != info['sha256']:
       bad.append(f'{rel} is corrupt (SHA-256 mismatch)')
   if bad:
     raise ValueError(
         f'Checkpoint {directory} is damaged: in {record["save"]}/, '
-        + '; '.join(bad[:5]) + (f'; and {len(bad) - 5} more' if len(bad) > 5
-                                else '') + '. It cannot be loaded.')
+        + '; '.join(bad[:5])
+        + (f'; and {len(bad) - 5} more' if len(bad) > 5 else '')
+        + '. It cannot be loaded.'
+    )
   return record
 
 
-def save(model: nnx.Module, directory: str,
-         base: Mapping[str, Any] | None = None) -> None:
+def save(
+    model: nnx.Module, directory: str, base: Mapping[str, Any] | None = None
+) -> None:
   """Saves a compressed model with orbax (state) and its surgery spec.
 
   Saving over an existing checkpoint keeps it until the new one is complete
@@ -175,19 +198,31 @@ def save(model: nnx.Module, directory: str,
     try:
       current = _read_record(directory)['save']
     except ValueError:
-      current = None            # a damaged record commits nothing
-  number = 1 + max([int(e[len(_SAVE_PREFIX):])       # never reused
-                    for e in _save_folders(directory)], default=0)
-  _remove_other_saves(directory, keep=current)   # killed saves' leftovers
+      current = None  # a damaged record commits nothing
+  number = 1 + max(
+      [
+          int(e[len(_SAVE_PREFIX) :])  # never reused
+          for e in _save_folders(directory)
+      ],
+      default=0,
+  )
+  _remove_other_saves(directory, keep=current)  # killed saves' leftovers
   name = f'{_SAVE_PREFIX}{number:06d}'
   folder = os.path.join(directory, name)
   spec = surgery_spec(model)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(folder, 'state'), nnx.state(model))
     checkpointer.wait_until_finished()
-  results.write_json(os.path.join(directory, RECORD), dict(
-      format=FORMAT, save=name, spec=spec, base=dict(base or {}),
-      files=_file_table(folder)))                          # the commit
+  results.write_json(
+      os.path.join(directory, RECORD),
+      dict(
+          format=FORMAT,
+          save=name,
+          spec=spec,
+          base=dict(base or {}),
+          files=_file_table(folder),
+      ),
+  )  # the commit
   _remove_other_saves(directory, keep=name)
 
 
@@ -214,17 +249,20 @@ def load(directory: str, make_dense: Callable[[], nnx.Module]) -> nnx.Module:
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       state = checkpointer.restore(
-          os.path.join(directory, record['save'], 'state'), abstract_state)
+          os.path.join(directory, record['save'], 'state'), abstract_state
+      )
   except Exception as e:  # pylint: disable=broad-except  (files verified)
     raise ValueError(
         f'Checkpoint {directory} (verified) does not fit the model built by '
         f'make_dense with its surgery spec: {type(e).__name__}: '
-        f'{str(e)[:500]}') from e
+        f'{str(e)[:500]}'
+    ) from e
   return nnx.merge(graphdef, state)
 
 
-def export_factors(model: nnx.Module, path: str,
-                   metadata: Mapping[str, Any] | None = None) -> None:
+def export_factors(
+    model: nnx.Module, path: str, metadata: Mapping[str, Any] | None = None
+) -> None:
   """Writes every FactoredLinear's a, b (and bias) to one safetensors file.
 
   Atomic (a `.tmp` file renamed into place) and self-verifying: the
@@ -238,9 +276,12 @@ def export_factors(model: nnx.Module, path: str,
     tensors[f'{name}/b'] = np.asarray(jax.device_get(layer.b[...]))
     if layer.bias is not None:
       tensors[f'{name}/bias'] = np.asarray(jax.device_get(layer.bias[...]))
-  meta = {'ctxlr_spec': json.dumps(surgery_spec(model)),
-          'ctxlr_metadata': json.dumps(dict(metadata or {}),
-                                       default=results.json_default)}
+  meta = {
+      'ctxlr_spec': json.dumps(surgery_spec(model)),
+      'ctxlr_metadata': json.dumps(
+          dict(metadata or {}), default=results.json_default
+      ),
+  }
   store.write_verified(path, tensors, name=FACTORS_NAME, metadata=meta)
 
 
@@ -256,19 +297,23 @@ def import_factors(model: nnx.Module, path: str) -> nnx.Module:
     raise ValueError(
         f'{path} is not a ctxlr factors export: its safetensors metadata has '
         f'no ctxlr_spec (keys {sorted(meta)}); write one with '
-        'checkpoint.export_factors.')
+        'checkpoint.export_factors.'
+    )
   tensors, meta = store.read_verified(path, name=FACTORS_NAME)
   spec = json.loads(meta['ctxlr_spec'])
   for name, s in spec.items():
-    expected = {f'{name}/a': (s['d_in'], s['rank']),
-                f'{name}/b': (s['rank'], s['d_out'])}
+    expected = {
+        f'{name}/a': (s['d_in'], s['rank']),
+        f'{name}/b': (s['rank'], s['d_out']),
+    }
     if s['bias']:
       expected[f'{name}/bias'] = (s['d_out'],)
     for key, shape in expected.items():
       got = tensors[key].shape if key in tensors else None
       if got != shape:
-        raise ValueError(f'{path}: tensor {key} has shape {got}; its spec '
-                         f'says {shape}.')
+        raise ValueError(
+            f'{path}: tensor {key} has shape {got}; its spec ' f'says {shape}.'
+        )
   apply_spec(model, spec)
   for name in spec:
     layer = surgery.get_module(model, name)

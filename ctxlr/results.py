@@ -1,4 +1,5 @@
 """Writing results so that a killed run never leaves a half-written file."""
+
 import json
 import os
 from typing import Any
@@ -27,7 +28,7 @@ def write_text(path: str, text: str) -> None:
     os.fsync(f.fileno())
   os.replace(tmp, path)
   fd = os.open(os.path.dirname(path) or '.', os.O_RDONLY)
-  try:                              # the rename itself survives a crash too
+  try:  # the rename itself survives a crash too
     os.fsync(fd)
   finally:
     os.close(fd)
@@ -50,23 +51,31 @@ def read_json(path: str) -> Any:
     data = f.read()
   try:
     return json.loads(data.decode('utf-8'))
-  except ValueError as e:          # JSONDecodeError, UnicodeDecodeError
-    raise ValueError(f'{path} is not valid JSON ({e}; {len(data)} bytes): '
-                     'truncated or damaged.') from None
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(
+        f'{path} is not valid JSON ({e}; {len(data)} bytes): '
+        'truncated or damaged.'
+    ) from None
 
 
-def markdown_table(rows: list[dict[str, Any]], columns: list[str],
-                   formats: dict[str, str] | None = None) -> str:
+def markdown_table(
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    formats: dict[str, str] | None = None,
+) -> str:
   """A GitHub Markdown table of `rows` (dicts) restricted to `columns`."""
   formats = formats or {}
+
   def cell(row, col):
     value = row.get(col, '')
     fmt = formats.get(col)
     if fmt and isinstance(value, (int, float, np.generic)):
       return format(value, fmt)
     return str(value)
-  lines = ['| ' + ' | '.join(columns) + ' |',
-           '|' + '|'.join('---' for _ in columns) + '|']
-  lines += ['| ' + ' | '.join(cell(r, c) for c in columns) + ' |'
-            for r in rows]
+
+  lines = [
+      '| ' + ' | '.join(columns) + ' |',
+      '|' + '|'.join('---' for _ in columns) + '|',
+  ]
+  lines += ['| ' + ' | '.join(cell(r, c) for c in columns) + ' |' for r in rows]
   return '\n'.join(lines) + '\n'

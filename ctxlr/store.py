@@ -20,6 +20,7 @@ are identified by their content by default (`fingerprinted`,
 `RunStore.bind_data`); an explicit `data_id` in the fingerprint names them
 instead. One run at a time may use a directory.
 """
+
 import hashlib
 import json
 import logging
@@ -36,9 +37,9 @@ from ctxlr import results
 from ctxlr import stats as stats_lib
 
 FORMAT = 'ctxlr-run-store/2'
-NAME_KEY = 'ctxlr_name'          # safetensors metadata: what the file holds
-SHA256_KEY = 'ctxlr_sha256'      # safetensors metadata: its checksum
-_JSON_KEY = 'ctxlr_json'         # run-store files: their JSON metadata
+NAME_KEY = 'ctxlr_name'  # safetensors metadata: what the file holds
+SHA256_KEY = 'ctxlr_sha256'  # safetensors metadata: its checksum
+_JSON_KEY = 'ctxlr_json'  # run-store files: their JSON metadata
 _SUFFIX = '.safetensors'
 
 
@@ -47,7 +48,7 @@ class CorruptFileError(ValueError):
 
 
 def _hash_array(h: Any, key: str, array: np.ndarray) -> None:
-  a = np.ascontiguousarray(array).reshape(-1)     # bytes in C order
+  a = np.ascontiguousarray(array).reshape(-1)  # bytes in C order
   h.update(f'{key}\0{array.dtype.str}\0{array.shape}\0'.encode())
   h.update(a.view(np.uint8))
 
@@ -62,8 +63,9 @@ def fingerprint_arrays(arrays: Mapping[str, Any]) -> str:
   return h.hexdigest()
 
 
-def tensors_digest(tensors: Mapping[str, np.ndarray], *, name: str,
-                   metadata: Mapping[str, str]) -> str:
+def tensors_digest(
+    tensors: Mapping[str, np.ndarray], *, name: str, metadata: Mapping[str, str]
+) -> str:
   """SHA-256 binding a file's name, metadata and tensors together.
 
   Each tensor enters with its key, dtype and shape, then its bytes, so a
@@ -85,8 +87,13 @@ def _fsync_dir(directory: str) -> None:
     os.close(fd)
 
 
-def write_verified(path: str, tensors: Mapping[str, Any], *, name: str,
-                   metadata: Mapping[str, str] | None = None) -> int:
+def write_verified(
+    path: str,
+    tensors: Mapping[str, Any],
+    *,
+    name: str,
+    metadata: Mapping[str, str] | None = None,
+) -> int:
   """Writes a self-verifying safetensors file atomically.
 
   The tensors go to `<path>.tmp` with `metadata`, `ctxlr_name = name` and
@@ -106,17 +113,22 @@ def write_verified(path: str, tensors: Mapping[str, Any], *, name: str,
   metadata = dict(metadata or {})
   for key, value in metadata.items():
     if not isinstance(value, str) or key in (NAME_KEY, SHA256_KEY):
-      raise ValueError(f'metadata must map str to str without {NAME_KEY!r} '
-                       f'or {SHA256_KEY!r}; got {key!r}: '
-                       f'{type(value).__name__}.')
+      raise ValueError(
+          f'metadata must map str to str without {NAME_KEY!r} '
+          f'or {SHA256_KEY!r}; got {key!r}: '
+          f'{type(value).__name__}.'
+      )
   arrays = {}
   for key, value in tensors.items():
     a = np.asarray(jax.device_get(value))
     arrays[key] = a if a.flags.c_contiguous else np.ascontiguousarray(a)
   digest = tensors_digest(arrays, name=name, metadata=metadata)
   tmp = f'{path}.tmp'
-  safetensors.numpy.save_file(arrays, tmp, metadata=dict(
-      metadata, **{NAME_KEY: name, SHA256_KEY: digest}))
+  safetensors.numpy.save_file(
+      arrays,
+      tmp,
+      metadata=dict(metadata, **{NAME_KEY: name, SHA256_KEY: digest}),
+  )
   fd = os.open(tmp, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -142,11 +154,13 @@ def read_metadata(path: str) -> dict[str, str]:
   except Exception as e:  # pylint: disable=broad-except  (any parse error)
     raise CorruptFileError(
         f'{path} is not a readable safetensors file ({type(e).__name__}: '
-        f'{e}): truncated or damaged.') from e
+        f'{e}): truncated or damaged.'
+    ) from e
 
 
-def read_verified(path: str, *, name: str | None = None
-                  ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_verified(
+    path: str, *, name: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Reads a `write_verified` file and checks it against its checksum.
 
   Args:
@@ -167,15 +181,20 @@ def read_verified(path: str, *, name: str | None = None
     raise CorruptFileError(
         f'{path} has no ctxlr checksum in its metadata (keys '
         f'{sorted(meta)}): not written by ctxlr.store.write_verified, or '
-        'written by an older version; it cannot be verified.')
+        'written by an older version; it cannot be verified.'
+    )
   if name is not None and meta[NAME_KEY] != name:
-    raise CorruptFileError(f'{path} holds {meta[NAME_KEY]!r}, not {name!r}: '
-                           "another file's contents under this name.")
+    raise CorruptFileError(
+        f'{path} holds {meta[NAME_KEY]!r}, not {name!r}: '
+        "another file's contents under this name."
+    )
   try:
     tensors = safetensors.numpy.load_file(path)
   except Exception as e:  # pylint: disable=broad-except  (any parse error)
-    raise CorruptFileError(f'{path} cannot be read ({type(e).__name__}: '
-                           f'{e}): truncated or damaged.') from e
+    raise CorruptFileError(
+        f'{path} cannot be read ({type(e).__name__}: '
+        f'{e}): truncated or damaged.'
+    ) from e
   expected = meta.pop(SHA256_KEY)
   stored_name = meta.pop(NAME_KEY)
   digest = tensors_digest(tensors, name=stored_name, metadata=meta)
@@ -183,7 +202,8 @@ def read_verified(path: str, *, name: str | None = None
     raise CorruptFileError(
         f'{path} is corrupt: the SHA-256 of its name, metadata and tensors '
         f'(keys, shapes, dtypes, bytes) is {digest[:16]}…, the file records '
-        f'{expected[:16]}….')
+        f'{expected[:16]}….'
+    )
   return tensors, meta
 
 
@@ -237,11 +257,11 @@ class Fingerprinted:
     for batch in self._batches:
       fp.update(batch)
       yield batch
-    if self._digest is None:                    # the first complete pass
+    if self._digest is None:  # the first complete pass
       self._digest = fp.hexdigest()
 
   def __len__(self) -> int:
-    return len(self._batches)   # TypeError for unsized iterables, as usual
+    return len(self._batches)  # TypeError for unsized iterables, as usual
 
   def hexdigest(self) -> str:
     """The digest of the batches; reads them now if no pass has completed.
@@ -252,9 +272,11 @@ class Fingerprinted:
     """
     if self._digest is None:
       if self._started and iter(self._batches) is self._batches:
-        raise ValueError('The calibration batches (a one-pass iterator) were '
-                         'read part of the way only: their fingerprint is '
-                         'unknown.')
+        raise ValueError(
+            'The calibration batches (a one-pass iterator) were '
+            'read part of the way only: their fingerprint is '
+            'unknown.'
+        )
       for _ in self:
         pass
     return self._digest
@@ -277,7 +299,7 @@ def fingerprinted(batches: Iterable[Any]) -> Fingerprinted:
 def _file_name(name: str) -> str:
   if not isinstance(name, str) or not name:
     raise ValueError(f'A layer name must be a non-empty str; got {name!r}.')
-  return urllib.parse.quote(name, safe='') + _SUFFIX   # '/' -> '%2F'
+  return urllib.parse.quote(name, safe='') + _SUFFIX  # '/' -> '%2F'
 
 
 class RunStore:
@@ -296,29 +318,32 @@ class RunStore:
         a damaged manifest, or a store of another format.
     """
     self.directory = directory
-    self.fingerprint = json.loads(json.dumps(dict(fingerprint),
-                                             sort_keys=True, default=str))
-    self.not_finished: list[str] = []   # files found invalid, recomputed
+    self.fingerprint = json.loads(
+        json.dumps(dict(fingerprint), sort_keys=True, default=str)
+    )
+    self.not_finished: list[str] = []  # files found invalid, recomputed
     self._verified: dict[str, tuple[dict, dict]] = {}
     if os.path.exists(self._manifest_path):
       stored = self._read_manifest()
-      diff = sorted(k for k in set(stored['fingerprint']) |
-                    set(self.fingerprint)
-                    if stored['fingerprint'].get(k) !=
-                    self.fingerprint.get(k))
+      diff = sorted(
+          k
+          for k in set(stored['fingerprint']) | set(self.fingerprint)
+          if stored['fingerprint'].get(k) != self.fingerprint.get(k)
+      )
       if diff:
         raise ValueError(
             f'Checkpoint {directory} was made for another run: it differs in '
             f'{diff} (stored {[stored["fingerprint"].get(k) for k in diff]}, '
             f'now {[self.fingerprint.get(k) for k in diff]}). Use another '
-            'directory or delete it.')
+            'directory or delete it.'
+        )
       self.data_sha256 = stored.get('data_sha256')
     else:
       os.makedirs(self._layers_dir, exist_ok=True)
       self.data_sha256 = None
       self._write_manifest()
     os.makedirs(self._layers_dir, exist_ok=True)
-    for folder in (directory, self._layers_dir):   # a killed run's leftovers
+    for folder in (directory, self._layers_dir):  # a killed run's leftovers
       for entry in os.listdir(folder):
         if entry.endswith('.tmp'):
           os.remove(os.path.join(folder, entry))
@@ -346,20 +371,28 @@ class RunStore:
       raise ValueError(
           f'{self.directory} is not a run store of this version (manifest '
           f'format {found!r}, expected {FORMAT!r}): delete it or use another '
-          'directory.')
+          'directory.'
+      )
     return stored
 
   def _write_manifest(self) -> None:
-    results.write_json(self._manifest_path, dict(
-        format=FORMAT, fingerprint=self.fingerprint,
-        data_sha256=self.data_sha256))
+    results.write_json(
+        self._manifest_path,
+        dict(
+            format=FORMAT,
+            fingerprint=self.fingerprint,
+            data_sha256=self.data_sha256,
+        ),
+    )
 
   @property
   def run_id(self) -> str:
     """SHA-256 of the fingerprint and the data digest: bound into each file."""
-    return hashlib.sha256(json.dumps(
-        [self.fingerprint, self.data_sha256], sort_keys=True).encode()
-                          ).hexdigest()
+    return hashlib.sha256(
+        json.dumps(
+            [self.fingerprint, self.data_sha256], sort_keys=True
+        ).encode()
+    ).hexdigest()
 
   def bind_data(self, digest: str) -> None:
     """Records the calibration data's digest, or checks it against the store.
@@ -382,16 +415,31 @@ class RunStore:
           f'Checkpoint {self.directory} was made for other calibration data: '
           f'their batches hash to {self.data_sha256[:16]}…, these to '
           f'{digest[:16]}…. Use another directory or delete it (or pass '
-          'data_id to name the data yourself).')
+          'data_id to name the data yourself).'
+      )
 
-  def _write(self, path: str, name: str, tensors: Mapping[str, Any],
-             meta: Mapping[str, Any]) -> None:
+  def _write(
+      self,
+      path: str,
+      name: str,
+      tensors: Mapping[str, Any],
+      meta: Mapping[str, Any],
+  ) -> None:
     self._verified.pop(path, None)
-    write_verified(path, tensors, name=name, metadata={_JSON_KEY: json.dumps(
-        dict(run=self.run_id, meta=meta), default=results.json_default)})
+    write_verified(
+        path,
+        tensors,
+        name=name,
+        metadata={
+            _JSON_KEY: json.dumps(
+                dict(run=self.run_id, meta=meta), default=results.json_default
+            )
+        },
+    )
 
-  def _load(self, path: str, name: str, *, strict: bool = False
-            ) -> tuple[dict, dict] | None:
+  def _load(
+      self, path: str, name: str, *, strict: bool = False
+  ) -> tuple[dict, dict] | None:
     """(tensors, meta) of a finished file, or None (absent / not finished)."""
     if path in self._verified:
       return self._verified[path]
@@ -403,7 +451,8 @@ class RunStore:
       if stored['run'] != self.run_id:
         raise CorruptFileError(
             f'{path} was written for another run of this directory (other '
-            'calibration data, or before they were fingerprinted).')
+            'calibration data, or before they were fingerprinted).'
+        )
     except (CorruptFileError, KeyError, ValueError) as e:
       if strict:
         raise
@@ -422,18 +471,29 @@ class RunStore:
     """Whether finished (verified) statistics are stored."""
     return self._load(self.stats_path, 'stats') is not None
 
-  def save_stats(self, stats: Mapping[str, stats_lib.LayerStats],
-                 group_of: Mapping[str, str]) -> None:
+  def save_stats(
+      self,
+      stats: Mapping[str, stats_lib.LayerStats],
+      group_of: Mapping[str, str],
+  ) -> None:
     tensors = {}
     for g, s in stats.items():
       for field in ('r', 'gram', 'abs_sum'):
         if getattr(s, field) is not None:
           tensors[f'{g}/{field}'] = getattr(s, field)
-    self._write(self.stats_path, 'stats', tensors, dict(
-        group_of=dict(group_of), count={g: s.count for g, s in stats.items()}))
+    self._write(
+        self.stats_path,
+        'stats',
+        tensors,
+        dict(
+            group_of=dict(group_of),
+            count={g: s.count for g, s in stats.items()},
+        ),
+    )
 
-  def load_stats(self) -> tuple[dict[str, stats_lib.LayerStats],
-                                dict[str, str]]:
+  def load_stats(
+      self,
+  ) -> tuple[dict[str, stats_lib.LayerStats], dict[str, str]]:
     """The stored statistics and group_of.
 
     Raises:
@@ -443,10 +503,15 @@ class RunStore:
     if found is None:
       raise FileNotFoundError(f'{self.stats_path} does not exist.')
     tensors, meta = self._verified.pop(self.stats_path)
-    stats = {g: stats_lib.LayerStats(
-        r=tensors[f'{g}/r'], gram=tensors.get(f'{g}/gram'),
-        abs_sum=tensors.get(f'{g}/abs_sum'), count=int(count))
-             for g, count in meta['count'].items()}
+    stats = {
+        g: stats_lib.LayerStats(
+            r=tensors[f'{g}/r'],
+            gram=tensors.get(f'{g}/gram'),
+            abs_sum=tensors.get(f'{g}/abs_sum'),
+            count=int(count),
+        )
+        for g, count in meta['count'].items()
+    }
     return stats, meta['group_of']
 
   # Solved layers.
@@ -455,15 +520,25 @@ class RunStore:
 
   def save_layer(self, name: str, result: Mapping[str, Any]) -> None:
     meta = {k: v for k, v in result.items() if k not in ('a', 'b')}
-    self._write(self._layer_path(name), f'layer {name}',
-                dict(a=result['a'], b=result['b']), meta)
+    self._write(
+        self._layer_path(name),
+        f'layer {name}',
+        dict(a=result['a'], b=result['b']),
+        meta,
+    )
 
   def finished_layers(self) -> list[str]:
     """Names of the layers whose files verify (others are recomputed)."""
-    names = [urllib.parse.unquote(f[:-len(_SUFFIX)])
-             for f in os.listdir(self._layers_dir) if f.endswith(_SUFFIX)]
-    return sorted(n for n in names
-                  if self._load(self._layer_path(n), f'layer {n}') is not None)
+    names = [
+        urllib.parse.unquote(f[: -len(_SUFFIX)])
+        for f in os.listdir(self._layers_dir)
+        if f.endswith(_SUFFIX)
+    ]
+    return sorted(
+        n
+        for n in names
+        if self._load(self._layer_path(n), f'layer {n}') is not None
+    )
 
   def load_layer(self, name: str) -> dict[str, Any]:
     """dict(meta, a=, b=) of a finished layer.

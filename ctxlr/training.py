@@ -20,6 +20,7 @@ resumes from the newest step whose files match their record, and a step
 without one (killed before it was recorded) or with a damaged file is named
 in a warning and dropped: it is not finished.
 """
+
 import hashlib
 import os
 import shutil
@@ -39,9 +40,15 @@ from ctxlr import results
 from ctxlr import surgery
 
 
-def make_tx(*, learning_rate: float, steps: int, warmup_steps: int = 0,
-            clip_norm: float = 1.0, weight_decay: float = 0.0,
-            end_fraction: float = 0.0) -> optax.GradientTransformation:
+def make_tx(
+    *,
+    learning_rate: float,
+    steps: int,
+    warmup_steps: int = 0,
+    clip_norm: float = 1.0,
+    weight_decay: float = 0.0,
+    end_fraction: float = 0.0,
+) -> optax.GradientTransformation:
   """AdamW on a linear warm-up + cosine schedule, after global-norm clipping.
 
   Args:
@@ -56,25 +63,37 @@ def make_tx(*, learning_rate: float, steps: int, warmup_steps: int = 0,
     An optax GradientTransformation.
   """
   if not 0 <= warmup_steps < steps:
-    raise ValueError(f'Expected 0 <= warmup_steps < steps; got '
-                     f'{warmup_steps} and {steps}.')
+    raise ValueError(
+        f'Expected 0 <= warmup_steps < steps; got '
+        f'{warmup_steps} and {steps}.'
+    )
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
-      decay_steps=steps, end_value=learning_rate * end_fraction)
-  return optax.chain(optax.clip_by_global_norm(clip_norm),
-                     optax.adamw(schedule, weight_decay=weight_decay))
+      init_value=0.0,
+      peak_value=learning_rate,
+      warmup_steps=warmup_steps,
+      decay_steps=steps,
+      end_value=learning_rate * end_fraction,
+  )
+  return optax.chain(
+      optax.clip_by_global_norm(clip_norm),
+      optax.adamw(schedule, weight_decay=weight_decay),
+  )
 
 
 def factor_filter(model: nnx.Module) -> Callable[[tuple, Any], bool]:
   """NNX filter: the `a` and `b` of every `FactoredLinear` in `model`."""
-  prefixes = frozenset(tuple(p) for p, m in nnx.iter_modules(model)
-                       if isinstance(m, surgery.FactoredLinear))
+  prefixes = frozenset(
+      tuple(p)
+      for p, m in nnx.iter_modules(model)
+      if isinstance(m, surgery.FactoredLinear)
+  )
   if not prefixes:
     raise ValueError('The model has no FactoredLinear layer to train.')
 
   def is_factor(path: tuple, x: Any) -> bool:
     del x
     return path[-1] in ('a', 'b') and tuple(path[:-1]) in prefixes
+
   return is_factor
 
 
@@ -85,17 +104,20 @@ def count_params(model: nnx.Module, wrt: Any) -> int:
 
 def next_token_loss(model: nnx.Module, ids: jax.Array) -> jax.Array:
   """Mean cross-entropy of `ids[:, 1:]` given the prefix; ids int[b, L]."""
-  logits = model(ids)[:, :-1].astype(jnp.float32)          # f32[b, L-1, V]
+  logits = model(ids)[:, :-1].astype(jnp.float32)  # f32[b, L-1, V]
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits, ids[:, 1:]).mean()
+      logits, ids[:, 1:]
+  ).mean()
 
 
 @nnx.jit
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer,
-               ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+def train_step(
+    model: nnx.Module, optimizer: nnx.Optimizer, ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """One optimizer step on `optimizer.wrt`; returns (loss, gradient norm)."""
-  grad_fn = nnx.value_and_grad(next_token_loss,
-                               argnums=nnx.DiffState(0, optimizer.wrt))
+  grad_fn = nnx.value_and_grad(
+      next_token_loss, argnums=nnx.DiffState(0, optimizer.wrt)
+  )
   loss, grads = grad_fn(model, ids)
   optimizer.update(model, grads)
   return loss, optax.tree.norm(grads)
@@ -112,8 +134,11 @@ def _manager(directory: str, every: int) -> ocp.CheckpointManager:
   # Two steps kept: the newest may be finalized but not yet recorded when a
   # run is killed; the one before it is then the newest finished one.
   return ocp.CheckpointManager(
-      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
-          max_to_keep=2, save_interval_steps=every, create=True))
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=2, save_interval_steps=every, create=True
+      ),
+  )
 
 
 def _record_path(directory: str, step: int) -> str:
@@ -130,7 +155,8 @@ def _file_table(folder: str) -> dict[str, dict[str, Any]]:
         for chunk in iter(lambda: f.read(1 << 20), b''):
           h.update(chunk)
       table[os.path.relpath(path, folder)] = dict(
-          sha256=h.hexdigest(), size=os.path.getsize(path))
+          sha256=h.hexdigest(), size=os.path.getsize(path)
+      )
   return dict(sorted(table.items()))
 
 
@@ -140,15 +166,19 @@ def _record_step(directory: str, step: int) -> None:
   results.write_json(_record_path(directory, step), _file_table(folder))
   kept = {f'{s}.json' for s in _steps_on_disk(directory)}
   for entry in os.listdir(os.path.dirname(_record_path(directory, step))):
-    if entry not in kept:               # steps orbax has deleted
-      os.remove(os.path.join(os.path.dirname(_record_path(directory, step)),
-                             entry))
+    if entry not in kept:  # steps orbax has deleted
+      os.remove(
+          os.path.join(os.path.dirname(_record_path(directory, step)), entry)
+      )
 
 
 def _steps_on_disk(directory: str) -> list[int]:
   root = os.path.abspath(directory)
-  return sorted(int(e) for e in os.listdir(root) if e.isdigit() and
-                os.path.isdir(os.path.join(root, e)))
+  return sorted(
+      int(e)
+      for e in os.listdir(root)
+      if e.isdigit() and os.path.isdir(os.path.join(root, e))
+  )
 
 
 def _step_problem(directory: str, step: int) -> str | None:
@@ -162,8 +192,11 @@ def _step_problem(directory: str, step: int) -> str | None:
     return str(e)
   folder = os.path.join(os.path.abspath(directory), str(step))
   actual = _file_table(folder)
-  bad = sorted(rel for rel in set(record) | set(actual)
-               if record.get(rel) != actual.get(rel))
+  bad = sorted(
+      rel
+      for rel in set(record) | set(actual)
+      if record.get(rel) != actual.get(rel)
+  )
   if bad:
     return f'files that do not match their record: {bad[:5]}'
   return None
@@ -181,8 +214,12 @@ def latest_finished_step(directory: str) -> int | None:
     problem = _step_problem(directory, step)
     if problem is None:
       return step
-    logging.warning('Training checkpoint %s/%d is not finished (%s): '
-                    'dropping it.', directory, step, problem)
+    logging.warning(
+        'Training checkpoint %s/%d is not finished (%s): ' 'dropping it.',
+        directory,
+        step,
+        problem,
+    )
     shutil.rmtree(os.path.join(os.path.abspath(directory), str(step)))
     if os.path.exists(_record_path(directory, step)):
       os.remove(_record_path(directory, step))
@@ -190,17 +227,27 @@ def latest_finished_step(directory: str) -> int | None:
 
 
 def _train_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
-  return dict(params=nnx.state(model, optimizer.wrt),
-              optimizer=nnx.state(optimizer))
+  return dict(
+      params=nnx.state(model, optimizer.wrt), optimizer=nnx.state(optimizer)
+  )
 
 
-def train(model: nnx.Module, seqs: np.ndarray, *, wrt: Any,
-          tx: optax.GradientTransformation, steps: int, batch_size: int,
-          eval_fn: Callable[[nnx.Module], dict] | None = None,
-          eval_every: int = 0, eval_at_start: bool = True,
-          checkpoint_dir: str | None = None,
-          checkpoint_every: int = 0, log_every: int = 10,
-          desc: str = 'train') -> dict[str, list]:
+def train(
+    model: nnx.Module,
+    seqs: np.ndarray,
+    *,
+    wrt: Any,
+    tx: optax.GradientTransformation,
+    steps: int,
+    batch_size: int,
+    eval_fn: Callable[[nnx.Module], dict] | None = None,
+    eval_every: int = 0,
+    eval_at_start: bool = True,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+    log_every: int = 10,
+    desc: str = 'train',
+) -> dict[str, list]:
   """Trains the `wrt` parameters of `model` in place for `steps` steps.
 
   Args:
@@ -229,64 +276,89 @@ def train(model: nnx.Module, seqs: np.ndarray, *, wrt: Any,
      'eval': [dict(step, **eval_fn(model))]}; `step` counts finished steps.
   """
   if steps < 1 or batch_size < 1:
-    raise ValueError(f'steps and batch_size must be >= 1; got {steps} and '
-                     f'{batch_size}.')
-  if np.ndim(seqs) != 2 or not np.issubdtype(np.asarray(seqs).dtype,
-                                             np.integer):
-    raise ValueError(f'seqs must be integer token ids int[n, L]; got shape '
-                     f'{np.shape(seqs)} and dtype {np.asarray(seqs).dtype}.')
+    raise ValueError(
+        f'steps and batch_size must be >= 1; got {steps} and ' f'{batch_size}.'
+    )
+  if np.ndim(seqs) != 2 or not np.issubdtype(
+      np.asarray(seqs).dtype, np.integer
+  ):
+    raise ValueError(
+        f'seqs must be integer token ids int[n, L]; got shape '
+        f'{np.shape(seqs)} and dtype {np.asarray(seqs).dtype}.'
+    )
   if len(seqs) == 0 or np.shape(seqs)[1] < 2:
-    raise ValueError(f'seqs must hold at least one sequence of >= 2 tokens '
-                     f'(the loss predicts token t+1 from 1..t); got shape '
-                     f'{np.shape(seqs)}.')
+    raise ValueError(
+        f'seqs must hold at least one sequence of >= 2 tokens '
+        f'(the loss predicts token t+1 from 1..t); got shape '
+        f'{np.shape(seqs)}.'
+    )
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
   history = dict(train=[], eval=[])
   start = 0
   manager = None
   if checkpoint_dir is not None:
-    finished = latest_finished_step(checkpoint_dir)   # before orbax looks
+    finished = latest_finished_step(checkpoint_dir)  # before orbax looks
     manager = _manager(checkpoint_dir, max(checkpoint_every, 1))
     if finished is not None:
       start = finished
-      restored = manager.restore(start, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_train_state(model, optimizer)),
-          history=ocp.args.JsonRestore()))
+      restored = manager.restore(
+          start,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(_train_state(model, optimizer)),
+              history=ocp.args.JsonRestore(),
+          ),
+      )
       nnx.update(model, restored.state['params'])
       nnx.update(optimizer, restored.state['optimizer'])
       history = restored.history
       logging.info('%s: resumed from the checkpoint of step %d.', desc, start)
 
   def evaluate(step):
-    if eval_fn is not None and not any(r['step'] == step
-                                       for r in history['eval']):
+    if eval_fn is not None and not any(
+        r['step'] == step for r in history['eval']
+    ):
       row = dict(step=step, **eval_fn(model))
       history['eval'].append(row)
       logging.info('%s eval %s', desc, row)
 
   def save(step, force=False):
-    if manager is not None and manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_train_state(model, optimizer)),
-        history=ocp.args.JsonSave(history)), force=force):
-      manager.wait_until_finished()          # finalized: now record it
+    if manager is not None and manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_train_state(model, optimizer)),
+            history=ocp.args.JsonSave(history),
+        ),
+        force=force,
+    ):
+      manager.wait_until_finished()  # finalized: now record it
       _record_step(checkpoint_dir, step)
 
   if eval_at_start and start == 0:
     evaluate(0)
-  bar = tqdm.tqdm(range(start, steps), desc=desc, unit='step',
-                  initial=start, total=steps)
+  bar = tqdm.tqdm(
+      range(start, steps), desc=desc, unit='step', initial=start, total=steps
+  )
   for step in bar:
     t0 = time.perf_counter()
-    loss, gnorm = train_step(model, optimizer,
-                             jnp.asarray(batch_at(seqs, step, batch_size)))
+    loss, gnorm = train_step(
+        model, optimizer, jnp.asarray(batch_at(seqs, step, batch_size))
+    )
     loss, gnorm = float(loss), float(gnorm)
-    history['train'].append(dict(step=step + 1, loss=loss, grad_norm=gnorm,
-                                 seconds=time.perf_counter() - t0))
+    history['train'].append(
+        dict(
+            step=step + 1,
+            loss=loss,
+            grad_norm=gnorm,
+            seconds=time.perf_counter() - t0,
+        )
+    )
     bar.set_postfix(loss=f'{loss:.4f}')
     if not np.isfinite(loss):
       raise FloatingPointError(f'{desc}: loss is {loss} at step {step + 1}.')
     if log_every and (step + 1) % log_every == 0:
-      logging.info('%s step %d loss %.4f grad_norm %.3f', desc, step + 1,
-                   loss, gnorm)
+      logging.info(
+          '%s step %d loss %.4f grad_norm %.3f', desc, step + 1, loss, gnorm
+      )
     if eval_every and (step + 1) % eval_every == 0:
       evaluate(step + 1)
     if checkpoint_every and (step + 1) % checkpoint_every == 0:

@@ -12,11 +12,15 @@ tensor of factors.safetensors bit for bit.
 
 Reported: kills tried (runs really SIGKILLed) and survived (the runs after
 them resumed and the chain ended identical), what each kill hit (the last
-file event before it), and the bytes of finished work recomputed: run-store
-files (progress/) that were complete and valid when a run was killed and
-were written again by a later run of the chain (0 if resuming never redoes
-finished work).
+file event before it), and the bytes of finished work recomputed: files of
+resumable work (the run store's statistics and layers in progress/, and the
+cached dense evaluation dense.json) that were complete and valid when a run
+was killed and were written again by a later run of the chain (0 if
+resuming never redoes finished work). The compressed model, the factors and
+the results are written again by every run that gets to them: they are the
+job's outputs, not work it resumes.
 """
+
 import fnmatch
 import os
 import shutil
@@ -38,18 +42,30 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Keys of results.json that change from run to run by design.
-VOLATILE = frozenset({'seconds', 'wall_seconds', 'disk_bytes',
-                      'dense_eval_reused', 'stats_resumed', 'resumed',
-                      'tokens_per_second'})
+VOLATILE = frozenset(
+    {
+        'seconds',
+        'wall_seconds',
+        'disk_bytes',
+        'dense_eval_reused',
+        'stats_resumed',
+        'resumed',
+        'tokens_per_second',
+    }
+)
 # What a kill hit: the phase of the last file event before it.
-PHASES = (('config.json', 'started'), ('dense.json*', 'dense evaluated'),
-          ('progress/manifest.json*', 'calibrating'),
-          ('progress/stats.safetensors*', 'statistics saved'),
-          ('progress/layers/*', 'solving layers'),
-          ('model/*', 'saving the model'),
-          ('factors.safetensors*', 'factors exported'),
-          ('results.json*', 'results written'),
-          ('progress', 'progress removed'), ('*', 'finishing'))
+PHASES = (
+    ('config.json', 'started'),
+    ('dense.json*', 'dense evaluated'),
+    ('progress/manifest.json*', 'calibrating'),
+    ('progress/stats.safetensors*', 'statistics saved'),
+    ('progress/layers/*', 'solving layers'),
+    ('model/*', 'saving the model'),
+    ('factors.safetensors*', 'factors exported'),
+    ('results.json*', 'results written'),
+    ('progress', 'progress removed'),
+    ('*', 'finishing'),
+)
 _NO_EVENT = 'starting (no file yet)'
 
 
@@ -57,16 +73,24 @@ def validate(config) -> None:
   """Raises ValueError naming the first bad field."""
   if not isinstance(config.kills, int) or config.kills < 1:
     raise ValueError(f'kills: expected an int >= 1; got {config.kills!r}.')
-  if (not isinstance(config.max_kills_per_chain, int) or
-      config.max_kills_per_chain < 1):
-    raise ValueError('max_kills_per_chain: expected an int >= 1; got '
-                     f'{config.max_kills_per_chain!r}.')
+  if (
+      not isinstance(config.max_kills_per_chain, int)
+      or config.max_kills_per_chain < 1
+  ):
+    raise ValueError(
+        'max_kills_per_chain: expected an int >= 1; got '
+        f'{config.max_kills_per_chain!r}.'
+    )
   if not 0 <= config.event_fraction <= 1:
-    raise ValueError('event_fraction: expected a number in [0, 1]; got '
-                     f'{config.event_fraction!r}.')
+    raise ValueError(
+        'event_fraction: expected a number in [0, 1]; got '
+        f'{config.event_fraction!r}.'
+    )
   if not config.poll_seconds > 0 or not config.run_timeout > 0:
-    raise ValueError('poll_seconds and run_timeout must be > 0; got '
-                     f'{config.poll_seconds} and {config.run_timeout}.')
+    raise ValueError(
+        'poll_seconds and run_timeout must be > 0; got '
+        f'{config.poll_seconds} and {config.run_timeout}.'
+    )
   if ':' not in config.job and not config.job.endswith('.py'):
     raise ValueError(f'job: expected a config path[:arg]; got {config.job!r}.')
 
@@ -88,23 +112,34 @@ def snapshot(root: str) -> dict[str, tuple[int, int]]:
       path = os.path.join(folder, name)
       try:
         st = os.lstat(path)
-      except FileNotFoundError:               # removed while we looked
+      except FileNotFoundError:  # removed while we looked
         continue
-      out[os.path.relpath(path, root)] = (st.st_ino,
-                                          0 if name in dirs else st.st_size)
+      out[os.path.relpath(path, root)] = (
+          st.st_ino,
+          0 if name in dirs else st.st_size,
+      )
   return out
 
 
-def finished_store_files(workdir: str) -> dict[str, tuple[int, int]]:
-  """The valid, complete run-store files of `workdir/progress`."""
+def finished_work_files(workdir: str) -> dict[str, tuple[int, int]]:
+  """The valid, complete files of resumable work in `workdir`.
+
+  The run-store files of progress/ (statistics and layers) that verify, and
+  the cached dense evaluation dense.json if it is valid JSON.
+  """
   out = {}
   for rel, (ino, size) in snapshot(workdir).items():
-    if rel.startswith('progress' + os.sep) and rel.endswith('.safetensors'):
-      try:
-        store_lib.read_verified(os.path.join(workdir, rel))
-      except (OSError, ValueError):
+    path = os.path.join(workdir, rel)
+    try:
+      if rel.startswith('progress' + os.sep) and rel.endswith('.safetensors'):
+        store_lib.read_verified(path)
+      elif rel == 'dense.json':
+        results.read_json(path)
+      else:
         continue
-      out[rel] = (ino, size)
+    except (OSError, ValueError):
+      continue
+    out[rel] = (ino, size)
   return out
 
 
@@ -118,15 +153,25 @@ def phase_of(rel: str | None) -> str:
 
 
 def job_command(job: str, workdir: str, overrides=()) -> list[str]:
-  return [sys.executable, 'launch.py', f'--config={job}',
-          f'--workdir={workdir}', *overrides]
+  return [
+      sys.executable,
+      'launch.py',
+      f'--config={job}',
+      f'--workdir={workdir}',
+      *overrides,
+  ]
 
 
-def run_once(command: list[str], workdir: str, *,
-             kill: Callable[[float, list[str], dict], bool] | None = None,
-             watch: dict[str, tuple[int, int]] | None = None,
-             poll_seconds: float = 0.005, timeout: float = 600.,
-             log_path: str | None = None) -> dict[str, Any]:
+def run_once(
+    command: list[str],
+    workdir: str,
+    *,
+    kill: Callable[[float, list[str], dict], bool] | None = None,
+    watch: dict[str, tuple[int, int]] | None = None,
+    poll_seconds: float = 0.005,
+    timeout: float = 600.0,
+    log_path: str | None = None,
+) -> dict[str, Any]:
   """Runs `command` (cwd: the repository), watching `workdir`'s files.
 
   Args:
@@ -149,16 +194,23 @@ def run_once(command: list[str], workdir: str, *,
   env.setdefault('OPENBLAS_NUM_THREADS', '1')
   log = open(log_path, 'w') if log_path else subprocess.DEVNULL
   start = time.monotonic()
-  proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
-                          stderr=subprocess.STDOUT if log_path else log)
+  proc = subprocess.Popen(
+      command,
+      cwd=ROOT,
+      env=env,
+      stdout=log,
+      stderr=subprocess.STDOUT if log_path else log,
+  )
   before = snapshot(workdir) if os.path.isdir(workdir) else {}
   events, replaced, outcome = [], {}, None
   try:
     while True:
       now = time.monotonic() - start
       after = snapshot(workdir) if os.path.isdir(workdir) else {}
-      changed = sorted({p for p in after if before.get(p) != after[p]} |
-                       {p for p in before if p not in after})
+      changed = sorted(
+          {p for p in after if before.get(p) != after[p]}
+          | {p for p in before if p not in after}
+      )
       events += [(now, p) for p in changed]
       for p in changed:
         if watch and p in watch and p in after and after[p][0] != watch[p][0]:
@@ -185,16 +237,23 @@ def run_once(command: list[str], workdir: str, *,
       log.close()
   if outcome is None:
     outcome = 'finished' if proc.returncode == 0 else 'failed'
-  return dict(outcome=outcome, returncode=proc.returncode,
-              seconds=time.monotonic() - start, events=events,
-              last_event=events[-1][1] if events else None,
-              replaced=replaced)
+  return dict(
+      outcome=outcome,
+      returncode=proc.returncode,
+      seconds=time.monotonic() - start,
+      events=events,
+      last_event=events[-1][1] if events else None,
+      replaced=replaced,
+  )
 
 
 def outcome_of(workdir: str) -> dict[str, Any]:
   """What a finished job produced: normalized results and the factors."""
-  out = dict(results=normalize(results.read_json(
-      os.path.join(workdir, 'results.json'))))
+  out = dict(
+      results=normalize(
+          results.read_json(os.path.join(workdir, 'results.json'))
+      )
+  )
   path = os.path.join(workdir, 'factors.safetensors')
   if os.path.exists(path):
     out['factors'] = safetensors.numpy.load_file(path)
@@ -205,15 +264,21 @@ def same_outcome(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
   """What differs between two `outcome_of`s ([] if identical, bit for bit)."""
   diff = []
   if a['results'] != b['results']:
-    keys = sorted(k for k in set(a['results']) | set(b['results'])
-                  if a['results'].get(k) != b['results'].get(k))
+    keys = sorted(
+        k
+        for k in set(a['results']) | set(b['results'])
+        if a['results'].get(k) != b['results'].get(k)
+    )
     diff.append(f'results.json differs in {keys}')
   fa, fb = a.get('factors', {}), b.get('factors', {})
   if sorted(fa) != sorted(fb):
     diff.append('factors.safetensors holds other tensors')
   else:
-    bad = [k for k in fa if fa[k].dtype != fb[k].dtype or
-           not np.array_equal(fa[k], fb[k])]
+    bad = [
+        k
+        for k in fa
+        if fa[k].dtype != fb[k].dtype or not np.array_equal(fa[k], fb[k])
+    ]
     if bad:
       diff.append(f'factors differ in {bad[:3]}')
   return diff
@@ -237,17 +302,28 @@ def run(config, workdir: str) -> None:
 
   ref_dir = os.path.join(workdir, 'reference')
   shutil.rmtree(ref_dir, ignore_errors=True)
-  ref = run_once(job(ref_dir), ref_dir, poll_seconds=config.poll_seconds,
-                 timeout=config.run_timeout,
-                 log_path=os.path.join(logs, 'reference.log'))
+  ref = run_once(
+      job(ref_dir),
+      ref_dir,
+      poll_seconds=config.poll_seconds,
+      timeout=config.run_timeout,
+      log_path=os.path.join(logs, 'reference.log'),
+  )
   if ref['outcome'] != 'finished':
-    raise RuntimeError(f'The reference run {ref["outcome"]}: '
-                       f'{_tail(os.path.join(logs, "reference.log"))}')
+    raise RuntimeError(
+        f'The reference run {ref["outcome"]}: '
+        f'{_tail(os.path.join(logs, "reference.log"))}'
+    )
   reference = outcome_of(ref_dir)
   length = ref['seconds']
-  out = dict(job=config.job, overrides=list(overrides),
-             reference_seconds=length, reference_events=len(ref['events']),
-             kills=[], chains=[])
+  out = dict(
+      job=config.job,
+      overrides=list(overrides),
+      reference_seconds=length,
+      reference_events=len(ref['events']),
+      kills=[],
+      chains=[],
+  )
   path = os.path.join(workdir, 'results.json')
   chain_dir = os.path.join(workdir, 'chain')
   while len(out['kills']) < config.kills:
@@ -257,7 +333,7 @@ def run(config, workdir: str) -> None:
     planned = min(planned, config.kills - len(out['kills']))
     chain = dict(index=index, planned=planned, runs=[], failures=[])
     watch, kills = {}, []
-    for attempt in range(planned + 1):     # the last one is left to finish
+    for attempt in range(planned + 1):  # the last one is left to finish
       mode = at = kill = None
       if attempt < planned:
         mode = 'event' if rng.random() < config.event_fraction else 'time'
@@ -267,26 +343,47 @@ def run(config, workdir: str) -> None:
         else:
           kill = lambda now, changed, snap, at=at: now >= at and bool(changed)
       log_path = os.path.join(logs, f'chain{index:03d}_run{attempt}.log')
-      r = run_once(job(chain_dir), chain_dir, kill=kill, watch=watch,
-                   poll_seconds=config.poll_seconds,
-                   timeout=config.run_timeout, log_path=log_path)
-      if kills:                      # finished work redone after that kill
+      r = run_once(
+          job(chain_dir),
+          chain_dir,
+          kill=kill,
+          watch=watch,
+          poll_seconds=config.poll_seconds,
+          timeout=config.run_timeout,
+          log_path=log_path,
+      )
+      if kills:  # finished work redone after that kill
         kills[-1]['recomputed_bytes'] += sum(r['replaced'].values())
         kills[-1]['recomputed_files'] += sorted(r['replaced'])
-      chain['runs'].append(dict(mode=mode, at=at, outcome=r['outcome'],
-                                seconds=r['seconds'],
-                                last_event=r['last_event']))
+      chain['runs'].append(
+          dict(
+              mode=mode,
+              at=at,
+              outcome=r['outcome'],
+              seconds=r['seconds'],
+              last_event=r['last_event'],
+          )
+      )
       if r['outcome'] in ('failed', 'timeout'):
-        chain['failures'].append(f'run {attempt} {r["outcome"]}: '
-                                 f'{_tail(log_path)}')
+        chain['failures'].append(
+            f'run {attempt} {r["outcome"]}: ' f'{_tail(log_path)}'
+        )
         break
       if r['outcome'] == 'finished':
         break
-      kills.append(dict(chain=index, mode=mode, at=at,
-                        killed_at=r['seconds'], last_event=r['last_event'],
-                        phase=phase_of(r['last_event']),
-                        recomputed_bytes=0, recomputed_files=[]))
-      watch = finished_store_files(chain_dir)
+      kills.append(
+          dict(
+              chain=index,
+              mode=mode,
+              at=at,
+              killed_at=r['seconds'],
+              last_event=r['last_event'],
+              phase=phase_of(r['last_event']),
+              recomputed_bytes=0,
+              recomputed_files=[],
+          )
+      )
+      watch = finished_work_files(chain_dir)
     differences = []
     if not chain['failures']:
       differences = same_outcome(reference, outcome_of(chain_dir))
@@ -311,20 +408,28 @@ def summarize_counts(out: dict[str, Any]) -> dict[str, Any]:
       chains=len(out['chains']),
       chains_identical=sum(c['identical'] for c in out['chains']),
       recomputed_bytes=sum(k['recomputed_bytes'] for k in kills),
-      by_mode={m: sum(k['mode'] == m for k in kills)
-               for m in ('time', 'event')},
-      by_phase={p: sum(k['phase'] == p for k in kills)
-                for p in [_NO_EVENT] + [l for _, l in PHASES]
-                if any(k['phase'] == p for k in kills)})
+      by_mode={
+          m: sum(k['mode'] == m for k in kills) for m in ('time', 'event')
+      },
+      by_phase={
+          p: sum(k['phase'] == p for k in kills)
+          for p in [_NO_EVENT] + [l for _, l in PHASES]
+          if any(k['phase'] == p for k in kills)
+      },
+  )
   return out
 
 
 def summarize(out: dict[str, Any]) -> str:
   t = out['totals']
-  rows = [dict(phase=p, kills=n,
-               survived=sum(k['survived'] for k in out['kills']
-                            if k['phase'] == p))
-          for p, n in t['by_phase'].items()]
+  rows = [
+      dict(
+          phase=p,
+          kills=n,
+          survived=sum(k['survived'] for k in out['kills'] if k['phase'] == p),
+      )
+      for p, n in t['by_phase'].items()
+  ]
   failed = [c for c in out['chains'] if not c['identical']]
   lines = [
       f"# Soak: {out['job']} SIGKILLed {t['kills_tried']} times",
@@ -337,8 +442,9 @@ def summarize(out: dict[str, Any]) -> str:
       '(results.json without timings and resume flags, every factor bit '
       'for bit).',
       '',
-      f"Finished work recomputed: {t['recomputed_bytes']:,} bytes (run-store "
-      'files complete and valid at a kill, written again later).',
+      f"Finished work recomputed: {t['recomputed_bytes']:,} bytes (files of "
+      'resumable work, progress/ and dense.json, complete and valid at a '
+      'kill and written again later).',
       '',
       f"Reference run: {out['reference_seconds']:.1f} s, "
       f"{out['reference_events']} file events.",
@@ -349,8 +455,10 @@ def summarize(out: dict[str, Any]) -> str:
   ]
   if failed:
     lines += ['Chains that did not end identical:', '']
-    lines += [f"- chain {c['index']}: {'; '.join(c['failures'] + c['differences'])}"
-              for c in failed]
+    lines += [
+        f"- chain {c['index']}: {'; '.join(c['failures'] + c['differences'])}"
+        for c in failed
+    ]
     lines.append('')
   return '\n'.join(lines)
 
@@ -359,25 +467,39 @@ def plot(workdir: str) -> None:
   """Kill moments by phase hit, survived or not, from results.json alone."""
   out = results.read_json(os.path.join(workdir, 'results.json'))
   kills = out['kills']
-  phases = [p for p in [_NO_EVENT] + [l for _, l in PHASES]
-            if any(k['phase'] == p for k in kills)]
-  fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4),
-                               gridspec_kw=dict(width_ratios=[3, 1]))
+  phases = [
+      p
+      for p in [_NO_EVENT] + [l for _, l in PHASES]
+      if any(k['phase'] == p for k in kills)
+  ]
+  fig, (ax, bx) = plt.subplots(
+      1, 2, figsize=(10, 4), gridspec_kw=dict(width_ratios=[3, 1])
+  )
   for mode, marker in (('time', 'o'), ('event', '^')):
     for survived, color in ((True, 'tab:green'), (False, 'tab:red')):
-      pts = [(k['killed_at'], phases.index(k['phase'])) for k in kills
-             if k['mode'] == mode and k['survived'] == survived]
+      pts = [
+          (k['killed_at'], phases.index(k['phase']))
+          for k in kills
+          if k['mode'] == mode and k['survived'] == survived
+      ]
       if pts:
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker,
-                   color=color, alpha=0.7,
-                   label=f"{mode} kill, {'survived' if survived else 'lost'}")
+        ax.scatter(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            marker=marker,
+            color=color,
+            alpha=0.7,
+            label=f"{mode} kill, {'survived' if survived else 'lost'}",
+        )
   ax.axvline(out['reference_seconds'], color='gray', ls=':', lw=1)
   ax.set_yticks(range(len(phases)), phases, fontsize=8)
   ax.set_xlabel('seconds after launch when SIGKILLed (dotted: a whole run)')
-  ax.set_title(f"{out['totals']['kills_survived']} / "
-               f"{out['totals']['kills_tried']} kills survived, "
-               f"{out['totals']['recomputed_bytes']:,} bytes recomputed",
-               fontsize=10)
+  ax.set_title(
+      f"{out['totals']['kills_survived']} / "
+      f"{out['totals']['kills_tried']} kills survived, "
+      f"{out['totals']['recomputed_bytes']:,} bytes recomputed",
+      fontsize=10,
+  )
   ax.legend(fontsize=7, loc='lower right')
   counts = [sum(k['phase'] == p for k in kills) for p in phases]
   bx.barh(range(len(phases)), counts, color='tab:blue')

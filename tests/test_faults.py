@@ -1,5 +1,6 @@
 """Faults: the main job SIGKILLed at file events, and bad input of every kind
 the library used to fail on obscurely or accept silently."""
+
 import os
 import signal
 
@@ -26,8 +27,15 @@ JOB = 'experiments/configs/compress.py:quick'
 def _layers_saved(count):
   def event(now, changed, snap):
     del now, changed
-    return sum(p.startswith(os.path.join('progress', 'layers', '')) and
-               p.endswith('.safetensors') for p in snap) >= count
+    return (
+        sum(
+            p.startswith(os.path.join('progress', 'layers', ''))
+            and p.endswith('.safetensors')
+            for p in snap
+        )
+        >= count
+    )
+
   return event
 
 
@@ -35,6 +43,7 @@ def _appeared(pattern):
   def event(now, changed, snap):
     del now, snap
     return any(soak.fnmatch.fnmatchcase(p, pattern) for p in changed)
+
   return event
 
 
@@ -56,67 +65,122 @@ def test_quick_main_job_killed_at_file_events_resumes_identically(tmp_path):
   run-store file, and never find one that does not verify.
   """
   ref_dir = str(tmp_path / 'reference')
-  ref = soak.run_once(soak.job_command(JOB, ref_dir), ref_dir,
-                      log_path=str(tmp_path / 'reference.log'))
-  assert ref['outcome'] == 'finished', (tmp_path / 'reference.log').read_text(
-  )[-3000:]
+  ref = soak.run_once(
+      soak.job_command(JOB, ref_dir),
+      ref_dir,
+      log_path=str(tmp_path / 'reference.log'),
+  )
+  assert ref['outcome'] == 'finished', (tmp_path / 'reference.log').read_text()[
+      -3000:
+  ]
   reference = soak.outcome_of(ref_dir)
   work = str(tmp_path / 'killed')
   watch = {}
   logs = []
   for i, (label, event) in enumerate(KILL_POINTS):
     logs.append(tmp_path / f'run{i}.log')
-    r = soak.run_once(soak.job_command(JOB, work), work, kill=event,
-                      watch=watch, log_path=str(logs[-1]))
-    assert r['outcome'] == 'killed', (label, r['outcome'],
-                                      logs[-1].read_text()[-3000:])
+    r = soak.run_once(
+        soak.job_command(JOB, work),
+        work,
+        kill=event,
+        watch=watch,
+        log_path=str(logs[-1]),
+    )
+    assert r['outcome'] == 'killed', (
+        label,
+        r['outcome'],
+        logs[-1].read_text()[-3000:],
+    )
     assert r['returncode'] == -signal.SIGKILL
     assert not r['replaced'], f'{label}: finished work redone {r["replaced"]}'
-    watch = soak.finished_store_files(work)
+    watch = soak.finished_work_files(work)
   logs.append(tmp_path / 'final.log')
-  r = soak.run_once(soak.job_command(JOB, work), work, watch=watch,
-                    log_path=str(logs[-1]))
+  r = soak.run_once(
+      soak.job_command(JOB, work), work, watch=watch, log_path=str(logs[-1])
+  )
   assert r['outcome'] == 'finished', logs[-1].read_text()[-3000:]
   assert not r['replaced']
   assert soak.same_outcome(reference, soak.outcome_of(work)) == []
   text = ''.join(p.read_text() for p in logs)
   assert 'Not finished' not in text and 'Traceback' not in text
   assert sorted(e for e in os.listdir(os.path.join(work, 'model'))) == [
-      'checkpoint.json', 'save-000003']      # 1 and 2 were killed saves
+      'checkpoint.json',
+      'save-000003',
+  ]  # 1 and 2 were killed saves
 
 
 def test_normalize_and_same_outcome_see_real_differences():
-  a = dict(results=dict(x=1, seconds=dict(t=1.), layers=dict(
-      l=dict(rel_err=0.5, resumed=True))),
-           factors=dict(w=np.zeros(3, np.float32)))
-  b = dict(results=dict(x=1, seconds=dict(t=2.), layers=dict(
-      l=dict(rel_err=0.5, resumed=False))),
-           factors=dict(w=np.zeros(3, np.float32)))
+  a = dict(
+      results=dict(
+          x=1,
+          seconds=dict(t=1.0),
+          layers=dict(l=dict(rel_err=0.5, resumed=True)),
+      ),
+      factors=dict(w=np.zeros(3, np.float32)),
+  )
+  b = dict(
+      results=dict(
+          x=1,
+          seconds=dict(t=2.0),
+          layers=dict(l=dict(rel_err=0.5, resumed=False)),
+      ),
+      factors=dict(w=np.zeros(3, np.float32)),
+  )
   assert soak.normalize(a['results']) == soak.normalize(b['results'])
-  a['results'], b['results'] = (soak.normalize(a['results']),
-                                soak.normalize(b['results']))
+  a['results'], b['results'] = (
+      soak.normalize(a['results']),
+      soak.normalize(b['results']),
+  )
   assert soak.same_outcome(a, b) == []
-  c = dict(b, factors=dict(w=np.array([0., 0., 1e-30], np.float32)))
+  c = dict(b, factors=dict(w=np.array([0.0, 0.0, 1e-30], np.float32)))
   assert soak.same_outcome(a, c) == ["factors differ in ['w']"]
   d = dict(b, results=dict(b['results'], x=2))
   assert soak.same_outcome(a, d) == ["results.json differs in ['x']"]
 
 
 def test_soak_summary_and_figure_from_results(tmp_path):
-  kills = [dict(chain=0, mode='time', at=1., killed_at=1.2,
-                last_event='progress/layers/a.safetensors',
-                phase='solving layers', recomputed_bytes=0,
-                recomputed_files=[], survived=True),
-           dict(chain=1, mode='event', at=2., killed_at=2.5, last_event=None,
-                phase=soak.phase_of(None), recomputed_bytes=10,
-                recomputed_files=['x'], survived=False)]
-  out = soak.summarize_counts(dict(
-      job=JOB, overrides=[], reference_seconds=3., reference_events=9,
-      kills=kills, chains=[dict(index=0, identical=True, failures=[],
-                                differences=[]),
-                           dict(index=1, identical=False,
-                                failures=['run 1 failed: boom'],
-                                differences=[])]))
+  kills = [
+      dict(
+          chain=0,
+          mode='time',
+          at=1.0,
+          killed_at=1.2,
+          last_event='progress/layers/a.safetensors',
+          phase='solving layers',
+          recomputed_bytes=0,
+          recomputed_files=[],
+          survived=True,
+      ),
+      dict(
+          chain=1,
+          mode='event',
+          at=2.0,
+          killed_at=2.5,
+          last_event=None,
+          phase=soak.phase_of(None),
+          recomputed_bytes=10,
+          recomputed_files=['x'],
+          survived=False,
+      ),
+  ]
+  out = soak.summarize_counts(
+      dict(
+          job=JOB,
+          overrides=[],
+          reference_seconds=3.0,
+          reference_events=9,
+          kills=kills,
+          chains=[
+              dict(index=0, identical=True, failures=[], differences=[]),
+              dict(
+                  index=1,
+                  identical=False,
+                  failures=['run 1 failed: boom'],
+                  differences=[],
+              ),
+          ],
+      )
+  )
   assert out['totals']['kills_survived'] == 1
   assert out['totals']['recomputed_bytes'] == 10
   soak.results.write_json(str(tmp_path / 'results.json'), out)
@@ -134,35 +198,43 @@ def test_soak_summary_and_figure_from_results(tmp_path):
 
 def test_mesh_without_a_data_axis_is_named():
   mesh = jax.make_mesh((1,), ('batch',))
-  with pytest.raises(ValueError, match=r"mesh has axes \('batch',\); "
-                     r"calibration is data-parallel over axis='data'"):
-    pipeline.compress(toy_model.Toy(), [jnp.zeros((2, 4), jnp.int32)],
-                      ratio=0.5, mesh=mesh)
+  with pytest.raises(
+      ValueError,
+      match=r"mesh has axes \('batch',\); "
+      r"calibration is data-parallel over axis='data'",
+  ):
+    pipeline.compress(
+        toy_model.Toy(), [jnp.zeros((2, 4), jnp.int32)], ratio=0.5, mesh=mesh
+    )
 
 
 def _train(seqs):
   model = toy_model.Toy()
-  adapters.add_adapters(model, method='lora', rank=2,
-                        include=('layers.0.attn.q_proj',))
+  adapters.add_adapters(
+      model, method='lora', rank=2, include=('layers.0.attn.q_proj',)
+  )
   tx = training.make_tx(learning_rate=1e-3, steps=2)
-  return training.train(model, seqs, wrt=adapters.TRAINABLE, tx=tx,
-                        steps=2, batch_size=2)
+  return training.train(
+      model, seqs, wrt=adapters.TRAINABLE, tx=tx, steps=2, batch_size=2
+  )
 
 
 def test_train_on_no_sequences_is_a_clear_error():
-  with pytest.raises(ValueError, match=r'at least one sequence.*got shape '
-                     r'\(0, 8\)'):
+  with pytest.raises(
+      ValueError, match=r'at least one sequence.*got shape ' r'\(0, 8\)'
+  ):
     _train(np.zeros((0, 8), np.int32))
 
 
 def test_adapter_stats_of_the_wrong_shape_name_the_layer():
   model = toy_model.Toy()
   name = 'layers.0.attn.q_proj'
-  stats = {name: stats_lib.stats_from_x(jnp.ones((20, 8)))}   # d_in is 16
-  with pytest.raises(ValueError, match=rf'^{name}: r has shape \(8, 8\); '
-                     'expected 16 columns'):
-    adapters.add_adapters(model, stats, method='coala', rank=4,
-                          include=(name,))
+  stats = {name: stats_lib.stats_from_x(jnp.ones((20, 8)))}  # d_in is 16
+  with pytest.raises(
+      ValueError,
+      match=rf'^{name}: r has shape \(8, 8\); ' 'expected 16 columns',
+  ):
+    adapters.add_adapters(model, stats, method='coala', rank=4, include=(name,))
 
 
 # Case 7: silently accepted, now refused.
@@ -172,14 +244,19 @@ def test_include_as_a_string_is_refused():
   with pytest.raises(ValueError, match='sequences of patterns'):
     surgery.select_linears(toy_model.Toy(), include='up')
   with pytest.raises(ValueError, match='sequences of patterns'):
-    pipeline.compress(toy_model.Toy(), [jnp.zeros((2, 4), jnp.int32)],
-                      ratio=0.5, include='layers.0.mlp.up_proj')
+    pipeline.compress(
+        toy_model.Toy(),
+        [jnp.zeros((2, 4), jnp.int32)],
+        ratio=0.5,
+        include='layers.0.mlp.up_proj',
+    )
 
 
 def test_ratio_true_is_refused():
   with pytest.raises(ValueError, match='ratio must be in'):
-    pipeline.compress(toy_model.Toy(), [jnp.zeros((2, 4), jnp.int32)],
-                      ratio=True)
+    pipeline.compress(
+        toy_model.Toy(), [jnp.zeros((2, 4), jnp.int32)], ratio=True
+    )
   for bad in (True, np.bool_(True), '0.5', 0, 1.5, float('nan'), None):
     with pytest.raises(ValueError, match='ratio must be'):
       checks.check_ratio('ratio', bad)
@@ -194,11 +271,13 @@ def test_fold_r_with_nan_in_r_is_refused():
 
 
 def test_error_of_each_rank_with_a_2d_sigma_is_refused():
-  with pytest.raises(ValueError, match=r'sigma must be a vector \(1-D\).*'
-                     r'\(2, 3\)'):
+  with pytest.raises(
+      ValueError, match=r'sigma must be a vector \(1-D\).*' r'\(2, 3\)'
+  ):
     solvers.error_of_each_rank(jnp.ones((2, 3)))
-  np.testing.assert_allclose(solvers.error_of_each_rank(jnp.array([3., 4.])),
-                             [5., 4., 0.])
+  np.testing.assert_allclose(
+      solvers.error_of_each_rank(jnp.array([3.0, 4.0])), [5.0, 4.0, 0.0]
+  )
 
 
 def test_train_on_float_sequences_is_refused():
@@ -209,12 +288,11 @@ def test_train_on_float_sequences_is_refused():
 
 
 def test_relative_norm_survives_float32_overflow():
-  big = jnp.full((4, 4), 1e30, jnp.float32)      # ||big||² > float32 max
-  assert np.isnan(float(jnp.linalg.norm(big - big / 2) /
-                        jnp.linalg.norm(big)))
+  big = jnp.full((4, 4), 1e30, jnp.float32)  # ||big||² > float32 max
+  assert np.isnan(float(jnp.linalg.norm(big - big / 2) / jnp.linalg.norm(big)))
   assert checks.relative_norm(big - big / 2, big) == pytest.approx(0.5)
-  assert checks.relative_norm(jnp.zeros(3), jnp.zeros(3)) == 0.
-  tiny = jnp.full((4, 4), 1e-30, jnp.float32)    # ||tiny||² underflows
+  assert checks.relative_norm(jnp.zeros(3), jnp.zeros(3)) == 0.0
+  tiny = jnp.full((4, 4), 1e-30, jnp.float32)  # ||tiny||² underflows
   assert checks.relative_norm(tiny / 4, tiny) == pytest.approx(0.25)
 
 
@@ -228,15 +306,19 @@ def _overflowing_toy():
   return model
 
 
-@pytest.mark.xfail(strict=True, reason='pipeline.relative_error must use '
-                   'checks.relative_norm and make_report must warn about a '
-                   'non-finite rel_err')
+@pytest.mark.xfail(
+    strict=True,
+    reason='pipeline.relative_error must use '
+    'checks.relative_norm and make_report must warn about a '
+    'non-finite rel_err',
+)
 def test_rel_err_of_overflowing_activations_is_finite_or_warned(caplog):
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.integers(0, 64, (2, 12))) for _ in range(3)]
   with caplog.at_level('WARNING'):
-    report = pipeline.compress(_overflowing_toy(), batches, ratio=0.5,
-                               include=('*down_proj',))
+    report = pipeline.compress(
+        _overflowing_toy(), batches, ratio=0.5, include=('*down_proj',)
+    )
   errs = {n: l['rel_err'] for n, l in report['layers'].items()}
   bad = [n for n, e in errs.items() if not np.isfinite(e)]
   assert not bad or all(n in caplog.text for n in bad), errs

@@ -4,6 +4,7 @@ Shape checks are free under `jit` (shapes are Python values). Value checks
 (NaN/Inf, μ < 0) need concrete values: they run when the argument is concrete
 and are skipped when a caller traces the function inside its own `jit`.
 """
+
 from typing import Any
 
 import jax
@@ -25,8 +26,9 @@ def compute_dtype(*dtypes: Any) -> jnp.dtype:
   return jnp.result_type(jnp.float32, *dtypes)
 
 
-def check_matrix(name: str, x: Any, *, rows: int | None = None,
-                 cols: int | None = None) -> None:
+def check_matrix(
+    name: str, x: Any, *, rows: int | None = None, cols: int | None = None
+) -> None:
   """Raises unless `x` is a 2-D array with the given row/column counts."""
   shape = np.shape(x)
   if len(shape) != 2:
@@ -36,30 +38,40 @@ def check_matrix(name: str, x: Any, *, rows: int | None = None,
   if cols is not None and shape[1] != cols:
     raise ValueError(f'{name} has shape {shape}; expected {cols} columns.')
   if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-    raise ValueError(f'{name} must be floating point; got dtype '
-                     f'{jnp.result_type(x)}.')
+    raise ValueError(
+        f'{name} must be floating point; got dtype ' f'{jnp.result_type(x)}.'
+    )
 
 
 def check_finite(name: str, x: Any) -> None:
   """Raises if concrete `x` holds NaN or Inf (never replaces them)."""
   if not is_concrete(x):
     return
-  finite = np.isfinite(np.asarray(x, dtype=np.float64)) if isinstance(
-      x, np.ndarray) else jnp.isfinite(x)
+  finite = (
+      np.isfinite(np.asarray(x, dtype=np.float64))
+      if isinstance(x, np.ndarray)
+      else jnp.isfinite(x)
+  )
   if not bool(finite.all()):
     count = int(np.size(x) - np.count_nonzero(np.asarray(finite)))
-    raise ValueError(f'{name} contains {count} NaN or Inf value(s); '
-                     'refusing to compute with them.')
+    raise ValueError(
+        f'{name} contains {count} NaN or Inf value(s); '
+        'refusing to compute with them.'
+    )
 
 
 def check_rank(rank: Any, d_in: int, d_out: int, name: str = 'rank') -> None:
   """Raises unless `rank` is an int in [1, min(d_in, d_out)]."""
   if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-    raise ValueError(f'{name} must be a Python int (static); got '
-                     f'{type(rank).__name__} {rank!r}.')
+    raise ValueError(
+        f'{name} must be a Python int (static); got '
+        f'{type(rank).__name__} {rank!r}.'
+    )
   if not 1 <= rank <= min(d_in, d_out):
-    raise ValueError(f'{name}={rank} is outside [1, {min(d_in, d_out)}] for '
-                     f'a ({d_in}, {d_out}) kernel.')
+    raise ValueError(
+        f'{name}={rank} is outside [1, {min(d_in, d_out)}] for '
+        f'a ({d_in}, {d_out}) kernel.'
+    )
 
 
 def check_nonnegative(name: str, value: Any) -> None:
@@ -74,9 +86,12 @@ def check_nonnegative(name: str, value: Any) -> None:
 def check_ratio(name: str, value: Any) -> None:
   """Raises unless `value` is a real number in (0, 1] (a bool is not)."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, float, np.integer, np.floating)):
-    raise ValueError(f'{name} must be a number in (0, 1]; got '
-                     f'{type(value).__name__} {value!r}.')
+      value, (int, float, np.integer, np.floating)
+  ):
+    raise ValueError(
+        f'{name} must be a number in (0, 1]; got '
+        f'{type(value).__name__} {value!r}.'
+    )
   if not 0 < value <= 1:
     raise ValueError(f'{name} must be in (0, 1]; got {value}.')
 
@@ -90,7 +105,7 @@ def relative_norm(num: Any, den: Any) -> float:
   """
   num, den = jnp.asarray(num), jnp.asarray(den)
   scale = jnp.maximum(jnp.max(jnp.abs(num)), jnp.max(jnp.abs(den)))
-  scale = jnp.where(scale > 0, scale, 1.)
+  scale = jnp.where(scale > 0, scale, 1.0)
   top = jnp.linalg.norm(num / scale)
   bottom = jnp.linalg.norm(den / scale)
-  return float(top / jnp.where(bottom > 0, bottom, 1.))
+  return float(top / jnp.where(bottom > 0, bottom, 1.0))
