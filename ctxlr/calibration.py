@@ -305,6 +305,9 @@ class _Groups:
     self.group_of: dict[str, str] = {}         # module -> group
     self.stats: dict[str, dict[str, jax.Array]] = {}
 
+  def members_of(self, gid: str) -> list[str]:
+    return [m for m in self.modules if self.group_of.get(m) == gid]
+
   def refine(self, signatures: Mapping[str, tuple], init: Callable
              ) -> list[str]:
     """Refines by one batch's call signatures; returns the groups it folds."""
@@ -312,12 +315,17 @@ class _Groups:
     for m in self.modules:
       key = (self.group_of.get(m), signatures.get(m))
       buckets.setdefault(key, []).append(m)
+    previous = {g: self.members_of(g) for g in self.stats}
     folding, stats = [], {}
     for (old, sig), members in buckets.items():
       if old is None and sig is None:
         continue                              # never called so far
       gid = members[0]
-      stats[gid] = init(gid) if old is None else self.stats[old]
+      if old is None:
+        stats[gid] = init(gid)
+      else:                                   # a part: its own copy
+        stats[gid] = (self.stats[old] if members == previous[old]
+                      else dict(self.stats[old]))
       for m in members:
         self.group_of[m] = gid
       if sig is not None:

@@ -23,6 +23,7 @@ in one warning and `unhandled_layers` lists them for the report.
 """
 import dataclasses
 import fnmatch
+import functools
 import itertools
 import logging
 import re
@@ -284,38 +285,44 @@ class FactoredLinear(nnx.Module):
       raise ValueError(f'FactoredLinear called with stacked factors {a.shape}:'
                        ' apply it through nnx.scan or nnx.vmap over its '
                        'stacked axes, as the layer it replaced.')
-    rank = a.shape[-1]
     kwargs = {}
     if self.preferred_element_type is not None:
       kwargs['preferred_element_type'] = self.preferred_element_type
-    a = a.reshape(self.in_shape + (rank,))
-    b = b.reshape((rank,) + self.out_shape)
-    if self.kind == 'einsum':
-      return self._einsum(x, a, b, bias, kwargs, out_sharding)
-    dot = self._dot()
-    if self.kind == 'linear':
-      axis = (x.ndim - 1,)
-    else:
-      axis = tuple(sorted(ax % x.ndim for ax in self.axis))
-    h = dot(x, a, ((axis, tuple(range(len(axis)))), ((), ())),
-            precision=self.precision, **kwargs)           # [*rest, rank]
-    y = dot(h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=self.precision,
-            out_sharding=out_sharding, **kwargs)          # [*rest, *out]
-    if bias is not None:
-      y = y + jnp.reshape(bias, (1,) * (h.ndim - 1) + self.out_shape)
-    return y
+    return contract(self.view_of_call(), x, a, b, bias, dot_general=self._dot(),
+                    einsum_op=self.einsum_op, precision=self.precision,
+                    out_sharding=out_sharding, **kwargs)
 
-  def _einsum(self, x, a, b, bias, kwargs, out_sharding):
-    op = self.einsum_op or jnp.einsum
-    inp, _, out, contracted, outputs = _parse_einsum(self.einsum_str)
-    z = next(c for c in string.ascii_letters if c not in self.einsum_str)
+  def view_of_call(self) -> MatrixView:
+    """The view inside a call (the factors' stacked axes sliced off)."""
+    return MatrixView(self.kind, self.in_shape, self.out_shape, (), self.axis,
+                      self.einsum_str)
+
+
+def contract(view: MatrixView, x: jax.Array, a: jax.Array, b: jax.Array,
+             bias: jax.Array | None, *, dot_general: Callable | None = None,
+             einsum_op: Callable | None = None, precision: Any = None,
+             out_sharding: Any = None, **kwargs) -> jax.Array:
+  """`x`'s contracted features times `a` (d_in × r) times `b` (r × d_out).
+
+  The dense layer's output shape and layout (`view`), with `dot_general`
+  (`einsum_op` for an einsum view) at `precision`; inputs already promoted
+  to the compute dtype. `kwargs` go to every product (e.g.
+  `preferred_element_type`).
+  """
+  rank = a.shape[-1]
+  a = a.reshape(view.in_shape + (rank,))
+  b = b.reshape((rank,) + view.out_shape)
+  if view.kind == 'einsum':
+    op = einsum_op or jnp.einsum
+    inp, _, out, contracted, outputs = _parse_einsum(view.einsum_str)
+    z = next(c for c in string.ascii_letters if c not in view.einsum_str)
     rest = ''.join(t for t in inp if t not in contracted)
     h = op(f"{''.join(inp)},{''.join(contracted)}{z}->{rest}{z}", x, a,
-           precision=self.precision, **kwargs)
+           precision=precision, **kwargs)
     y = op(f"{rest}{z},{z}{''.join(outputs)}->{''.join(out)}", h, b,
-           precision=self.precision, out_sharding=out_sharding, **kwargs)
+           precision=precision, out_sharding=out_sharding, **kwargs)
     if bias is not None:
-      size = dict(zip(outputs, self.out_shape))
+      size = dict(zip(outputs, view.out_shape))
       shape = []
       for t in out:
         if t == _ELLIPSIS:
@@ -324,6 +331,18 @@ class FactoredLinear(nnx.Module):
           shape.append(size.get(t, 1))
       y = y + jnp.reshape(bias, shape)
     return y
+  dot = dot_general or jax.lax.dot_general
+  if view.kind == 'linear':
+    axis = (x.ndim - 1,)
+  else:
+    axis = tuple(sorted(ax % x.ndim for ax in view.axis))
+  h = dot(x, a, ((axis, tuple(range(len(axis)))), ((), ())),
+          precision=precision, **kwargs)                 # [*rest, rank]
+  y = dot(h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=precision,
+          out_sharding=out_sharding, **kwargs)           # [*rest, *out]
+  if bias is not None:
+    y = y + jnp.reshape(bias, (1,) * (h.ndim - 1) + view.out_shape)
+  return y
 
 
 def factored_from(module: Any, a: jax.Array, b: jax.Array) -> FactoredLinear:
@@ -471,6 +490,14 @@ def unhandled_layers(model: nnx.Module,
           if _matches(n, include) and not _matches(n, exclude)}
 
 
+def warn_unhandled(skipped: Mapping[str, str]) -> None:
+  """One logged warning naming every layer of a kind not factored."""
+  logging.warning(
+      '%d layer(s) hold a matrix parameter but are of a kind ctxlr does not '
+      'factor; they stay as they are: %s', len(skipped),
+      '; '.join(f'{n} ({why})' for n, why in sorted(skipped.items())))
+
+
 def select_linears(model: nnx.Module, include: Iterable[str] = DEFAULT_INCLUDE,
                    exclude: Iterable[str] = DEFAULT_EXCLUDE
                    ) -> dict[str, tuple[int, int]]:
@@ -499,6 +526,10 @@ def select_linears(model: nnx.Module, include: Iterable[str] = DEFAULT_INCLUDE,
     raise ValueError('include and exclude must be sequences of patterns, '
                      f'e.g. ({include!r},); got a string.')
   include, exclude = tuple(include), tuple(exclude)
+  if isinstance(model, nnx.bridge.ToNNX):
+    raise ValueError('model is an nnx.bridge.ToNNX (a Linen model inside): '
+                     'compress it with ctxlr.linen.compress_bridged(model, '
+                     'batches, ratio=…).')
   handled, _ = find_layers(model)
   names_of = {m: stacked_names(m, v.stack) for m, v in handled.items()}
   every = [n for names in names_of.values() for n in names]
@@ -517,10 +548,7 @@ def select_linears(model: nnx.Module, include: Iterable[str] = DEFAULT_INCLUDE,
                      f'exclude={exclude}.')
   skipped = unhandled_layers(model, include, exclude)
   if skipped:
-    logging.warning(
-        '%d layer(s) hold a matrix parameter but are of a kind ctxlr does not '
-        'factor; they stay as they are: %s', len(skipped),
-        '; '.join(f'{n} ({why})' for n, why in sorted(skipped.items())))
+    warn_unhandled(skipped)
   return dict(sorted(chosen.items(), key=lambda kv: _order(kv[0])))
 
 
@@ -596,6 +624,46 @@ def _exact_factors(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.eye(d_in, dtype=kernel.dtype), kernel
 
 
+def stack_factors(name: str, view: MatrixView,
+                  parts: Mapping[tuple[int, ...], tuple[jax.Array, jax.Array]],
+                  kernels: Callable[[], jax.Array]
+                  ) -> tuple[jax.Array, jax.Array]:
+  """One module's factors, `{stack index: (a, b)}`, as stacked arrays.
+
+  The rank is the largest given (smaller ones padded with zeros, which
+  changes no product); a stacked layer not given keeps its kernel exactly
+  (a b = K at rank min(d_in, d_out), from `kernels()`, the module's
+  float[*stack, d_in, d_out]).
+  """
+  if () in parts:
+    if view.stack:
+      raise ValueError(f'{name!r} is stacked {view.stack}: give its layers '
+                       f'as {stacked_names(name, view.stack)[0]!r}, ….')
+    a, b = parts[()]
+  else:
+    indices = list(itertools.product(*(range(s) for s in view.stack)))
+    bad = [i for i in parts if i not in indices]
+    if bad:
+      raise ValueError(f'{name!r} has stacked axes {view.stack}; got '
+                       f'indices {bad}.')
+    full = dict(parts)
+    if len(full) < len(indices):
+      k = kernels()
+      full.update({i: _exact_factors(k[i]) for i in indices if i not in full})
+    rank = max(a.shape[1] for a, _ in full.values())
+    pad = lambda a, b: (jnp.pad(a, ((0, 0), (0, rank - a.shape[1]))),
+                        jnp.pad(b, ((0, rank - b.shape[0]), (0, 0))))
+    padded = [pad(*full[i]) for i in indices]
+    a = jnp.stack([p[0] for p in padded]).reshape(
+        view.stack + padded[0][0].shape)
+    b = jnp.stack([p[1] for p in padded]).reshape(
+        view.stack + padded[0][1].shape)
+  if a.shape[-2] != view.d_in or b.shape[-1] != view.d_out:
+    raise ValueError(f'{name!r}: factors a {a.shape}, b {b.shape} do not '
+                     f'fit its ({view.d_in}, {view.d_out}) matrix view.')
+  return a, b
+
+
 def apply_factors(model: nnx.Module,
                   factors: Mapping[str, Any]) -> dict[str, int]:
   """Replaces the factored layers by FactoredLinear modules, in place.
@@ -621,30 +689,8 @@ def apply_factors(model: nnx.Module,
   for module, parts in by_module.items():
     layer = get_module(model, module)
     view = matrix_view(layer)
-    if () in parts:
-      if view.stack:
-        raise ValueError(f'{module!r} is stacked {view.stack}: give its layers '
-                         f'as {stacked_names(module, view.stack)[0]!r}, ….')
-      a, b = parts[()]
-    else:
-      kernels = kernel_as_matrix(layer)
-      indices = list(itertools.product(*(range(s) for s in view.stack)))
-      bad = [i for i in parts if i not in indices]
-      if bad:
-        raise ValueError(f'{module!r} has stacked axes {view.stack}; got '
-                         f'indices {bad}.')
-      full = {i: parts.get(i) or _exact_factors(kernels[i]) for i in indices}
-      rank = max(a.shape[1] for a, _ in full.values())
-      pad = lambda a, b: (jnp.pad(a, ((0, 0), (0, rank - a.shape[1]))),
-                          jnp.pad(b, ((0, rank - b.shape[0]), (0, 0))))
-      padded = [pad(*full[i]) for i in indices]
-      a = jnp.stack([p[0] for p in padded]).reshape(
-          view.stack + padded[0][0].shape)
-      b = jnp.stack([p[1] for p in padded]).reshape(
-          view.stack + padded[0][1].shape)
-    if a.shape[-2:] != (view.d_in, a.shape[-1]) or b.shape[-1] != view.d_out:
-      raise ValueError(f'{module!r}: factors a {a.shape}, b {b.shape} do not '
-                       f'fit its ({view.d_in}, {view.d_out}) matrix view.')
+    a, b = stack_factors(module, view, parts,
+                         functools.partial(kernel_as_matrix, layer))
     new = factored_from(layer, a, b)
     replace_module(model, module, new)
     ranks[module] = new.rank
