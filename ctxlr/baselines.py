@@ -179,6 +179,26 @@ def _jitter_cholesky(gram: jax.Array) -> tuple[jax.Array, ...]:
   return l, jnp.linalg.inv(l), tries, eps, ~_all_finite(l)
 
 
+def cholesky_shift(r: jax.Array) -> float:
+  """The jitter `svd_llm_eps` would add for these statistics (0 if none).
+
+  Forms the float32 Gram `RᵀR` of a layer's R and runs `svd_llm_eps`'s
+  loop: float32 Cholesky, then `eps = 1e-9, 2e-9, 4e-9, …` added to the
+  diagonal until it succeeds (`JITTER_MAX_TRIES` at most). Returns that eps:
+  the shift a Cholesky of the same statistics needs, used as a per-layer μ
+  (`pipeline`'s mu_rule 'cholesky'). Raises ValueError if every try fails.
+  """
+  r = jnp.asarray(r, _F32)
+  checks.check_matrix('r', r)
+  checks.check_finite('r', r)
+  gram = jnp.matmul(r.T, r, precision=_HIGHEST)
+  _, _, tries, eps, failed = _jitter_cholesky(gram)
+  if bool(failed):
+    raise ValueError(f'cholesky_shift: the float32 Cholesky of RᵀR failed '
+                     f'for every jitter up to {float(eps):.3g}.')
+  return float(eps) if int(tries) > 0 else 0.0
+
+
 @registry.register(needs=('gram',), summary='SVD-LLM with float32 Cholesky and eps jitter')
 def svd_llm_eps(kernel: jax.Array, stats: stats_lib.LayerStats, *,
                 rank: int, mu: float = 0.0
@@ -262,13 +282,26 @@ def _svd_lowrank(a: jax.Array, key: jax.Array, *, q: int,
   return (v, s, u) if wide else (u, s, v)
 
 
-@functools.partial(jax.jit, static_argnames='rank')
+ASVD_SVDS = ('randomized', 'exact')
+
+
+def _exact_svd(a: jax.Array, *, q: int) -> tuple[jax.Array, ...]:
+  """The exact truncated SVD in `_svd_lowrank`'s shapes (U, S, V)."""
+  u, s, vh = jnp.linalg.svd(a, full_matrices=False)
+  return u[:, :q], s[:q], vh[:q].T
+
+
+@functools.partial(jax.jit, static_argnames=('rank', 'svd'))
 def _asvd(kernel: jax.Array, abs_sum: jax.Array, count: jax.Array, *,
-          rank: int) -> tuple[solvers.Factors, jax.Array]:
+          rank: int, svd: str = 'randomized'
+          ) -> tuple[solvers.Factors, jax.Array]:
   w = kernel.astype(_F32).T                                  # f32[d_out, d_in]
   scale = (abs_sum.astype(_F32) / count) ** ASVD_ALPHA + ASVD_EPS  # f32[d_in]
-  u, s, v = _svd_lowrank(w * scale[None, :], jax.random.key(ASVD_SEED),
-                         q=rank, niter=ASVD_NITER)
+  if svd == 'exact':
+    u, s, v = _exact_svd(w * scale[None, :], q=rank)
+  else:
+    u, s, v = _svd_lowrank(w * scale[None, :], jax.random.key(ASVD_SEED),
+                           q=rank, niter=ASVD_NITER)
   broke = ~_all_finite(u, s, v)                              # their NaN check
   v = v / scale[:, None]                                     # f32[d_in, rank]
   a_weight = u * jnp.sqrt(s)                                 # ALinear, [out, r]
@@ -277,9 +310,18 @@ def _asvd(kernel: jax.Array, abs_sum: jax.Array, count: jax.Array, *,
                          a_weight.T.astype(kernel.dtype), s), broke
 
 
-@registry.register(needs=('abs_sum',), summary='ASVD: mean|x|^alpha channel scaling, randomized SVD')
+def _check_asvd_options(options) -> None:
+  if 'svd' in options and options['svd'] not in ASVD_SVDS:
+    raise ValueError(f"svd: expected one of {ASVD_SVDS} (asvd's SVD); got "
+                     f"{options['svd']!r}.")
+
+
+@registry.register(needs=('abs_sum',), options=dict(svd='randomized'),
+                   check=_check_asvd_options,
+                   summary='ASVD: mean|x|^alpha channel scaling, randomized SVD')
 def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-         mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
+         mu: float = 0.0, svd: str = 'randomized'
+         ) -> tuple[solvers.Factors, SolveInfo]:
   """ASVD (activation-aware SVD), as hahnyuan/ASVD4LLM does it.
 
   Reproduces `act_aware_utils.py`, `calib_input_distribution` ("abs_mean")
@@ -300,9 +342,14 @@ def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   initialised `nn.Linear`; here that is `failed=True` (and the factors are
   returned as computed). `sigma` holds the `rank` values of the randomised
   SVD. Needs `stats.abs_sum` and `stats.count`.
+
+  Option `svd='exact'` replaces the randomised SVD by the exact truncated
+  SVD of the same scaled matrix: it separates the authors' SVD habit from
+  their scaling.
   """
+  _check_asvd_options(dict(svd=svd))
   factors, broke = _asvd(jnp.asarray(kernel), jnp.asarray(stats.abs_sum),
-                         jnp.asarray(stats.count, _F32), rank=rank)
+                         jnp.asarray(stats.count, _F32), rank=rank, svd=svd)
   return factors, _info(factors, failed=broke)
 
 

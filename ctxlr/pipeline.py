@@ -23,23 +23,38 @@ import numpy as np
 import tqdm
 
 from ctxlr import allocation as allocation_lib
+from ctxlr import baselines
 from ctxlr import calibration
+from ctxlr import methods as methods_lib
 from ctxlr import registry
+from ctxlr import sensitivity as sensitivity_lib
 from ctxlr import stats as stats_lib
 from ctxlr import store as store_lib
 from ctxlr import surgery
 from ctxlr.linalg import solvers
 from ctxlr.linalg import streaming
 
-ALLOCATIONS = ('uniform', 'global')
+# Rank allocations (docs/method.md §7): 'uniform', 'global' (least summed
+# relative error), 'fisher' (least estimated loss increase: each layer's
+# exact error curve weighted by its loss-gradient energy, `ctxlr.sensitivity`),
+# and the peers' rules 'svd_llm_v2' and 'coala_hetero' (`ctxlr.allocation`).
+ALLOCATIONS = ('uniform', 'global', 'fisher', 'svd_llm_v2', 'coala_hetero')
+NEEDS_SENSITIVITY = ('fisher',)
 MODES = ('one_shot', 'sequential')
+# Per-layer μ rules: `solvers.layer_mu`'s, and 'cholesky' (μ = μ₀ times the
+# jitter a float32 Cholesky of the layer's RᵀR needs, `baselines.cholesky_shift`).
+MU_RULES = solvers.MU_RULES + ('cholesky',)
+
+
 def check_options(*, ratio: float, method: str, mu: float,
                   allocation: str, mu_rule: str, mode: str,
-                  auto_mu: float = 0.0) -> None:
+                  auto_mu: float = 0.0, auto_mu_rule: str = 'energy',
+                  method_options: Mapping[str, Any] | None = None) -> None:
   """Raises before any long work if an option is out of range."""
   if isinstance(ratio, bool) or not 0 < ratio <= 1:
     raise ValueError(f'ratio must be in (0, 1]; got {ratio}.')
   record = registry.get(method)
+  registry.check_options(method, method_options)
   if not mu >= 0:
     raise ValueError(f'mu must be >= 0; got {mu}.')
   if not auto_mu >= 0:
@@ -53,9 +68,11 @@ def check_options(*, ratio: float, method: str, mu: float,
                      f'{allocation!r}.')
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}; got {mode!r}.')
-  if mu_rule not in solvers.MU_RULES:
-    raise ValueError(f'mu_rule must be one of {solvers.MU_RULES}; got '
-                     f'{mu_rule!r}.')
+  if mu_rule not in MU_RULES:
+    raise ValueError(f'mu_rule must be one of {MU_RULES}; got {mu_rule!r}.')
+  if auto_mu_rule not in MU_RULES:
+    raise ValueError(f'auto_mu_rule must be one of {MU_RULES}; got '
+                     f'{auto_mu_rule!r}.')
 
 
 def relative_error(kernel: jax.Array, r: jax.Array, a: jax.Array,
@@ -78,29 +95,93 @@ def numerical_rank(r: jax.Array) -> int:
   return int((s > tol).sum())
 
 
+def layer_weights(sensitivity: Mapping[str, Any],
+                  names: Iterable[str]) -> dict[str, float]:
+  """{layer: scalar loss weight} from `sensitivity` ({layer: Energy or float})."""
+  out = {}
+  for name in names:
+    if name not in sensitivity:
+      raise ValueError(f'sensitivity has no entry for layer {name!r}.')
+    value = sensitivity[name]
+    out[name] = float(value.mean if isinstance(value, sensitivity_lib.Energy)
+                      else value)
+  return out
+
+
+def error_gains(kernel: jax.Array, r: jax.Array, *, method: str = 'coala',
+                method_options: Mapping[str, Any] | None = None
+                ) -> np.ndarray:
+  """The exact squared-error decrement of each direction the method keeps.
+
+  `gains[i]` is what the (i+1)-th direction removes from `||X(K − K')||²`.
+  For the exact solution these are σ_i(R K)² (docs/method.md §2); for coala
+  with a weighting power other than ½, `||R K v_i||²` of its own directions
+  (`methods.power_gains`). Every other method is scored on σ(R K)², its
+  optimum in exact arithmetic.
+  """
+  p = min(kernel.shape)
+  power = dict(method_options or {}).get('power', methods_lib.EXACT_POWER)
+  if method == 'coala' and float(power) != methods_lib.EXACT_POWER:
+    _, gains = methods_lib.power_gains(kernel, r, rank=1, power=power)
+    return np.asarray(gains, np.float64)[:p]
+  sigma = np.asarray(solvers.weighted_spectrum(kernel, r), np.float64)[:p]
+  return np.square(sigma)
+
+
 def assign_ranks(shapes: Mapping[str, tuple[int, int]],
                  kernels: Mapping[str, jax.Array],
                  stats: Mapping[str, stats_lib.LayerStats], *, ratio: float,
-                 allocation: str = 'uniform') -> dict[str, int | None]:
-  """Per-layer ranks for a kept ratio: uniform, or global from σ(R K).
+                 allocation: str = 'uniform', method: str = 'coala',
+                 method_options: Mapping[str, Any] | None = None,
+                 sensitivity: Mapping[str, Any] | None = None
+                 ) -> dict[str, int | None]:
+  """Per-layer ranks for a kept ratio, by the rule `allocation`.
 
-  `stats` may be None for the uniform rule.
+  'uniform' reads nothing; 'global', 'svd_llm_v2' and 'coala_hetero' read
+  σ(R K); 'fisher' reads the exact error decrements of the method's
+  directions (`error_gains`) and the layers' loss weights from `sensitivity`
+  ({layer: `sensitivity.Energy` or float}). `stats` may be None for the
+  uniform rule.
   """
   if allocation == 'uniform':
     return allocation_lib.uniform_ranks(shapes, ratio)
-  sigmas = {}
+  if allocation in NEEDS_SENSITIVITY and sensitivity is None:
+    raise ValueError(f'allocation={allocation!r} needs the layers\' '
+                     'sensitivity (sensitivity.output_gradient_energy).')
+  gains = {}
   for name in tqdm.tqdm(shapes, desc='spectra', unit='layer'):
-    p = min(shapes[name])
-    sigmas[name] = np.asarray(solvers.weighted_spectrum(
-        kernels[name], stats[name].r))[:p]
-  return allocation_lib.global_ranks(shapes, sigmas, ratio)
+    gains[name] = error_gains(
+        kernels[name], stats[name].r,
+        method=method if allocation == 'fisher' else 'coala',
+        method_options=method_options if allocation == 'fisher' else None)
+  sigmas = {n: np.sqrt(g) for n, g in gains.items()}
+  if allocation == 'global':
+    return allocation_lib.global_ranks(shapes, sigmas, ratio)
+  if allocation == 'svd_llm_v2':
+    return allocation_lib.svd_llm_v2_ranks(shapes, sigmas, ratio)
+  if allocation == 'coala_hetero':
+    return allocation_lib.coala_hetero_ranks(shapes, sigmas, ratio)
+  return allocation_lib.fisher_ranks(
+      shapes, gains, layer_weights(sensitivity, shapes), ratio)
+
+
+def layer_mu(kernel: jax.Array, r: jax.Array, mu0: float, *, rank: int,
+             rule: str) -> float:
+  """μ of one layer from μ₀ by `rule` (`MU_RULES`, docs/method.md §4)."""
+  if mu0 == 0:
+    return 0.
+  r = jnp.asarray(r, jnp.float32)
+  if rule == 'cholesky':
+    return float(mu0 * baselines.cholesky_shift(r))
+  return float(solvers.layer_mu(kernel, r, mu0, rank=rank, rule=rule))
 
 
 def factorize_layers(kernels: Mapping[str, jax.Array],
                      stats: Mapping[str, stats_lib.LayerStats],
                      ranks: Mapping[str, int | None], *, method: str = 'coala',
                      mu: float = 0.0, mu_rule: str = 'energy',
-                     auto_mu: float = 0.0,
+                     auto_mu: float = 0.0, auto_mu_rule: str = 'energy',
+                     method_options: Mapping[str, Any] | None = None,
                      store: store_lib.RunStore | None = None
                      ) -> dict[str, dict[str, Any]]:
   """The functional core: kernels + statistics -> factors and a report.
@@ -113,11 +194,15 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
     ranks: {layer: rank, or None to keep dense}.
     method: a registered method (`registry.names()`).
     mu: μ₀ for ctxlr's layer-scaled regularization (0: none).
-    mu_rule: 'energy' or 'error_ratio' (`solvers.layer_mu`).
+    mu_rule: 'energy', 'error_ratio' (`solvers.layer_mu`) or 'cholesky'
+      (`layer_mu`).
     auto_mu: if > 0 (ctxlr only), a layer whose calibration inputs have
       numerical rank below its rank (the data cannot determine it,
-      docs/method.md §5) is solved with the energy-scaled ridge of this μ₀
-      even when `mu` is 0.
+      docs/method.md §5) is solved with the ridge of this μ₀, scaled by
+      `auto_mu_rule`, even when `mu` is 0.
+    auto_mu_rule: the μ rule of `auto_mu` (default 'energy': 'error_ratio'
+      collapses on exactly these layers, docs/method.md §4).
+    method_options: the method's own keyword options (`Method.options`).
     store: if given, layers it holds are loaded instead of solved, and each
       newly solved layer is saved to it at once.
 
@@ -144,21 +229,18 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
     mu0, rule = mu, mu_rule
     auto = bool(mu == 0 and auto_mu > 0 and
                 data_ranks[id(layer_stats.r)] < rank)
-    if auto:                       # error_ratio would give 0 here (§4)
-      mu0, rule = auto_mu, 'energy'
-    layer_mu = 0.
-    if mu0 > 0:
-      layer_mu = float(solvers.layer_mu(
-          kernel, jnp.asarray(layer_stats.r, jnp.float32), mu0, rank=rank,
-          rule=rule))
+    if auto:
+      mu0, rule = auto_mu, auto_mu_rule
+    this_mu = layer_mu(kernel, layer_stats.r, mu0, rank=rank, rule=rule)
     try:
       factors, info = record.fn(
           kernel, layer_stats if record.float64 else
-          stats_lib.as_float32(layer_stats), rank=rank, mu=layer_mu)
+          stats_lib.as_float32(layer_stats), rank=rank, mu=this_mu,
+          **dict(method_options or {}))
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from e
     result = dict(
-        a=factors.a, b=factors.b, rank=rank, mu=layer_mu, auto_mu=auto,
+        a=factors.a, b=factors.b, rank=rank, mu=this_mu, auto_mu=auto,
         rel_err=relative_error(kernel, layer_stats.r, factors.a, factors.b),
         data_rank=data_ranks[id(layer_stats.r)],
         tokens=layer_stats.count,
@@ -178,6 +260,9 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
              method: str = 'coala', mu: float = 0.0, mu_rule: str = 'energy',
              auto_mu: float = 0.0, allocation: str = 'uniform',
              mode: str = 'one_shot',
+             method_options: Mapping[str, Any] | None = None,
+             auto_mu_rule: str = 'energy',
+             sensitivity: Mapping[str, Any] | None = None,
              include: Iterable[str] = surgery.DEFAULT_INCLUDE,
              exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
              call: Callable = calibration.default_call,
@@ -195,12 +280,24 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     method: a registered method (`registry.names()`): 'coala', a peer of
       `ctxlr.baselines`, or 'k_star' (the float64 reference K_*).
     mu: μ₀ of the layer-scaled regularization (ctxlr only; 0 = none).
-    mu_rule: 'energy' (default) or 'error_ratio', see `solvers.layer_mu`.
+    mu_rule: 'energy' (default), 'error_ratio' (`solvers.layer_mu`) or
+      'cholesky' (`layer_mu`); `MU_RULES`.
     auto_mu: if > 0, layers with insufficient calibration data (numerical
-      rank of their inputs below their rank) get the energy-scaled ridge with
-      this μ₀ automatically (ctxlr only; see `factorize_layers`).
-    allocation: 'uniform' or 'global' (spend the budget where the exact
-      error curves say it buys most; computed from a one-shot pass).
+      rank of their inputs below their rank) get the ridge with this μ₀,
+      scaled by `auto_mu_rule`, automatically (ctxlr only; see
+      `factorize_layers`).
+    allocation: one of `ALLOCATIONS`: 'uniform'; 'global' (least summed
+      relative layer error); 'fisher' (least estimated loss increase, the
+      exact error curves weighted by each layer's loss-gradient energy);
+      'svd_llm_v2' or 'coala_hetero' (those peers' per-type rules). All but
+      'uniform' read a one-shot pass over the dense model.
+    method_options: the method's own keyword options (`registry.Method.
+      options`), e.g. `dict(power=1.0)` for coala's weighting power.
+    auto_mu_rule: the μ rule of `auto_mu` (`MU_RULES`).
+    sensitivity: for allocation 'fisher': {layer: `sensitivity.Energy` or a
+      float weight}. If None it is measured on `batches` by one backward pass
+      of next-token cross-entropy (`sensitivity.output_gradient_energy`;
+      needs `model(batch)` to return logits).
     mode: 'one_shot' (every layer calibrated on the dense model, one pass) or
       'sequential' (block by block, each block calibrated on the outputs of
       the already-compressed blocks before it; needs `model.embed(batch)` and
@@ -230,11 +327,14 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     retries/eps/failed/nonfinite.
   """
   check_options(ratio=ratio, method=method, mu=mu, auto_mu=auto_mu,
-                allocation=allocation, mu_rule=mu_rule, mode=mode)
+                allocation=allocation, mu_rule=mu_rule, mode=mode,
+                auto_mu_rule=auto_mu_rule, method_options=method_options)
   stats_dtype = streaming.check_dtype(stats_dtype)
   shapes = surgery.select_linears(model, include, exclude)
+  measure = allocation in NEEDS_SENSITIVITY and sensitivity is None
   if mode == 'sequential':
     _check_sequential(model, shapes)
+  if mode == 'sequential' or measure:
     batches = list(batches)                   # read twice: keep them
   unhandled = surgery.unhandled_layers(model, include, exclude)
   kernels = {n: surgery.kernel_matrix(model, n) for n in shapes}
@@ -245,32 +345,45 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
         kernels=store_lib.fingerprint_arrays(kernels), method=method,
         ratio=ratio, mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
         allocation=allocation, mode=mode, data=data_id,
-        stats_dtype=stats_dtype.name))
+        method_options=dict(method_options or {}),
+        auto_mu_rule=auto_mu_rule, stats_dtype=stats_dtype.name))
   want = registry.get(method).want
   seconds, resumed = {}, dict(stats=False)
   t = time.perf_counter()
   stats = None
-  if mode == 'one_shot' or allocation == 'global':
+  if mode == 'one_shot' or allocation != 'uniform':
     stats = _one_shot_stats(model, batches, shapes, call=call, store=store,
                             mesh=mesh, dtype=stats_dtype, resumed=resumed,
                             want=want if mode == 'one_shot' else
                             stats_lib.Want())
   seconds['calibrate'] = time.perf_counter() - t
+  if measure:
+    t = time.perf_counter()
+    sensitivity = sensitivity_lib.output_gradient_energy(model, batches,
+                                                         shapes)
+    seconds['sensitivity'] = time.perf_counter() - t
   if mode == 'one_shot':
     report = compress_from_stats(model, stats, ratio=ratio, method=method,
                                  mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
-                                 allocation=allocation, store=store)
+                                 allocation=allocation, store=store,
+                                 method_options=method_options,
+                                 auto_mu_rule=auto_mu_rule,
+                                 sensitivity=sensitivity)
     report['seconds'] = dict(seconds, **report['seconds'])
     report['stats_resumed'] = resumed['stats']
     report['unhandled'] = unhandled
     return report
   t = time.perf_counter()
   ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
-                       allocation=allocation)
+                       allocation=allocation, method=method,
+                       method_options=method_options,
+                       sensitivity=sensitivity)
   seconds['allocate'] = time.perf_counter() - t
   t = time.perf_counter()
   solve = functools.partial(factorize_layers, method=method, mu=mu,
-                            mu_rule=mu_rule, auto_mu=auto_mu, store=store)
+                            mu_rule=mu_rule, auto_mu=auto_mu,
+                            auto_mu_rule=auto_mu_rule,
+                            method_options=method_options, store=store)
   solved = _sequential(model, batches, kernels, ranks, solve=solve,
                        want=want, seconds=seconds, mesh=mesh,
                        dtype=stats_dtype)
@@ -289,7 +402,10 @@ def compress_from_stats(model: nnx.Module,
                         ratio: float, method: str = 'coala', mu: float = 0.0,
                         mu_rule: str = 'energy', auto_mu: float = 0.0,
                         allocation: str = 'uniform',
-                        store: store_lib.RunStore | None = None
+                        store: store_lib.RunStore | None = None,
+                        method_options: Mapping[str, Any] | None = None,
+                        auto_mu_rule: str = 'energy',
+                        sensitivity: Mapping[str, Any] | None = None
                         ) -> dict[str, Any]:
   """Compresses the layers named in `stats` in place, from their statistics.
 
@@ -308,23 +424,31 @@ def compress_from_stats(model: nnx.Module,
       method needs (`registry.get(method).needs`).
     ratio, method, mu, mu_rule, auto_mu, allocation: as in `compress`.
     store: a `store.RunStore` to save finished layers to and resume from.
+    method_options, auto_mu_rule: as in `compress`.
+    sensitivity: as in `compress`; required (not measured here) for
+      allocation 'fisher'.
 
   Returns:
     The report `compress` returns (seconds: allocate, solve).
   """
   check_options(ratio=ratio, method=method, mu=mu, auto_mu=auto_mu,
-                allocation=allocation, mu_rule=mu_rule, mode='one_shot')
+                allocation=allocation, mu_rule=mu_rule, mode='one_shot',
+                auto_mu_rule=auto_mu_rule, method_options=method_options)
   kernels = {n: surgery.kernel_matrix(model, n) for n in stats}
   shapes = {n: tuple(k.shape) for n, k in kernels.items()}
   params_before = count_params(model)
   seconds = {}
   t = time.perf_counter()
   ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
-                       allocation=allocation)
+                       allocation=allocation, method=method,
+                       method_options=method_options,
+                       sensitivity=sensitivity)
   seconds['allocate'] = time.perf_counter() - t
   t = time.perf_counter()
   solved = factorize_layers(kernels, stats, ranks, method=method, mu=mu,
-                            mu_rule=mu_rule, auto_mu=auto_mu, store=store)
+                            mu_rule=mu_rule, auto_mu=auto_mu,
+                            auto_mu_rule=auto_mu_rule,
+                            method_options=method_options, store=store)
   apply_factors(model, solved)
   seconds['solve'] = time.perf_counter() - t
   return make_report(shapes, ranks, solved, seconds=seconds,
@@ -416,7 +540,9 @@ def make_report(shapes, ranks, solved, *, seconds, params_before,
         'rank, so the data cannot determine them: %s%s. %s', len(short),
         ', '.join(short[:5]), ', …' if len(short) > 5 else '',
         'They were regularized (auto_mu).' if remedied else
-        'Use more tokens, or the regularized solve (mu > 0 or auto_mu > 0).')
+        'Use more calibration tokens, or a method with a ridge term '
+        f'({", ".join(registry.names(takes_mu=True))}) with mu > 0 or '
+        'auto_mu > 0.')
   return dict(kept_ratio=allocation_lib.kept_ratio(shapes, ranks),
               model_ratio=params_after / params_before, seconds=seconds,
               layers=layers)

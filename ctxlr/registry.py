@@ -18,7 +18,7 @@ running, so a direct call is as safe as one through the pipeline.
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +65,11 @@ class Method:
     float64: whether it computes in float64 and wants float64 statistics
       (a reference, not a method to ship).
     summary: one line for listings.
+    options: {name: default} of the method-specific keyword options it takes
+      besides `rank` and `mu` (e.g. coala's weighting `power`); any other
+      keyword is refused.
+    check: `check(options) -> None`, raises ValueError for a bad option value
+      (run by `check_options` before any long work), or None.
   """
   name: str
   fn: Callable[..., Any]
@@ -72,6 +77,8 @@ class Method:
   takes_mu: bool = False
   float64: bool = False
   summary: str = ''
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  check: Callable[[Mapping[str, Any]], None] | None = None
 
   @property
   def want(self) -> stats_lib.Want:
@@ -96,12 +103,16 @@ def _load_builtins() -> None:
 
 def register(*, needs: tuple[str, ...], takes_mu: bool = False,
              float64: bool = False, summary: str = '',
-             name: str | None = None) -> Callable[[Callable], Callable]:
+             name: str | None = None,
+             options: Mapping[str, Any] | None = None,
+             check: Callable[[Mapping[str, Any]], None] | None = None
+             ) -> Callable[[Callable], Callable]:
   """Decorator: registers `fn` under `name` (default: its `__name__`).
 
   The returned function is `fn` behind the shared argument checks
-  (`check_inputs`). Raises ValueError for a name already taken or an
-  unknown statistic.
+  (`check_inputs`, and `check_options` for the method-specific keyword
+  `options`, {name: default}). Raises ValueError for a name already taken
+  or an unknown statistic.
   """
   unknown = set(needs) - set(STATISTICS)
   if unknown:
@@ -114,12 +125,13 @@ def register(*, needs: tuple[str, ...], takes_mu: bool = False,
       raise ValueError(f'A method named {key!r} is already registered.')
 
     @functools.wraps(fn)
-    def checked(kernel, stats, *, rank, mu=0.0):
+    def checked(kernel, stats, *, rank, mu=0.0, **kwargs):
       check_inputs(_METHODS[key], kernel, stats, rank, mu)
-      return fn(kernel, stats, rank=rank, mu=mu)
+      check_options(key, kwargs)
+      return fn(kernel, stats, rank=rank, mu=mu, **kwargs)
 
     _METHODS[key] = Method(key, checked, tuple(needs), takes_mu, float64,
-                           summary)
+                           summary, dict(options or {}), check)
     return checked
 
   return decorate
@@ -161,7 +173,7 @@ def names(*, takes_mu: bool | None = None, needs: str | None = None,
 
 
 def solve(name: str, kernel: Any, stats: stats_lib.LayerStats, *, rank: int,
-          mu: float = 0.0) -> tuple[Any, Any]:
+          mu: float = 0.0, **options) -> tuple[Any, Any]:
   """Rank-`rank` factors of K by the method `name`, the same call for all.
 
   >>> x = jax.random.normal(jax.random.key(0), (256, 16))
@@ -176,11 +188,28 @@ def solve(name: str, kernel: Any, stats: stats_lib.LayerStats, *, rank: int,
     stats: the layer's `LayerStats`, with the statistics the method needs.
     rank: 1 <= rank <= min(d_in, d_out).
     mu: ridge weight μ >= 0 (methods with `takes_mu` only).
+    **options: the method's own keyword options (`Method.options`).
 
   Returns:
     (Factors(a: [d_in, rank], b: [rank, d_out], sigma), SolveInfo).
   """
-  return get(name).fn(kernel, stats, rank=rank, mu=mu)
+  return get(name).fn(kernel, stats, rank=rank, mu=mu, **options)
+
+
+def check_options(name: str, options: Mapping[str, Any] | None) -> None:
+  """Raises ValueError for an option `name` does not take or a bad value.
+
+  Cheap (no data): the pipeline calls it before calibrating.
+  """
+  method = get(name)
+  options = dict(options or {})
+  unknown = sorted(set(options) - set(method.options))
+  if unknown:
+    raise ValueError(
+        f'method_options: {name!r} takes '
+        f'{sorted(method.options) or "no options"}; got {unknown}.')
+  if method.check is not None and options:
+    method.check(options)
 
 
 def check_inputs(method: Method, kernel: Any, stats: Any, rank: Any,
