@@ -485,3 +485,91 @@ def batches(
   stop = n - n % batch_size if drop_remainder else n
   for start in range(0, stop, batch_size):
     yield np.asarray(seqs[start : start + batch_size], np.int32)
+
+
+def mixture_counts(weights: dict[str, float], num_sequences: int
+                   ) -> dict[str, int]:
+  """Sequences per corpus for a mixture: shares of `num_sequences` by weight.
+
+  Largest remainders, ties to the earlier corpus; every corpus gets at least
+  one sequence.
+
+  Raises:
+    ValueError: no corpus, an unknown corpus, a weight that is not a finite
+      number > 0, or fewer sequences than corpora.
+  """
+  if not isinstance(weights, dict) and not hasattr(weights, 'items'):
+    raise ValueError(f'weights must be a dict {{corpus: weight}}; got '
+                     f'{weights!r}.')
+  weights = dict(weights.items())
+  if not weights:
+    raise ValueError('weights is empty: name at least one corpus.')
+  for corpus, weight in weights.items():
+    _check_corpus(corpus)
+    if isinstance(weight, bool) or not isinstance(
+        weight, (int, float, np.integer, np.floating)) or not (
+            np.isfinite(weight) and weight > 0):
+      raise ValueError(f'weights[{corpus!r}]: expected a finite number > 0; '
+                       f'got {weight!r}.')
+  if isinstance(num_sequences, bool) or not isinstance(
+      num_sequences, (int, np.integer)) or num_sequences < len(weights):
+    raise ValueError(f'num_sequences={num_sequences!r}: a mixture of '
+                     f'{len(weights)} corpora needs at least one sequence '
+                     'of each.')
+  total = float(sum(weights.values()))
+  exact = {c: num_sequences * w / total for c, w in weights.items()}
+  counts = {c: int(np.floor(v)) for c, v in exact.items()}
+  left = num_sequences - sum(counts.values())
+  order = sorted(weights, key=lambda c: -(exact[c] - counts[c]))
+  for c in order[:left]:
+    counts[c] += 1
+  for c in counts:
+    if counts[c] == 0:             # every corpus at least once
+      donor = max(counts, key=lambda d: counts[d])
+      counts[donor] -= 1
+      counts[c] = 1
+  return counts
+
+
+def mixture_sequences(weights: dict[str, float], split: str,
+                      tokenizer: tokenizers.Tokenizer, *, seq_len: int,
+                      num_sequences: int,
+                      separator: int | None = None) -> np.ndarray:
+  """Sequences drawn from several corpora's `split` in proportion to weights.
+
+  Corpus c contributes the first `mixture_counts(weights, num_sequences)[c]`
+  sequences of its own split (`sequences(c, split, ...)`: whole documents in
+  the split's fixed order, so held-out documents never enter a calibration
+  mixture), and the rows are interleaved so that every prefix follows the
+  weights as closely as whole rows allow (each next row comes from the corpus
+  furthest below its share).
+
+      seqs = data.mixture_sequences({'wikipedia': 1, 'sotu': 1}, 'calib',
+                                    tokenizer, seq_len=512, num_sequences=16)
+
+  Args:
+    weights: {corpus: weight > 0}; the weights need not sum to 1.
+    split: 'calib' or 'eval'.
+    tokenizer: the model's tokenizer.
+    seq_len: tokens per sequence.
+    num_sequences: rows in all (at least one per corpus).
+    separator: token id after each document; default `default_separator`.
+
+  Returns:
+    int32[num_sequences, seq_len].
+  """
+  counts = mixture_counts(weights, num_sequences)
+  if split not in SPLITS:
+    raise ValueError(f'split={split!r}; expected one of {SPLITS}.')
+  parts = {c: sequences(c, split, tokenizer, seq_len=seq_len,
+                        num_sequences=n, separator=separator)
+           for c, n in counts.items()}
+  total = float(sum(weights.values()))
+  taken = {c: 0 for c in counts}
+  rows = []
+  for _ in range(num_sequences):
+    open_ = [c for c in counts if taken[c] < counts[c]]
+    c = min(open_, key=lambda c: (taken[c] + 1) / (weights[c] / total))
+    rows.append(parts[c][taken[c]])
+    taken[c] += 1
+  return np.stack(rows).astype(np.int32)
