@@ -487,8 +487,9 @@ def batches(
     yield np.asarray(seqs[start : start + batch_size], np.int32)
 
 
-def mixture_counts(weights: dict[str, float], num_sequences: int
-                   ) -> dict[str, int]:
+def mixture_counts(
+    weights: dict[str, float], num_sequences: int
+) -> dict[str, int]:
   """Sequences per corpus for a mixture: shares of `num_sequences` by weight.
 
   Largest remainders, ties to the earlier corpus; every corpus gets at least
@@ -499,23 +500,33 @@ def mixture_counts(weights: dict[str, float], num_sequences: int
       number > 0, or fewer sequences than corpora.
   """
   if not isinstance(weights, dict) and not hasattr(weights, 'items'):
-    raise ValueError(f'weights must be a dict {{corpus: weight}}; got '
-                     f'{weights!r}.')
+    raise ValueError(
+        f'weights must be a dict {{corpus: weight}}; got ' f'{weights!r}.'
+    )
   weights = dict(weights.items())
   if not weights:
     raise ValueError('weights is empty: name at least one corpus.')
   for corpus, weight in weights.items():
     _check_corpus(corpus)
-    if isinstance(weight, bool) or not isinstance(
-        weight, (int, float, np.integer, np.floating)) or not (
-            np.isfinite(weight) and weight > 0):
-      raise ValueError(f'weights[{corpus!r}]: expected a finite number > 0; '
-                       f'got {weight!r}.')
-  if isinstance(num_sequences, bool) or not isinstance(
-      num_sequences, (int, np.integer)) or num_sequences < len(weights):
-    raise ValueError(f'num_sequences={num_sequences!r}: a mixture of '
-                     f'{len(weights)} corpora needs at least one sequence '
-                     'of each.')
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float, np.integer, np.floating))
+        or not (np.isfinite(weight) and weight > 0)
+    ):
+      raise ValueError(
+          f'weights[{corpus!r}]: expected a finite number > 0; '
+          f'got {weight!r}.'
+      )
+  if (
+      isinstance(num_sequences, bool)
+      or not isinstance(num_sequences, (int, np.integer))
+      or num_sequences < len(weights)
+  ):
+    raise ValueError(
+        f'num_sequences={num_sequences!r}: a mixture of '
+        f'{len(weights)} corpora needs at least one sequence '
+        'of each.'
+    )
   total = float(sum(weights.values()))
   exact = {c: num_sequences * w / total for c, w in weights.items()}
   counts = {c: int(np.floor(v)) for c, v in exact.items()}
@@ -524,17 +535,22 @@ def mixture_counts(weights: dict[str, float], num_sequences: int
   for c in order[:left]:
     counts[c] += 1
   for c in counts:
-    if counts[c] == 0:             # every corpus at least once
+    if counts[c] == 0:  # every corpus at least once
       donor = max(counts, key=lambda d: counts[d])
       counts[donor] -= 1
       counts[c] = 1
   return counts
 
 
-def mixture_sequences(weights: dict[str, float], split: str,
-                      tokenizer: tokenizers.Tokenizer, *, seq_len: int,
-                      num_sequences: int,
-                      separator: int | None = None) -> np.ndarray:
+def mixture_sequences(
+    weights: dict[str, float],
+    split: str,
+    tokenizer: tokenizers.Tokenizer,
+    *,
+    seq_len: int,
+    num_sequences: int,
+    separator: int | None = None,
+) -> np.ndarray:
   """Sequences drawn from several corpora's `split` in proportion to weights.
 
   Corpus c contributes the first `mixture_counts(weights, num_sequences)[c]`
@@ -561,9 +577,17 @@ def mixture_sequences(weights: dict[str, float], split: str,
   counts = mixture_counts(weights, num_sequences)
   if split not in SPLITS:
     raise ValueError(f'split={split!r}; expected one of {SPLITS}.')
-  parts = {c: sequences(c, split, tokenizer, seq_len=seq_len,
-                        num_sequences=n, separator=separator)
-           for c, n in counts.items()}
+  parts = {
+      c: sequences(
+          c,
+          split,
+          tokenizer,
+          seq_len=seq_len,
+          num_sequences=n,
+          separator=separator,
+      )
+      for c, n in counts.items()
+  }
   total = float(sum(weights.values()))
   taken = {c: 0 for c in counts}
   rows = []
