@@ -55,16 +55,19 @@ VOLATILE = frozenset(
 )
 # What a kill hit: the phase of the last file event before it.
 PHASES = (
-    ('config.json', 'started'),
+    ('config.json*', 'started'),
     ('dense.json*', 'dense evaluated'),
+    ('progress* (removed)', 'progress removed'),
+    ('progress', 'calibrating'),
+    ('progress/layers', 'calibrating'),
     ('progress/manifest.json*', 'calibrating'),
     ('progress/stats.safetensors*', 'statistics saved'),
     ('progress/layers/*', 'solving layers'),
+    ('model', 'saving the model'),
     ('model/*', 'saving the model'),
     ('factors.safetensors*', 'factors exported'),
     ('results.json*', 'results written'),
-    ('progress', 'progress removed'),
-    ('*', 'finishing'),
+    ('*', 'finishing'),  # summary.md, the figure
 )
 _NO_EVENT = 'starting (no file yet)'
 
@@ -187,7 +190,8 @@ def run_once(
 
   Returns:
     dict(outcome='killed' | 'finished' | 'failed' | 'timeout', returncode,
-    seconds, events=[(seconds, path)], last_event (path or None),
+    seconds, events=[(seconds, path, with ' (removed)' if it went)],
+    last_event (the last event's path, or None),
     replaced={path: bytes}).
   """
   env = dict(os.environ)
@@ -211,7 +215,7 @@ def run_once(
           {p for p in after if before.get(p) != after[p]}
           | {p for p in before if p not in after}
       )
-      events += [(now, p) for p in changed]
+      events += [(now, p if p in after else f'{p} (removed)') for p in changed]
       for p in changed:
         if watch and p in watch and p in after and after[p][0] != watch[p][0]:
           replaced[p] = watch[p][1]

@@ -190,6 +190,12 @@ def test_soak_summary_and_figure_from_results(tmp_path):
   assert 'chain 1: run 1 failed: boom' in summary
   assert (tmp_path / 'soak.png').stat().st_size > 0
   assert soak.phase_of('model/save-000001/state/x') == 'saving the model'
+  assert soak.phase_of('model') == 'saving the model'
+  assert soak.phase_of('config.json.tmp') == 'started'
+  assert soak.phase_of('progress') == 'calibrating'
+  assert soak.phase_of('progress (removed)') == 'progress removed'
+  assert soak.phase_of('progress/layers/x (removed)') == 'progress removed'
+  assert soak.phase_of('layer_errors.png') == 'finishing'
   assert soak.phase_of('progress/stats.safetensors.tmp') == 'statistics saved'
 
 
