@@ -269,3 +269,18 @@ def test_recurrent_layer_folds_every_step_or_says_why_not():
   with pytest.raises(ValueError, match=r"\['cell'\] were called at "
                      'calibration batch 0, but their statistics did not'):
     calibration.calibrate(toy_model.Recurrent(carry=False), [xs], ['cell'])
+
+
+def test_data_parallel_scanned_stack_matches_one_device():
+  model = toy_model.Scanned(layers=2)
+  rng = np.random.default_rng(0)
+  batches = [jnp.asarray(rng.integers(0, 64, (3, 7))) for _ in range(2)]
+  names = list(surgery.select_linears(model))
+  one, group_of = calibration.calibrate(model, batches, names)
+  mesh = jax.make_mesh((2,), ('data',), devices=jax.devices()[:2])
+  many, groups = calibration.calibrate(model, batches, names, mesh=mesh)
+  assert groups == group_of
+  for g in one:
+    assert many[g].count == one[g].count == 42        # padding row masked
+    err = np.linalg.norm(many[g].r - one[g].r) / np.linalg.norm(one[g].r)
+    assert err < 1e-5, g
