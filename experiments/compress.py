@@ -3,7 +3,10 @@
 Writes to the workdir: results.json (dense and compressed perplexity, the
 per-layer report, seconds per phase, wall time, disk use), summary.md,
 layer_errors.png (redrawn from results.json by `plot`), and, with
-`config.save`, the orbax checkpoint model/ and factors.safetensors.
+`config.save`, the orbax checkpoint model/ and factors.safetensors. With
+`config.heal.enabled` the factors are then trained for a time or step
+budget (`ctxlr.healing`), the healed model is evaluated too, and it is the
+one saved.
 """
 import json
 import os
@@ -15,6 +18,8 @@ import matplotlib
 import numpy as np
 
 from ctxlr import checkpoint
+from ctxlr import data
+from ctxlr import healing
 from ctxlr import pipeline
 from ctxlr import registry
 from ctxlr import results
@@ -27,12 +32,47 @@ _DEFAULT_AUTO_MU = 1e-4   # μ₀ for layers short of data (docs/results/
                           # calibration_sweep: within 1% of K_* at 128 tokens)
 
 
+def mixture(calib) -> dict[str, float] | None:
+  """`calib.mixture` ('corpus:weight,corpus:weight') as a dict, or None.
+
+  An empty string (the default) calibrates on `calib.corpus` alone. A
+  weight is the last ':'-separated field, so 'files:/data/*.jsonl:1' works.
+  """
+  spec = calib.get('mixture', '') or ''
+  if not spec.strip():
+    return None
+  out = {}
+  for item in spec.split(','):
+    corpus, sep, weight = item.strip().rpartition(':')
+    try:
+      value = float(weight)
+    except ValueError:
+      value = None
+    if not sep or not corpus or value is None:
+      raise ValueError(f"calib.mixture: expected 'corpus:weight,…' (e.g. "
+                       f"'wikipedia:1,sotu:1'); got the item {item!r}.")
+    if corpus in out:
+      raise ValueError(f'calib.mixture: corpus {corpus!r} appears twice.')
+    out[corpus] = value
+  return out
+
+
+def method_options(config) -> dict[str, float]:
+  """The method's options from the config (`power` for coala)."""
+  return {} if config.power is None else dict(power=config.power)
+
+
 def validate(config) -> None:
   """Every option error of the main job, before anything is loaded."""
   try:
     record = registry.get(config.method)
   except ValueError as e:
     raise ValueError(f'method: {e}') from None
+  try:
+    registry.check_options(config.method, method_options(config))
+  except ValueError as e:
+    raise ValueError(str(e).replace('method_options:', 'power:', 1)
+                     ) from None
   if config.auto_mu is not None and config.auto_mu > 0 and (
       not record.takes_mu):
     raise ValueError(
@@ -42,7 +82,8 @@ def validate(config) -> None:
     pipeline.check_options(
         ratio=config.ratio, method=config.method, mu=config.mu,
         allocation=config.allocation, mu_rule=config.mu_rule,
-        mode=config.mode, auto_mu=auto_mu(config))
+        mode=config.mode, auto_mu=auto_mu(config),
+        auto_mu_rule=config.auto_mu_rule)
   except ValueError as e:
     raise ValueError(str(e).replace('allocation must', 'allocation: must')
                      ) from None
@@ -59,6 +100,27 @@ def validate(config) -> None:
     if spec.num_tokens < spec.seq_len:
       raise ValueError(f'{name}.num_tokens: expected >= {name}.seq_len '
                        f'({spec.seq_len}); got {spec.num_tokens}.')
+  weights = mixture(config.calib)
+  if weights is not None:
+    try:
+      data.mixture_counts(weights, config.calib.num_tokens //
+                          config.calib.seq_len)
+    except ValueError as e:
+      raise ValueError(f'calib.mixture: {e}') from None
+  if config.heal.enabled:
+    try:
+      healing.check_budget(seconds=config.heal.seconds,
+                           steps=config.heal.steps)
+    except ValueError as e:
+      raise ValueError(f'heal.{e}') from None
+    for field in ('batch_size', 'seq_len', 'num_tokens'):
+      value = config.heal[field]
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'heal.{field}: expected a positive integer; got '
+                         f'{value!r}.')
+    if not config.heal.learning_rate > 0:
+      raise ValueError(f'heal.learning_rate: expected a number > 0; got '
+                       f'{config.heal.learning_rate!r}.')
   if record.float64:
     raise ValueError(f'method: {config.method!r} is a float64 reference, '
                      'not a method to ship; the calibration_sweep '
@@ -87,7 +149,7 @@ def run(config, workdir: str) -> None:
   dense, dense_seconds, reused = _dense_eval(model, tokenizer, config,
                                              workdir)
   seconds['eval_dense'] = dense_seconds
-  batches = common.calibration_batches(tokenizer, config.calib)
+  batches = calibration_batches(tokenizer, config.calib)
   mesh = None
   if config.data_parallel and jax.device_count() > 1:
     mesh = jax.make_mesh((jax.device_count(),), ('data',))
@@ -96,13 +158,22 @@ def run(config, workdir: str) -> None:
       model, batches,
       ratio=config.ratio, method=config.method, mu=config.mu,
       mu_rule=config.mu_rule, auto_mu=auto_mu(config),
-      allocation=config.allocation,
+      auto_mu_rule=config.auto_mu_rule, allocation=config.allocation,
+      method_options=method_options(config),
       mode=config.mode, include=config.include, exclude=config.exclude,
       mesh=mesh, checkpoint_dir=progress, data_id=config.calib.to_dict())
   seconds.update(report.pop('seconds'))
   t = time.perf_counter()
   compressed = common.evaluate(model, tokenizer, config.eval, 'compressed')
   seconds['eval_compressed'] = time.perf_counter() - t
+  healed = heal_history = None
+  if config.heal.enabled:
+    t = time.perf_counter()
+    heal_history = heal(model, tokenizer, config)
+    seconds['heal'] = time.perf_counter() - t
+    t = time.perf_counter()
+    healed = common.evaluate(model, tokenizer, config.eval, 'healed')
+    seconds['eval_healed'] = time.perf_counter() - t
   if config.save:
     t = time.perf_counter()
     checkpoint.save(model, os.path.join(workdir, 'model'),
@@ -113,10 +184,14 @@ def run(config, workdir: str) -> None:
     seconds['save'] = time.perf_counter() - t
   out = dict(method=config.method, ratio=config.ratio, mode=config.mode,
              allocation=config.allocation, mu=config.mu,
-             auto_mu=auto_mu(config),
+             auto_mu=auto_mu(config), auto_mu_rule=config.auto_mu_rule,
+             method_options=method_options(config),
+             calib_mixture=mixture(config.calib) or {config.calib.corpus: 1.},
              calib_tokens=sum(int(b.size) for b in batches), dense=dense,
              compressed=compressed, seconds=seconds,
              dense_eval_reused=reused, **report)
+  if healed is not None:
+    out.update(healed=healed, heal=heal_history)
   path = os.path.join(workdir, 'results.json')
   results.write_json(path, out)
   if not config.keep_progress:
@@ -125,6 +200,36 @@ def run(config, workdir: str) -> None:
   out['disk_bytes'] = _disk_bytes(workdir)
   results.write_json(path, out)
   common.finish(workdir, summarize(out), plot)
+
+
+def calibration_batches(tokenizer, calib) -> list:
+  """The calibration batches: `calib.corpus`, or the `calib.mixture`."""
+  weights = mixture(calib)
+  if weights is None:
+    return common.calibration_batches(tokenizer, calib)
+  seqs = data.mixture_sequences(weights, 'calib', tokenizer,
+                                seq_len=calib.seq_len,
+                                num_sequences=calib.num_tokens // calib.seq_len)
+  return list(data.batches(seqs, min(calib.batch_size, len(seqs))))
+
+
+def heal(model, tokenizer, config) -> dict:
+  """Trains the compressed model's factors on the calibration stream."""
+  h = config.heal
+  weights = mixture(config.calib) or {config.calib.corpus: 1.0}
+  seqs = healing.training_sequences(tokenizer, weights, seq_len=h.seq_len,
+                                    num_tokens=h.num_tokens)
+
+  def eval_fn(m):
+    if not h.eval_every_seconds:
+      return {}
+    ppl = common.evaluate(m, tokenizer, config.eval, 'heal')
+    return {f'ppl_{c}': v['perplexity'] for c, v in ppl.items()}
+
+  return healing.heal(model, seqs, seconds=h.seconds, steps=h.steps,
+                      learning_rate=h.learning_rate, batch_size=h.batch_size,
+                      warmup_fraction=h.warmup_fraction, eval_fn=eval_fn,
+                      eval_every_seconds=h.eval_every_seconds or None)
 
 
 def _dense_eval(model, tokenizer, config, workdir: str):
@@ -158,29 +263,44 @@ def summarize(out: dict) -> str:
                                out['dense'][c]['perplexity']),
                tokens=out['compressed'][c]['tokens'])
           for c in out['dense']]
+  columns = ['set', 'dense', 'compressed', 'ratio_to_dense', 'tokens']
+  if out.get('healed'):
+    for row in rows:
+      row['healed'] = out['healed'][row['set']]['perplexity']
+      row['healed_to_dense'] = row['healed'] / row['dense']
+    columns[4:4] = ['healed', 'healed_to_dense']
   layers = out['layers'].values()
   factored = [l for l in layers if l['rank'] is not None]
   flagged = [n for n, l in out['layers'].items()
              if l.get('insufficient_data')]
   seconds = dict(out['seconds'])
   resumed = sum(bool(l.get('resumed')) for l in layers)
+  options = ''.join(f', {k} {v}' for k, v in
+                    out.get('method_options', {}).items())
+  mix = ' + '.join(f'{c} {w:g}' for c, w in
+                   out.get('calib_mixture', {}).items())
   lines = [
       f"# {out['method']} at kept ratio {out['ratio']} ({out['mode']}, "
-      f"{out['allocation']} ranks, {out['calib_tokens']} calibration tokens)",
+      f"{out['allocation']} ranks{options}, {out['calib_tokens']} "
+      f"calibration tokens{': ' + mix if mix else ''})",
       '',
       f"Achieved: {out['kept_ratio']:.4f} of the projections' parameters, "
       f"{out['model_ratio']:.4f} of the whole model's. "
       f'{len(factored)} of {len(layers)} layers factored.',
       '',
-      results.markdown_table(rows, ['set', 'dense', 'compressed',
-                                    'ratio_to_dense', 'tokens'],
+      results.markdown_table(rows, columns,
                              dict(dense='.3f', compressed='.3f',
-                                  ratio_to_dense='.2f')),
+                                  ratio_to_dense='.2f', healed='.3f',
+                                  healed_to_dense='.2f')),
       'Seconds per phase: ' + ', '.join(
           f'{k} {v:.1f}' for k, v in seconds.items()) +
       (' (dense evaluation reused from dense.json)'
        if out.get('dense_eval_reused') else '') + '.',
   ]
+  if out.get('heal'):
+    h = out['heal']
+    lines.append(f"Healing: {h['steps']} steps in {h['seconds']:.0f} s of "
+                 f"training ({h['trainable']:,} factor parameters).")
   if out.get('stats_resumed') or resumed:
     lines.append(
         f"Resumed: {'statistics loaded, ' if out.get('stats_resumed') else ''}"

@@ -22,28 +22,41 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.experiment = 'compress'
   config.model = dict(path='', param_dtype='float32')   # '': bundled SmolLM2
-  config.calib = dict(corpus='wikipedia', num_tokens=8192, seq_len=512,
-                      batch_size=4)
+  # mixture: '' calibrates on `corpus` alone; 'wikipedia:1,sotu:1' draws
+  # rows from each corpus's calibration split by weight.
+  config.calib = dict(corpus='wikipedia', mixture='', num_tokens=8192,
+                      seq_len=512, batch_size=4)
   config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=8192,
                      seq_len=512, batch_size=4)
   config.ratio = 0.8             # kept fraction of the projections' parameters
   config.method = 'coala'        # or svd, asvd, svd_llm, svd_llm_eps, ...
   config.mu = 0.0                # μ₀ of the layer-scaled ridge (coala)
-  config.mu_rule = 'energy'      # or 'error_ratio' (docs/method.md §4)
+  config.mu_rule = 'energy'      # or 'error_ratio', 'cholesky' (§4)
   # μ₀ of the ridge for layers whose calibration rank is below their rank.
   # None: the method's default (1e-4 for methods that take μ, else off);
   # docs/results/calibration_sweep/ measures it.
   config.auto_mu = ml_collections.config_dict.placeholder(float)
-  config.allocation = 'uniform'  # or 'global'
+  config.auto_mu_rule = 'energy'  # the μ rule of auto_mu
+  # coala's weighting power: None = ½, the exact objective; 1 = CorDA's.
+  config.power = ml_collections.config_dict.placeholder(float)
+  # 'uniform', 'global', 'fisher' (loss-driven), 'svd_llm_v2', 'coala_hetero'
+  config.allocation = 'uniform'
   config.mode = 'one_shot'       # or 'sequential'
   config.include = ('*_proj',)   # attention and MLP projections
   config.exclude = ()
   config.data_parallel = True    # split calibration over all devices (if >1)
   config.save = True             # orbax checkpoint + safetensors factors
   config.keep_progress = False   # keep progress/ (the resume store) after success
+  # Optional healing: train only the factors on the calibration stream for
+  # `seconds` of training and/or `steps` (whichever ends first).
+  config.heal = dict(
+      enabled=False, seconds=ml_collections.config_dict.placeholder(float),
+      steps=ml_collections.config_dict.placeholder(int), learning_rate=1e-4,
+      batch_size=2, seq_len=256, num_tokens=65536, warmup_fraction=0.05,
+      eval_every_seconds=0.0)
   if arg == 'quick':             # a CI-sized run: one block, few tokens
-    config.calib = dict(corpus='wikipedia', num_tokens=256, seq_len=64,
-                        batch_size=2)
+    config.calib = dict(corpus='wikipedia', mixture='', num_tokens=256,
+                        seq_len=64, batch_size=2)
     config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=128,
                        seq_len=64, batch_size=2)
     config.include = ('layers.0.*',)
