@@ -46,7 +46,8 @@ class _Stat(nnx.Param):
 
 
 def _fields(want: Want) -> tuple[str, ...]:
-  return (('r', 'count', 'ok') + (('gram',) if want.gram else ()) +
+  return ((('r',) if want.r else ()) + ('count', 'ok') +
+          (('gram',) if want.gram else ()) +
           (('abs_sum',) if want.abs_sum else ()))
 
 
@@ -192,16 +193,15 @@ def _init(view: surgery.MatrixView, want: Want, mesh, axis, dtype
           ) -> dict[str, jax.Array]:
   """Zero statistics of one tapped module: leading axes = its stack."""
   d, stack = view.d_in, view.stack
-  if mesh is None:
-    r = jnp.zeros(stack + (d, d), dtype)
-  else:                                          # [*stack, D, d, d]
+  s = dict(count=jnp.zeros(stack, jnp.int32), ok=jnp.ones(stack, jnp.bool_))
+  if want.r and mesh is None:
+    s['r'] = jnp.zeros(stack + (d, d), dtype)
+  elif want.r:                                   # [*stack, D, d, d]
     size = mesh.shape[axis]
     sharding = jax.sharding.NamedSharding(
         mesh, jax.P(*([None] * len(stack)), axis))
-    r = jax.jit(lambda: jnp.zeros(stack + (size, d, d), dtype),
-                out_shardings=sharding)()
-  s = dict(r=r, count=jnp.zeros(stack, jnp.int32),
-           ok=jnp.ones(stack, jnp.bool_))
+    s['r'] = jax.jit(lambda: jnp.zeros(stack + (size, d, d), dtype),
+                     out_shardings=sharding)()
   if want.gram:
     s['gram'] = jnp.zeros(stack + (d, d), dtype)
   if want.abs_sum:
@@ -222,16 +222,20 @@ def _update(s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None,
   changes none of the statistics. With a mesh, each device folds its
   rows into its own R (no communication). `ok` turns False on NaN/Inf.
   """
-  x = x.astype(s['r'].dtype)                                    # f[b, d]
+  dtype = next(s[k].dtype for k in ('r', 'gram', 'abs_sum') if k in s)
+  x = x.astype(dtype)                                           # f[b, d]
   if rows is not None:
     x = jnp.where(rows[:, None], x, 0.)
   count = s['count'] + (x.shape[0] if rows is None else rows.sum())
-  if mesh is None:
-    r, ok = qr.fold_r_unchecked(s['r'], x), jnp.isfinite(x).all()
+  out = dict(s, count=count.astype(jnp.int32))
+  if 'r' not in s:
+    ok = jnp.isfinite(x).all()
+  elif mesh is None:
+    out['r'], ok = qr.fold_r_unchecked(s['r'], x), jnp.isfinite(x).all()
   else:
-    r, ok = tsqr.fold_sharded(s['r'], x, mesh=mesh, axis=axis)
+    out['r'], ok = tsqr.fold_sharded(s['r'], x, mesh=mesh, axis=axis)
     ok = ok.all()
-  out = dict(s, r=r, count=count.astype(jnp.int32), ok=s['ok'] & ok)
+  out['ok'] = s['ok'] & ok
   if 'gram' in s:
     out['gram'] = s['gram'] + jnp.matmul(x.T, x, precision=_HIGHEST)
   if 'abs_sum' in s:
@@ -347,7 +351,8 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
       distinct batch shape compiles once.
     layers: names of the layers to calibrate (`surgery.select_linears`;
       `path[i]` for one layer of a stack).
-    want: extra statistics for the Gram baselines.
+    want: which statistics to accumulate (`stats.Want`; default R only;
+      `Want(r=False, gram=True)` for the Gram alone).
     call: `call(model, batch)` runs the model (default `model(batch)`).
     mesh: if given, data-parallel: each batch is split over the devices of
       `axis` (its leading axis padded with masked entries to a multiple of
@@ -478,14 +483,15 @@ def _finalize(groups: _Groups, views, layers, mesh, axis
     group = f"{gid}[{','.join(map(str, index))}]" if index else gid
     group_of[name] = group
     wanted[group] = (gid, index)
-  rs = {g: groups.stats[gid]['r'][index] for g, (gid, index) in wanted.items()}
-  if mesh is not None:                     # one tree reduction, every layer
+  rs = {g: groups.stats[gid]['r'][index] for g, (gid, index) in wanted.items()
+        if 'r' in groups.stats[gid]}
+  if mesh is not None and rs:                     # one tree reduction, every layer
     rs = tsqr.reduce_r(rs, mesh=mesh, axis=axis)
   out = {}
   for g, (gid, index) in wanted.items():
     s = groups.stats[gid]
     pick = lambda k: s[k][index] if k in s else None
-    out[g] = stats_lib.LayerStats(r=rs[g], gram=pick('gram'),
+    out[g] = stats_lib.LayerStats(r=rs.get(g), gram=pick('gram'),
                                   abs_sum=pick('abs_sum'),
                                   count=int(s['count'][index]))
   return out, group_of
@@ -499,8 +505,8 @@ def layer_stats(model: nnx.Module, batches: Iterable[Any],
   The same as `calibrate` (same arguments), with its groups expanded: layers
   fed the same array (q/k/v, gate/up) map to one shared `LayerStats` object.
 
-  >>> stats = layer_stats(model, batches, ['layers.0.attn.q_proj'])
-  >>> stats['layers.0.attn.q_proj'].r.shape       # doctest: +SKIP
+      stats = layer_stats(model, batches, ['layers.0.attn.q_proj'])
+      stats['layers.0.attn.q_proj'].r.shape     # (d_in, d_in)
   """
   layers = list(layers)
   group_stats, group_of = calibrate(model, batches, layers, **kwargs)

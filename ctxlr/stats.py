@@ -27,9 +27,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST   # true float32 products (no TF32)
 
 @dataclasses.dataclass(frozen=True)
 class Want:
-  """Which statistics to accumulate besides R (R is always kept)."""
+  """Which statistics calibration accumulates (the count always)."""
   gram: bool = False      # XᵀX in float32, for the Gram methods
   abs_sum: bool = False   # Σ_tokens |x|, for asvd
+  r: bool = True          # R (qr_r); reports, allocation and coala use it
+
+  def __post_init__(self):
+    if not (self.r or self.gram or self.abs_sum):
+      raise ValueError('Want: at least one of r, gram, abs_sum must be True.')
 
 
 class LayerStats(NamedTuple):

@@ -6,6 +6,7 @@ import pytest
 
 from ctxlr import calibration
 from ctxlr import reference
+from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from tests import toy_model
 
@@ -284,3 +285,19 @@ def test_data_parallel_scanned_stack_matches_one_device():
     assert many[g].count == one[g].count == 42        # padding row masked
     err = np.linalg.norm(many[g].r - one[g].r) / np.linalg.norm(one[g].r)
     assert err < 1e-5, g
+
+
+def test_gram_only_calibration_keeps_no_r():
+  model = toy_model.Toy()
+  batches = [jnp.asarray(np.random.default_rng(i).integers(0, 64, (2, 12)))
+             for i in range(2)]
+  names = ['layers.0.attn.q_proj', 'layers.1.mlp.down_proj']
+  both = calibration.layer_stats(model, batches, names,
+                                 want=stats_lib.Want(gram=True))
+  gram = calibration.layer_stats(model, batches, names,
+                                 want=stats_lib.Want(r=False, gram=True))
+  for n in names:
+    assert gram[n].r is None and gram[n].count == both[n].count
+    np.testing.assert_allclose(gram[n].gram, both[n].gram, rtol=1e-6)
+  with pytest.raises(ValueError, match='at least one of r, gram, abs_sum'):
+    stats_lib.Want(r=False)
