@@ -1,109 +1,164 @@
-"""Perplexity vs calibration size for every method (docs/method.md §4–5)."""
-import os
+"""Perplexity vs calibration size for every method (docs/method.md §4–5).
+
+Config and commands: experiments/configs/calibration_sweep.py. results.json
+holds `dense`, `rows` (`common.sweep_row` plus num_tokens, stats_dtype; one
+per run label and size) and `errors` (runs that raised, e.g. a K_* that is
+not unique); summary.md and perplexity_vs_tokens.png are drawn from it alone.
+"""
+
+import contextlib
 
 from absl import logging
+from flax import nnx
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
 
+from ctxlr import calibration
+from ctxlr import pipeline
+from ctxlr import registry
 from ctxlr import results
 from ctxlr import stats as stats_lib
+from ctxlr import surgery
 from experiments import common
-from experiments import compare_methods
-
-matplotlib.use('Agg')
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
 
-def parse_run(run: str) -> tuple[str, float]:
-  method, _, mu = run.partition('@')
-  return method, float(mu) if mu else 0.
+def validate(config) -> None:
+  """Raises ValueError('<field>: expected …, got …') for any option error."""
+  common.check_model_spec(config.model)
+  common.check_data_spec(config.calib, 'calib')
+  common.check_data_spec(config.eval, 'eval')
+  if isinstance(config.num_tokens, (str, int)) or not config.num_tokens:
+    common.fail(
+        'num_tokens', 'a non-empty tuple of token counts', config.num_tokens
+    )
+  for i, n in enumerate(config.num_tokens):
+    common.check_int(n, f'num_tokens[{i}]')
+  common.check_ratio(config.ratio)
+  common.check_variants(config.runs)
+  common.check_int(config.kstar_max_tokens, 'kstar_max_tokens', minimum=0)
+  common.check_layers(config.include, config.exclude)
 
 
 def calib_spec(config, num_tokens: int) -> ml_collections.ConfigDict:
   """`num_tokens` as whole sequences (one shorter one if fewer tokens)."""
   seq_len = min(config.calib.seq_len, num_tokens)
-  return ml_collections.ConfigDict(dict(
-      corpus=config.calib.corpus, seq_len=seq_len, num_tokens=num_tokens,
-      batch_size=config.calib.batch_size))
+  return ml_collections.ConfigDict(
+      dict(
+          corpus=config.calib.corpus,
+          seq_len=seq_len,
+          num_tokens=num_tokens,
+          batch_size=config.calib.batch_size,
+      )
+  )
 
 
-def sweep_stats(model, batches, config, float64: bool):
+def sweep_stats(model, batches, layers, want, float64: bool):
   """{layer: float32 LayerStats}, and the float64 ones if `float64` (or None).
 
-  With `float64`, one pass accumulates in float64 (for K_*, whose case split
-  must resolve near-ties that float32 R blurs); the float32 methods get those
-  statistics rounded once to float32, so all runs still see the same data.
+  With `float64`, one pass accumulates in float64 (for the float64
+  references, whose case split must resolve near-ties that float32 R
+  blurs); the float32 methods get those statistics rounded once to float32,
+  so all runs still see the same data.
   """
   if not float64:
-    return compare_methods.one_shot_stats(model, batches, config.include,
-                                          config.exclude), None
+    return calibration.layer_stats(model, batches, layers, want=want), None
   with jax.enable_x64(True):
-    stats64 = compare_methods.one_shot_stats(
-        model, batches, config.include, config.exclude, dtype=jnp.float64)
-    rounded = {}                           # shared inputs stay shared
-    stats32 = {n: rounded.setdefault(id(s), stats_lib.as_float32(s))
-               for n, s in stats64.items()}
+    stats64 = calibration.layer_stats(
+        model, batches, layers, want=want, dtype=jnp.float64
+    )
+    rounded = {}  # shared inputs stay shared
+    stats32 = {
+        n: rounded.setdefault(id(s), stats_lib.as_float32(s))
+        for n, s in stats64.items()
+    }
   return stats32, stats64
 
 
 def run(config, workdir: str) -> None:
-  path = os.path.join(workdir, 'results.json')
+  """Per calibration size: one calibration, then every run of `config.runs`.
+
+  The float64 references (`registry.Method.float64`, e.g. k_star) run only
+  at sizes <= `kstar_max_tokens`, where the pass accumulates in float64.
+  Each finished (label, size) row is written to results.json at once; a
+  rerun skips them (and the runs recorded as raising).
+  """
+  validate(config)
+  runs = common.check_variants(config.runs)
   out, model, tokenizer = common.resume_sweep(workdir, config)
-  done = {(r['run'], r['num_tokens']) for r in out['rows']}
+  done = {
+      (r['run'], r['num_tokens']) for r in out['rows'] + out.get('errors', [])
+  }
+  layers = surgery.select_linears(model, config.include, config.exclude)
   for num_tokens in config.num_tokens:
     float64 = num_tokens <= config.kstar_max_tokens
-    todo = [r for r in config.runs if (r, num_tokens) not in done and
-            (float64 or r != 'k_star')]
+    todo = [
+        name
+        for name, v in runs.items()
+        if (name, num_tokens) not in done
+        and (float64 or not registry.get(v['method']).float64)
+    ]
     if not todo:
       continue
-    batches = common.calibration_batches(tokenizer,
-                                         calib_spec(config, num_tokens))
-    stats, stats64 = sweep_stats(model, batches, config, float64)
-    for run_name in todo:
-      method, mu = parse_run(run_name)
-      if method == 'k_star':               # float64 solve from float64 R
-        try:
-          with jax.enable_x64(True):
-            compressed, report = common.compress_copy(
-                model, stats64, method=method, ratio=config.ratio)
-        except ValueError as e:            # e.g. K_* not unique: say so
-          logging.error('k_star at %d tokens: %s', num_tokens, e)
-          out.setdefault('errors', []).append(dict(
-              run=run_name, num_tokens=num_tokens, error=str(e)))
-          results.write_json(path, out)
-          continue
-      else:
-        compressed, report = common.compress_copy(
-            model, stats, method=method, ratio=config.ratio, mu=mu,
-            mu_rule=config.mu_rule)
-      ppl = common.evaluate(compressed, tokenizer, config.eval,
-                            f'{run_name}@{num_tokens} tokens')
-      row = compare_methods.summary_row(f'{method}:uniform', config.ratio,
-                                        report, ppl)
-      row.update(run=run_name, mu0=mu, num_tokens=num_tokens,
-                 stats_dtype='float64' if float64 else 'float32',
-                 insufficient_layers=sum(
-                     bool(l.get('insufficient_data'))
-                     for l in report['layers'].values()))
+    batches = common.calibration_batches(
+        tokenizer, calib_spec(config, num_tokens)
+    )
+    stats, stats64 = sweep_stats(
+        model,
+        batches,
+        layers,
+        common.want(runs[n]['method'] for n in todo),
+        float64,
+    )
+    for name in todo:
+      variant = runs[name]
+      reference = registry.get(variant['method']).float64
+      compressed = nnx.clone(model)
+      try:
+        with (
+            jax.enable_x64(True)
+            if reference  # float64 solve, R
+            else contextlib.nullcontext()
+        ):
+          report = pipeline.compress_from_stats(
+              compressed,
+              stats64 if reference else stats,
+              ratio=config.ratio,
+              **common.compress_options(variant),
+          )
+      except ValueError as e:  # e.g. K_* not unique: say so
+        logging.error('%s at %d tokens: %s', name, num_tokens, e)
+        out.setdefault('errors', []).append(
+            dict(run=name, num_tokens=num_tokens, error=str(e))
+        )
+        common.write_results(workdir, out)
+        continue
+      ppl = common.evaluate(
+          compressed, tokenizer, config.eval, f'{name} at {num_tokens} tokens'
+      )
+      row = common.sweep_row(name, variant, config.ratio, report, ppl)
+      row.update(
+          num_tokens=num_tokens, stats_dtype='float64' if float64 else 'float32'
+      )
       out['rows'].append(row)
-      results.write_json(path, out)
-      logging.info('%s', row)
+      common.write_results(workdir, out)
   common.finish(workdir, summarize(out), plot)
 
 
 def _ppl(value: float) -> str:
   """Perplexity as the README prints it: 4 digits, thousands separated."""
-  if value != value:                       # NaN: non-finite factors
+  if value != value:  # NaN: non-finite factors
     return 'NaN'
   if value >= 1e5:
     return f'{value:.3g}'
   return f'{value:,.0f}' if value >= 1000 else f'{value:.4g}'
 
 
-_COUNTS = (('failed_layers', 'failed'), ('retried_layers', 'retried'),
-           ('nonfinite_layers', 'non-finite'))
+_COUNTS = (
+    ('failed_layers', 'failed'),
+    ('retried_layers', 'retried'),
+    ('nonfinite_layers', 'non-finite'),
+)
 
 
 def summarize(out: dict) -> str:
@@ -116,47 +171,71 @@ def summarize(out: dict) -> str:
   token_cols = [f'{n} tokens' for n in sizes]
   parts = []
   for corpus, dense in out['dense'].items():
-    rows = [{'run': run, **{f'{n} tokens': _ppl(cell[run, n][f'ppl_{corpus}'])
-                            for n in sizes if (run, n) in cell}}
-            for run in runs]
-    parts.append(f'Held-out {corpus} perplexity (dense {dense:.2f}):\n\n' +
-                 results.markdown_table(rows, ['run'] + token_cols))
-  counts = [(run, key, word) for run in runs for key, word in _COUNTS
-            if any(r.get(key) for r in out['rows'] if r['run'] == run)]
-  rows = [{'tokens': n, 'too few': max(r['insufficient_layers'] for r in
-                                       out['rows'] if r['num_tokens'] == n),
-           **{f'{run} {word}': cell[run, n][key] for run, key, word in counts
-              if (run, n) in cell}} for n in sizes]
+    rows = [
+        {
+            'run': run,
+            **{
+                f'{n} tokens': _ppl(cell[run, n][f'ppl_{corpus}'])
+                for n in sizes
+                if (run, n) in cell
+            },
+        }
+        for run in runs
+    ]
+    parts.append(
+        f'Held-out {corpus} perplexity (dense {dense:.2f}):\n\n'
+        + results.markdown_table(rows, ['run'] + token_cols)
+    )
+  counts = [
+      (run, key, word)
+      for run in runs
+      for key, word in _COUNTS
+      if any(r.get(key) for r in out['rows'] if r['run'] == run)
+  ]
+  rows = [
+      {
+          'tokens': n,
+          'too few': max(
+              r['insufficient_layers']
+              for r in out['rows']
+              if r['num_tokens'] == n
+          ),
+          **{
+              f'{run} {word}': cell[run, n][key]
+              for run, key, word in counts
+              if (run, n) in cell
+          },
+      }
+      for n in sizes
+  ]
   columns = ['tokens', 'too few'] + [f'{run} {word}' for run, _, word in counts]
-  parts.append('Layers with too few tokens (numerical rank < rank), and where '
-               'a Gram method failed, retried or produced non-finite '
-               'factors:\n\n' + results.markdown_table(rows, columns))
+  parts.append(
+      'Layers with too few tokens (numerical rank < rank), and where '
+      'a Gram method failed, retried or produced non-finite '
+      'factors:\n\n' + results.markdown_table(rows, columns)
+  )
   if out.get('errors'):
-    parts.append('Runs that raised:\n' + ''.join(
-        f'- {e["run"]} at {e["num_tokens"]} tokens: {e["error"]}\n'
-        for e in out['errors']))
+    parts.append(
+        'Runs that raised:\n'
+        + ''.join(
+            f'- {e["run"]} at {e["num_tokens"]} tokens: {e["error"]}\n'
+            for e in out['errors']
+        )
+    )
   return '\n'.join(parts)
 
 
 def plot(workdir: str) -> None:
-  """Perplexity vs calibration tokens per run, from results.json alone."""
-  out = results.read_json(os.path.join(workdir, 'results.json'))
-  corpora = list(out['dense'])
-  fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4),
-                           squeeze=False)
-  for ax, corpus in zip(axes[0], corpora):
-    for run_name in dict.fromkeys(r['run'] for r in out['rows']):
-      rows = sorted((r for r in out['rows'] if r['run'] == run_name),
-                    key=lambda r: r['num_tokens'])
-      ax.plot([r['num_tokens'] for r in rows],
-              [r[f'ppl_{corpus}'] for r in rows], 'o-', ms=3, label=run_name)
-    ax.axhline(out['dense'][corpus], color='k', ls='--', label='dense')
+  """perplexity_vs_tokens.png from results.json alone.
+
+  Perplexity relative to dense against the calibration tokens, one panel
+  per corpus, on a log axis fitted to the competitive runs (the others are
+  marked at the upper edge and named under the panel).
+  """
+  out = common.read_results(workdir, None)
+  fig, axes = common.relative_figure(
+      out, x='num_tokens', label=lambda r: r['run'], xlabel='calibration tokens'
+  )
+  for ax in axes[0]:
     ax.set_xscale('log')
-    ax.set_yscale('log')
-    ax.set_xlabel('calibration tokens')
-    ax.set_ylabel('perplexity')
-    ax.set_title(f'held-out {corpus}')
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'perplexity_vs_tokens.png'), dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, workdir, 'perplexity_vs_tokens.png')

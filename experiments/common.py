@@ -1,35 +1,347 @@
-"""Pieces the model experiments share: model, data, evaluation, one method."""
+"""What the experiments share: a library, not an experiment.
+
+* config checks for `validate(config)` (cheap: no model, no data), raising
+  `ValueError('<field path>: expected …, got …')`;
+* method variants: the one way a config names a method with its options,
+  `config.runs = {label: dict(method=…, allocation=…, mu=…, …)}`;
+* the model, its data and evaluation (`load_model`, `calibration_batches`,
+  `evaluate`, `make_eval_fn`) and the row of a compression sweep;
+* the resume/finish tail (`read_results`, `resume_sweep`, `finish`) and
+  figures (`subplots`, `save_figure`, `legend_outside`, `relative_panel`,
+  `relative_figure`).
+
+Scoring against the float64 optimum is in experiments/scoring.py, timing in
+experiments/timing.py. No experiment imports another.
+"""
+
+import math
 import os
-import time
-from typing import Any, Callable, Mapping
+import textwrap
+from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 from flax import nnx
 import jax.numpy as jnp
+import matplotlib
+import numpy as np
 
 from ctxlr import data
 from ctxlr import evaluation
 from ctxlr import models
-from ctxlr import pipeline
+from ctxlr import registry
 from ctxlr import results
-from ctxlr import surgery
+from ctxlr import stats as stats_lib
+
+matplotlib.use('Agg')
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+from matplotlib import transforms  # pylint: disable=g-import-not-at-top
+
+# ------------------------------------------------------------ config checks --
 
 
-def load_model(model_config):
-  """(model, tokenizer) from `config.model` (path '' = bundled SmolLM2)."""
+def fail(path: str, expected: str, got: Any) -> NoReturn:
+  """Raises `ValueError('<path>: expected <expected>, got <got!r>.')`."""
+  raise ValueError(f'{path}: expected {expected}, got {got!r}.')
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and (
+      not isinstance(value, bool)
+  )
+
+
+def check_int(value: Any, path: str, *, minimum: int = 1) -> None:
+  """An integer >= `minimum`."""
+  if not _is_int(value) or value < minimum:
+    fail(path, f'an integer >= {minimum}', value)
+
+
+def check_number(
+    value: Any,
+    path: str,
+    *,
+    minimum: float | None = None,
+    positive: bool = False,
+    maximum: float | None = None,
+) -> None:
+  """A finite number, optionally > 0, >= `minimum`, <= `maximum`."""
+  ok = _is_number(value) and math.isfinite(value)
+  ok = ok and not (positive and value <= 0)
+  ok = ok and not (minimum is not None and value < minimum)
+  ok = ok and not (maximum is not None and value > maximum)
+  if not ok:
+    bounds = [
+        b
+        for b in (
+            '> 0' if positive else '',
+            f'>= {minimum:g}' if minimum is not None else '',
+            f'<= {maximum:g}' if maximum is not None else '',
+        )
+        if b
+    ]
+    fail(
+        path,
+        'a finite number' + (' ' + ' and '.join(bounds) if bounds else ''),
+        value,
+    )
+
+
+def check_choice(value: Any, choices: Sequence[Any], path: str) -> None:
+  """One of `choices`."""
+  if not isinstance(value, type(choices[0])) or value not in choices:
+    fail(path, f'one of {tuple(choices)}', value)
+
+
+def check_names(
+    value: Any,
+    path: str,
+    *,
+    choices: Sequence[str] | None = None,
+    allow_empty: bool = False,
+) -> None:
+  """A tuple/list of strings (not one string), each one of `choices`."""
+  if (
+      isinstance(value, str)
+      or not isinstance(value, (tuple, list))
+      or (not all(isinstance(v, str) for v in value))
+  ):
+    fail(path, 'a tuple of strings', value)
+  if not value and not allow_empty:
+    fail(path, 'at least one entry', value)
+  for i, v in enumerate(value):
+    if choices is not None and v not in choices:
+      fail(f'{path}[{i}]', f'one of {tuple(choices)}', v)
+
+
+def check_numbers(value: Any, path: str, **bounds) -> None:
+  """A non-empty tuple/list of numbers, each as `check_number(**bounds)`."""
+  if not isinstance(value, (tuple, list)) or not value:
+    fail(path, 'a non-empty tuple of numbers', value)
+  for i, v in enumerate(value):
+    check_number(v, f'{path}[{i}]', **bounds)
+
+
+def check_ints(
+    value: Any, path: str, *, minimum: int = 1, maximum: int | None = None
+) -> None:
+  """A non-empty tuple/list of integers in [minimum, maximum]."""
+  if not isinstance(value, (tuple, list)) or not value:
+    fail(path, 'a non-empty tuple of integers', value)
+  for i, v in enumerate(value):
+    check_int(v, f'{path}[{i}]', minimum=minimum)
+    if maximum is not None and v > maximum:
+      fail(f'{path}[{i}]', f'an integer <= {maximum}', v)
+
+
+def check_ratio(value: Any, path: str = 'ratio') -> None:
+  """A kept parameter ratio in (0, 1]."""
+  if not _is_number(value) or not 0 < value <= 1:
+    fail(path, 'a kept ratio in (0, 1]', value)
+
+
+def check_parts(parts: Any, known: Sequence[str], path: str = 'parts') -> None:
+  """A non-empty tuple of the experiment's part names."""
+  check_names(parts, path, choices=known)
+
+
+def check_methods(
+    methods: Any, path: str = 'methods', *, float64: bool | None = None
+) -> None:
+  """A non-empty tuple of registered method names (`ctxlr.registry`);
+  `float64=False`: not the float64 references (for float32 statistics)."""
+  check_names(methods, path, choices=registry.names(float64=float64))
+
+
+def check_model_spec(spec: Any, path: str = 'model') -> None:
+  """`model`: path ('' = the bundled model, else an existing file or
+  directory), param_dtype, and num_layers (0 = all) where present."""
+  model_path = spec.get('path')
+  if model_path is not None and not isinstance(model_path, str):
+    fail(f'{path}.path', "'' (the bundled model) or a path", model_path)
+  if model_path and not os.path.exists(model_path):
+    fail(
+        f'{path}.path', 'an existing .gguf file or model directory', model_path
+    )
+  check_choice(
+      spec.get('param_dtype'), ('float32', 'bfloat16'), f'{path}.param_dtype'
+  )
+  if 'num_layers' in spec:
+    check_int(spec['num_layers'], f'{path}.num_layers', minimum=0)
+
+
+def check_data_spec(spec: Any, path: str) -> None:
+  """A data spec (`calib` or `eval`): corpus or corpora, seq_len,
+  batch_size and, where present, num_tokens (>= seq_len)."""
+  if 'corpus' in spec:
+    check_choice(spec['corpus'], data.CORPORA, f'{path}.corpus')
+  if 'corpora' in spec:
+    check_names(spec['corpora'], f'{path}.corpora', choices=data.CORPORA)
+  if 'corpus' not in spec and 'corpora' not in spec:
+    fail(path, 'a field corpus or corpora', sorted(spec.keys()))
+  for field in ('seq_len', 'batch_size'):
+    check_int(spec[field] if field in spec else None, f'{path}.{field}')
+  if 'num_tokens' in spec:
+    check_int(spec['num_tokens'], f'{path}.num_tokens', minimum=spec['seq_len'])
+
+
+def check_train_spec(train: Any, path: str = 'train') -> None:
+  """A training spec: steps, batch_size, learning_rate, warmup_steps,
+  clip_norm, weight_decay, eval_every, checkpoint_every."""
+  for field in ('steps', 'batch_size', 'eval_every', 'checkpoint_every'):
+    check_int(train[field], f'{path}.{field}')
+  check_int(train['warmup_steps'], f'{path}.warmup_steps', minimum=0)
+  check_number(train['learning_rate'], f'{path}.learning_rate', positive=True)
+  check_number(train['clip_norm'], f'{path}.clip_norm', positive=True)
+  check_number(train['weight_decay'], f'{path}.weight_decay', minimum=0)
+
+
+def check_layers(include: Any, exclude: Any, path: str = '') -> None:
+  """`include` / `exclude`: tuples of fnmatch patterns (include non-empty)."""
+  check_names(include, f'{path}include')
+  check_names(exclude, f'{path}exclude', allow_empty=True)
+
+
+# ----------------------------------------------------------------- variants --
+
+VARIANT_KEYS = ('method', 'allocation', 'mu', 'mu_rule', 'auto_mu', 'split')
+VARIANT_DEFAULTS = dict(
+    allocation='uniform', mu=0.0, mu_rule='energy', auto_mu=0.0, split='own'
+)
+_CHOICES = dict(
+    allocation=('uniform', 'global'),
+    mu_rule=('energy', 'error_ratio'),
+    split=('own', 'balanced'),
+)
+COMPRESS_KEYS = ('method', 'allocation', 'mu', 'mu_rule', 'auto_mu')
+
+
+def check_variants(
+    runs: Any,
+    *,
+    keys: Sequence[str] = COMPRESS_KEYS,
+    methods: Sequence[str] | None = None,
+    path: str = 'runs',
+) -> dict[str, dict[str, Any]]:
+  """Parses `config.runs`, {label: variant}, into {label: full variant}.
+
+  A variant is a dict of `keys` (a subset of `VARIANT_KEYS`): `method` (a
+  registered method, or one of `methods` if given) and the options of
+  `VARIANT_DEFAULTS`, which fill what it leaves out. Labels are opaque names
+  for tables and figures, kept in the config's order:
+
+      runs = dict(coala=dict(method='coala'),
+                  coala_global=dict(method='coala', allocation='global'),
+                  coala_mu_0p0001=dict(method='coala', mu=1e-4))
+
+  Raises:
+    ValueError: '<path>.<label>.<key>: expected …, got …' for an unknown key,
+      an unknown method, a bad option, or mu / auto_mu > 0 for a method
+      without a ridge term (`registry.Method.takes_mu`).
+  """
+  if not hasattr(runs, 'keys') or not list(runs.keys()):
+    fail(path, 'a non-empty dict {label: dict(method=..., ...)}', runs)
+  unknown = set(keys) - set(VARIANT_KEYS)
+  if unknown:
+    raise ValueError(
+        f'keys must be a subset of {VARIANT_KEYS}; got ' f'{sorted(unknown)}.'
+    )
+  out = {}
+  for label in runs.keys():
+    variant, where = runs[label], f'{path}.{label}'
+    if not isinstance(label, str) or not label.isidentifier():
+      fail(
+          where,
+          'a label that is a Python identifier (letters, digits, _; '
+          'so that --config.runs.<label>.<key>=… can override it)',
+          label,
+      )
+    if not hasattr(variant, 'keys'):
+      fail(where, 'a dict(method=..., ...)', variant)
+    for key in variant.keys():
+      if key not in keys:
+        fail(f'{where}.{key}', f'one of the keys {tuple(keys)}', key)
+    if 'method' not in variant:
+      fail(f'{where}.method', 'a method name', None)
+    full = {
+        k: variant[k] if k in variant else VARIANT_DEFAULTS[k] for k in keys
+    }
+    _check_variant(full, where, methods)
+    out[label] = full
+  return out
+
+
+def _check_variant(
+    variant: dict[str, Any], where: str, methods: Sequence[str] | None
+) -> None:
+  method = variant['method']
+  if methods is not None:
+    check_choice(method, tuple(methods), f'{where}.method')
+  elif not isinstance(method, str) or method not in registry.names():
+    fail(f'{where}.method', f'one of {registry.names()}', method)
+  for key, choices in _CHOICES.items():
+    if key in variant:
+      check_choice(variant[key], choices, f'{where}.{key}')
+  for key in ('mu', 'auto_mu'):
+    if key not in variant:
+      continue
+    check_number(variant[key], f'{where}.{key}', minimum=0)
+    if (
+        variant[key] > 0
+        and methods is None
+        and (not registry.get(method).takes_mu)
+    ):
+      fail(
+          f'{where}.{key}',
+          f'0: {method!r} has no ridge term (methods '
+          f'with one: {registry.names(takes_mu=True)})',
+          variant[key],
+      )
+
+
+def compress_options(variant: Mapping[str, Any]) -> dict[str, Any]:
+  """The `pipeline.compress_from_stats` keywords of a parsed variant."""
+  return {k: variant[k] for k in COMPRESS_KEYS if k in variant}
+
+
+def want(methods: Iterable[str]) -> stats_lib.Want:
+  """The statistics that serve every one of `methods` (one calibration)."""
+  wants = [registry.get(m).want for m in methods]
+  return stats_lib.Want(
+      gram=any(w.gram for w in wants), abs_sum=any(w.abs_sum for w in wants)
+  )
+
+
+# ---------------------------------------------------- model, data, sweeps --
+
+
+def load_model(model_config) -> tuple[nnx.Module, Any]:
+  """(model, tokenizer) from `config.model`: path ('' = bundled SmolLM2),
+  param_dtype, and, if present and > 0, num_layers (the first blocks only).
+  """
   dtype = jnp.dtype(model_config.param_dtype)
-  return models.load_llama(model_config.path or None, param_dtype=dtype)
+  model, tokenizer = models.load_llama(
+      model_config.path or None, param_dtype=dtype
+  )
+  if model_config.get('num_layers'):
+    model.layers = nnx.List(list(model.layers)[: model_config.num_layers])
+  return model, tokenizer
 
 
-def token_sequences(corpus: str, split: str, tokenizer, spec):
+def token_sequences(corpus: str, split: str, tokenizer, spec) -> np.ndarray:
   """int32[num_tokens // seq_len, seq_len] from a corpus split."""
   n = max(1, spec.num_tokens // spec.seq_len)
-  return data.sequences(corpus, split, tokenizer, seq_len=spec.seq_len,
-                        num_sequences=n)
+  return data.sequences(
+      corpus, split, tokenizer, seq_len=spec.seq_len, num_sequences=n
+  )
 
 
 def calibration_batches(tokenizer, calib_config) -> list:
-  seqs = token_sequences(calib_config.corpus, 'calib', tokenizer,
-                         calib_config)
+  """The calibration batches of `config.calib` (corpus, num_tokens, ...)."""
+  seqs = token_sequences(calib_config.corpus, 'calib', tokenizer, calib_config)
   return list(data.batches(seqs, min(calib_config.batch_size, len(seqs))))
 
 
@@ -38,36 +350,75 @@ def evaluate(model, tokenizer, eval_config, label: str) -> dict[str, dict]:
   out = {}
   for corpus in eval_config.corpora:
     seqs = token_sequences(corpus, 'eval', tokenizer, eval_config)
-    p = evaluation.perplexity(model, seqs, batch_size=eval_config.batch_size,
-                              desc=f'{label} {corpus}')
-    out[corpus] = dict(perplexity=p.perplexity, tokens=p.num_tokens,
-                       tokens_per_second=p.tokens_per_second)
+    p = evaluation.perplexity(
+        model, seqs, batch_size=eval_config.batch_size, desc=f'{label} {corpus}'
+    )
+    out[corpus] = dict(
+        perplexity=p.perplexity,
+        tokens=p.num_tokens,
+        tokens_per_second=p.tokens_per_second,
+    )
   return out
 
 
-def compress_copy(dense: nnx.Module, stats: Mapping[str, Any], *,
-                  method: str, ratio: float, allocation: str = 'uniform',
-                  mu: float = 0.0, mu_rule: str = 'energy'
-                  ) -> tuple[nnx.Module, dict[str, Any]]:
-  """A compressed copy of `dense` from precomputed one-shot statistics.
+def make_eval_fn(tokenizer, eval_config) -> Callable[[Any], dict]:
+  """`model -> {ppl_<corpus>: perplexity}` on each corpus's eval split
+  (the sequences are read once; no progress bar: for training loops)."""
+  sets = {
+      c: token_sequences(c, 'eval', tokenizer, eval_config)
+      for c in eval_config.corpora
+  }
 
-  Every method sees exactly the same statistics (`stats[layer]`), so a sweep
-  over methods and ratios calibrates once.
-  """
-  model = nnx.clone(dense)
-  shapes = {n: surgery.get_module(model, n).kernel.shape for n in stats}
-  kernels = {n: surgery.get_module(model, n).kernel[...] for n in stats}
-  t = time.perf_counter()
-  ranks = pipeline.assign_ranks(shapes, kernels, stats, ratio=ratio,
-                                    rule=allocation)
-  solved = pipeline.factorize_layers(kernels, stats, ranks, method=method,
-                                         mu=mu, mu_rule=mu_rule)
-  pipeline.apply_factors(model, solved)
-  report = pipeline.make_report(
-      shapes, ranks, solved, seconds=dict(solve=time.perf_counter() - t),
-      params_before=pipeline.count_params(dense),
-      params_after=pipeline.count_params(model))
-  return model, report
+  def eval_fn(model):
+    return {
+        f'ppl_{c}': evaluation.perplexity(
+            model, s, batch_size=eval_config.batch_size, progress=False
+        ).perplexity
+        for c, s in sets.items()
+    }
+
+  return eval_fn
+
+
+def sweep_row(
+    label: str,
+    variant: Mapping[str, Any],
+    ratio: float,
+    report: dict,
+    ppl: dict,
+) -> dict[str, Any]:
+  """One row of a compression sweep: the variant, the report's counts, the
+  perplexity per corpus (`ppl_<corpus>`)."""
+  layers = [l for l in report['layers'].values() if l['rank'] is not None]
+  return dict(
+      run=label,
+      **compress_options(variant),
+      ratio=ratio,
+      kept_ratio=report['kept_ratio'],
+      model_ratio=report['model_ratio'],
+      solve_seconds=report['seconds']['solve'],
+      **{f'ppl_{c}': v['perplexity'] for c, v in ppl.items()},
+      failed_layers=sum(bool(l['failed']) for l in layers),
+      retried_layers=sum(l['retries'] > 0 for l in layers),
+      nonfinite_layers=sum(bool(l['nonfinite']) for l in layers),
+      insufficient_layers=sum(bool(l.get('insufficient_data')) for l in layers),
+      max_rel_err=max((l['rel_err'] for l in layers), default=0.0),
+  )
+
+
+# ------------------------------------------------------ resume and finish --
+
+
+def read_results(workdir: str, default: Any) -> Any:
+  """workdir/results.json if a run left one (to resume from), else
+  `default`."""
+  path = os.path.join(workdir, 'results.json')
+  return results.read_json(path) if os.path.exists(path) else default
+
+
+def write_results(workdir: str, out: Any) -> None:
+  """workdir/results.json, atomically (a killed run keeps the last one)."""
+  results.write_json(os.path.join(workdir, 'results.json'), out)
 
 
 def resume_sweep(workdir: str, config) -> tuple[dict, Any, Any]:
@@ -76,17 +427,237 @@ def resume_sweep(workdir: str, config) -> tuple[dict, Any, Any]:
   `results.json` in `workdir` holds `dense` perplexities and finished `rows`;
   a rerun continues from them (the dense evaluation is done once).
   """
-  path = os.path.join(workdir, 'results.json')
-  out = results.read_json(path) if os.path.exists(path) else dict(rows=[])
+  out = read_results(workdir, dict(rows=[]))
   model, tokenizer = load_model(config.model)
   if 'dense' not in out:
-    out['dense'] = {c: v['perplexity'] for c, v in evaluate(
-        model, tokenizer, config.eval, 'dense').items()}
+    out['dense'] = {
+        c: v['perplexity']
+        for c, v in evaluate(model, tokenizer, config.eval, 'dense').items()
+    }
+    write_results(workdir, out)
   return out, model, tokenizer
 
 
-def finish(workdir: str, summary: str, plot: Callable[[str], None]) -> None:
-  """Writes summary.md, draws the figures from results.json, prints."""
+def finish(
+    workdir: str,
+    summary: str,
+    plot: Callable[[str], None] | None,
+    *,
+    out: Any = None,
+) -> None:
+  """The tail of every run: results.json (if `out` is given), summary.md,
+  the figures drawn from results.json by `plot(workdir)` (if any), the
+  summary printed."""
+  if out is not None:
+    write_results(workdir, out)
   results.write_text(os.path.join(workdir, 'summary.md'), summary)
-  plot(workdir)
+  if plot is not None:
+    plot(workdir)
   print(summary)
+
+
+# ------------------------------------------------------------------ figures --
+
+
+def subplots(rows: int, cols: int, **kwargs):
+  """`pyplot.subplots(rows, cols, squeeze=False, **kwargs)` on the Agg
+  backend: (figure, 2-D array of axes)."""
+  return plt.subplots(rows, cols, squeeze=False, **kwargs)
+
+
+def save_figure(fig, workdir: str, name: str, *, dpi: int = 120) -> None:
+  """Lays out, writes workdir/name and closes `fig`."""
+  if not fig.legends:  # legend_outside has laid it out
+    fig.tight_layout()
+  # Captions kept out of the layout (`relative_panel`) still count here.
+  extra = [t for ax in fig.axes for t in ax.texts] + list(fig.legends)
+  fig.savefig(
+      os.path.join(workdir, name),
+      dpi=dpi,
+      bbox_inches='tight',
+      bbox_extra_artists=extra,
+  )
+  plt.close(fig)
+
+
+def legend_outside(fig, axes, **kwargs) -> None:
+  """One legend for all `axes`, right of the panels (never over data)."""
+  handles = {}
+  for ax in np.ravel(axes):
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, handle)
+  fig.tight_layout()
+  fig.legend(
+      list(handles.values()),
+      list(handles),
+      loc='center left',
+      bbox_to_anchor=(1.0, 0.5),
+      fontsize=kwargs.pop('fontsize', 8),
+      frameon=False,
+      **kwargs,
+  )
+
+
+def relative_figure(
+    out: dict, *, x: str, label: Callable[[dict], str], xlabel: str
+):
+  """(figure, axes): one `relative_panel` per corpus of a sweep's results.
+
+  `out` holds `dense` ({corpus: perplexity}) and `rows` with `ppl_<corpus>`;
+  `x` is the row field on the x axis, `label(row)` the run a row belongs
+  to (the legend, outside the panels, lists the runs in order).
+  """
+  corpora = list(out['dense'])
+  labels = list(dict.fromkeys(label(r) for r in out['rows']))
+  fig, axes = subplots(1, len(corpora), figsize=(5 * len(corpora), 4))
+  for ax, corpus in zip(axes[0], corpora):
+    dense = out['dense'][corpus]
+    relative_panel(
+        ax,
+        {
+            name: [
+                (r[x], r[f'ppl_{corpus}'] / dense)
+                for r in out['rows']
+                if label(r) == name
+            ]
+            for name in labels
+        },
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('perplexity / dense perplexity')
+    ax.set_title(f'held-out {corpus} (dense {dense:.2f})')
+    ax.grid(True, which='major', alpha=0.3)
+  legend_outside(fig, axes)
+  return fig, axes
+
+
+def log_axis(ax) -> None:
+  """A log y axis ticked at 1, 2, 5 × 10^k, labelled as plain numbers."""
+  ax.set_yscale('log')
+  ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+  ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f'{v:g}'))
+  ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def _times(value: float) -> str:
+  """1.3e5×, 42×: a factor for a caption."""
+  if value < 1000:
+    return f'{value:.3g}×'
+  mantissa, exponent = f'{value:.1e}'.split('e')
+  return f'{mantissa}e{int(exponent)}×'
+
+
+def _span(values: list[float]) -> str:
+  lo, hi = min(values), max(values)
+  return _times(lo) if lo == hi else f'{_times(lo)[:-1]}–{_times(hi)}'
+
+
+MARKERS = ('o', 's', 'D', 'v', 'P', 'X', '<', '>', 'h', '*')
+
+
+def relative_panel(
+    ax,
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    *,
+    competitive: float = 20.0,
+) -> dict[str, str]:
+  """Perplexity relative to dense, on a log axis fitted to the close runs.
+
+  The axis spans only the points within `competitive` times the best run at
+  their x, so a run a thousand times worse cannot squash the others. A
+  point above the axis is drawn as ▲ at its upper edge (× for NaN: the run
+  produced non-finite factors), and a caption under the panel names those
+  runs and how far off they are.
+
+  Args:
+    ax: the panel.
+    series: {label: [(x, perplexity / dense perplexity)]}; colours follow
+      the order of the labels (the same order gives the same colours in
+      every panel).
+    competitive: see above.
+
+  Returns:
+    {label: 'how far off'} for the runs with points off the scale.
+  """
+  xs = sorted({x for points in series.values() for x, _ in points})
+  best = {
+      x: min(
+          (
+              y
+              for points in series.values()
+              for px, y in points
+              if px == x and np.isfinite(y)
+          ),
+          default=np.nan,
+      )
+      for x in xs
+  }
+  shown = [
+      y
+      for points in series.values()
+      for x, y in points
+      if np.isfinite(y) and y <= competitive * best[x]
+  ]
+  if not shown:
+    return {}
+  low, high = min(shown) / 1.15, max(shown) * 1.15
+  log_axis(ax)
+  ax.set_ylim(low, high)
+  edge = high / 1.08  # just inside the top of the axis
+  notes, shift = {}, 0
+  for i, (label, points) in enumerate(series.items()):
+    points = sorted(points)
+    color = f'C{i % 10}'
+    on = [y if np.isfinite(y) and y <= high else np.nan for _, y in points]
+    # Hollow markers of different shapes: runs that coincide stay visible.
+    ax.plot(
+        [x for x, _ in points],
+        on,
+        '-',
+        marker=MARKERS[i % 10],
+        ms=5,
+        mfc='none',
+        color=color,
+        alpha=0.85,
+        label=label,
+    )
+    above = [x for x, y in points if np.isfinite(y) and y > high]
+    broken = [x for x, y in points if not np.isfinite(y)]
+    if not above and not broken:
+      continue
+    # Runs off the scale at the same x are set side by side, 7 points apart.
+    offset = transforms.offset_copy(
+        ax.transData, fig=ax.figure, x=7 * shift, units='points'
+    )
+    shift = -shift if shift > 0 else 1 - shift
+    for xs_off, marker in ((above, '^'), (broken, 'x')):
+      if xs_off:
+        ax.plot(
+            xs_off,
+            [edge] * len(xs_off),
+            marker,
+            ms=7,
+            mew=2,
+            color=color,
+            transform=offset,
+            clip_on=False,
+        )
+    notes[label] = ', '.join(
+        (
+            [_span([y for _, y in points if np.isfinite(y) and y > high])]
+            if above
+            else []
+        )
+        + (['NaN'] if broken else [])
+    )
+  if notes:  # under the panel, outside the data
+    nan = ' (× NaN)' if any('NaN' in n for n in notes.values()) else ''
+    caption = textwrap.fill(
+        f'▲ above the scale{nan}: '
+        + '; '.join(f'{label} {note}' for label, note in notes.items()),
+        60,
+    )
+    ax.text(
+        0, -0.16, caption, transform=ax.transAxes, va='top', fontsize=7
+    ).set_in_layout(False)
+  return notes

@@ -1,100 +1,106 @@
-"""Perplexity of every method at several kept ratios (one calibration)."""
-import os
+"""Perplexity of every method at several kept ratios (one calibration).
 
-from absl import logging
-import jax.numpy as jnp
-import matplotlib
+Config and commands: experiments/configs/compare_methods.py. results.json
+holds `dense` ({corpus: perplexity}) and `rows` (`common.sweep_row`, one per
+run label and ratio); summary.md and perplexity_vs_ratio.png are drawn from
+it alone.
+"""
+
+from flax import nnx
 
 from ctxlr import calibration
+from ctxlr import pipeline
 from ctxlr import results
 from ctxlr import surgery
 from experiments import common
 
-matplotlib.use('Agg')
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+def validate(config) -> None:
+  """Raises ValueError('<field>: expected …, got …') for any option error."""
+  common.check_model_spec(config.model)
+  common.check_data_spec(config.calib, 'calib')
+  common.check_data_spec(config.eval, 'eval')
+  for i, ratio in enumerate(config.ratios):
+    common.check_ratio(ratio, f'ratios[{i}]')
+  common.check_variants(config.runs)
+  common.check_layers(config.include, config.exclude)
 
 
-def one_shot_stats(model, batches, include, exclude, dtype=jnp.float32):
-  """Every statistic of every selected layer, from one pass.
-
-  `dtype` float64 needs 64-bit JAX; layers sharing an input share one object.
-  """
-  shapes = surgery.select_linears(model, include, exclude)
-  group_stats, group_of = calibration.calibrate(
-      model, batches, shapes, want=calibration.Want(gram=True, abs_sum=True),
-      dtype=dtype)
-  return {n: group_stats[group_of[n]] for n in shapes}
-
-
-def summary_row(run: str, ratio: float, report: dict, ppl: dict) -> dict:
-  method, allocation = run.split(':')
-  layers = [l for l in report['layers'].values() if l['rank'] is not None]
-  return dict(
-      method=method, allocation=allocation, ratio=ratio,
-      kept_ratio=report['kept_ratio'], model_ratio=report['model_ratio'],
-      solve_seconds=report['seconds']['solve'],
-      **{f'ppl_{c}': v['perplexity'] for c, v in ppl.items()},
-      failed_layers=sum(bool(l['failed']) for l in layers),
-      retried_layers=sum(l['retries'] > 0 for l in layers),
-      nonfinite_layers=sum(bool(l['nonfinite']) for l in layers),
-      max_rel_err=max((l['rel_err'] for l in layers), default=0.))
+def label(row: dict) -> str:
+  """A row's run label (rows written before labels: 'method:allocation')."""
+  return row.get('run') or f"{row['method']}:{row['allocation']}"
 
 
 def run(config, workdir: str) -> None:
-  path = os.path.join(workdir, 'results.json')
+  """Compresses a copy of the model per (run, ratio), evaluates each.
+
+  One calibration gathers the statistics every run needs; each variant of
+  `config.runs` at each of `config.ratios` is one row of results.json,
+  written as it finishes. A rerun skips the (label, ratio) rows present.
+  """
+  validate(config)
+  runs = common.check_variants(config.runs)
   out, model, tokenizer = common.resume_sweep(workdir, config)
-  done = {(r['method'], r['allocation'], r['ratio']) for r in out['rows']}
-  stats = one_shot_stats(model, common.calibration_batches(
-      tokenizer, config.calib), config.include, config.exclude)
-  for ratio in config.ratios:
-    for run_name in config.runs:
-      method, allocation = run_name.split(':')
-      if (method, allocation, ratio) in done:
-        continue
-      compressed, report = common.compress_copy(
-          model, stats, method=method, ratio=ratio, allocation=allocation)
-      ppl = common.evaluate(compressed, tokenizer, config.eval,
-                            f'{run_name}@{ratio}')
-      out['rows'].append(summary_row(run_name, ratio, report, ppl))
-      results.write_json(path, out)          # each finished row is kept
-      logging.info('%s', out['rows'][-1])
+  done = {(label(r), r['ratio']) for r in out['rows']}
+  todo = [
+      (name, ratio)
+      for ratio in config.ratios
+      for name in runs
+      if (name, ratio) not in done
+  ]
+  if todo:
+    layers = surgery.select_linears(model, config.include, config.exclude)
+    stats = calibration.layer_stats(
+        model,
+        common.calibration_batches(tokenizer, config.calib),
+        layers,
+        want=common.want(v['method'] for v in runs.values()),
+    )
+  for name, ratio in todo:
+    compressed = nnx.clone(model)
+    report = pipeline.compress_from_stats(
+        compressed, stats, ratio=ratio, **common.compress_options(runs[name])
+    )
+    ppl = common.evaluate(
+        compressed, tokenizer, config.eval, f'{name} at {ratio}'
+    )
+    out['rows'].append(common.sweep_row(name, runs[name], ratio, report, ppl))
+    common.write_results(workdir, out)  # each finished row is kept
   common.finish(workdir, summarize(out), plot)
 
 
 def summarize(out: dict) -> str:
+  """Markdown: dense perplexity, then one line per (run, ratio)."""
   corpora = list(out['dense'])
-  columns = (['method', 'allocation', 'ratio', 'kept_ratio'] +
-             [f'ppl_{c}' for c in corpora] +
-             ['failed_layers', 'retried_layers', 'nonfinite_layers'])
+  rows = [dict(r, run=label(r)) for r in out['rows']]
+  columns = (
+      ['run', 'method', 'allocation', 'ratio', 'kept_ratio']
+      + [f'ppl_{c}' for c in corpora]
+      + ['failed_layers', 'retried_layers', 'nonfinite_layers']
+  )
   formats = {f'ppl_{c}': '.2f' for c in corpora}
   formats['kept_ratio'] = '.3f'
   dense = ', '.join(f'{c} {p:.2f}' for c, p in out['dense'].items())
-  rows = sorted(out['rows'], key=lambda r: (-r['ratio'], r['method'],
-                                            r['allocation']))
-  return (f'Dense perplexity: {dense}.\n\n' +
-          results.markdown_table(rows, columns, formats))
+  rows.sort(key=lambda r: (-r['ratio'], r['run']))
+  return f'Dense perplexity: {dense}.\n\n' + results.markdown_table(
+      rows, columns, formats
+  )
 
 
 def plot(workdir: str) -> None:
-  """Perplexity vs kept ratio per method and corpus, from results.json."""
-  out = results.read_json(os.path.join(workdir, 'results.json'))
-  corpora = list(out['dense'])
-  fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4),
-                           squeeze=False)
-  runs = dict.fromkeys((r['method'], r['allocation']) for r in out['rows'])
-  for ax, corpus in zip(axes[0], corpora):
-    for method, allocation in runs:
-      rows = sorted((r for r in out['rows'] if r['method'] == method and
-                     r['allocation'] == allocation), key=lambda r: r['ratio'])
-      ax.plot([r['kept_ratio'] for r in rows],
-              [r[f'ppl_{corpus}'] for r in rows], 'o-', ms=3,
-              label=f'{method} ({allocation})')
-    ax.axhline(out['dense'][corpus], color='k', ls='--', label='dense')
-    ax.set_yscale('log')
-    ax.set_xlabel('kept parameter ratio (projections)')
-    ax.set_ylabel('perplexity')
-    ax.set_title(f'held-out {corpus}')
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'perplexity_vs_ratio.png'), dpi=120)
-  plt.close(fig)
+  """perplexity_vs_ratio.png from results.json alone.
+
+  Perplexity relative to dense against the kept ratio, one panel per
+  corpus, on a log axis fitted to the competitive runs (the others are
+  marked at the upper edge and named under the panel).
+  """
+  out = common.read_results(workdir, None)
+  fig, axes = common.relative_figure(
+      out,
+      x='kept_ratio',
+      label=label,
+      xlabel='kept parameter ratio (projections)',
+  )
+  for ax in axes[0]:
+    ax.set_xticks(sorted({r['ratio'] for r in out['rows']}))
+  common.save_figure(fig, workdir, 'perplexity_vs_ratio.png')

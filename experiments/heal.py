@@ -1,75 +1,136 @@
-"""Healing: train the factors of a compressed model, measure recovery."""
+"""Healing: train the factors of a compressed model, measure recovery.
+
+Config and commands: experiments/configs/heal.py. results.json holds `dense`
+({ppl_<corpus>: perplexity}) and `runs` (one per run label: the variant,
+kept ratio, trainable count, the evaluations and train losses);
+summary.md and heal_curves.png are drawn from it alone.
+"""
+
 import math
 import os
 import shutil
 
 from absl import logging
 from flax import nnx
-import matplotlib
 
 from ctxlr import adapters
+from ctxlr import calibration
 from ctxlr import data
+from ctxlr import pipeline
 from ctxlr import results
 from ctxlr import surgery
 from ctxlr import training
 from experiments import common
-from experiments import finetune_adapters
 
-matplotlib.use('Agg')
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+KEYS = ('method', 'split', 'allocation', 'mu', 'mu_rule', 'auto_mu')
+
+
+def validate(config) -> None:
+  """Raises ValueError('<field>: expected …, got …') for any option error."""
+  common.check_model_spec(config.model)
+  common.check_data_spec(config.calib, 'calib')
+  common.check_data_spec(config.eval, 'eval')
+  common.check_ratio(config.ratio)
+  common.check_variants(config.runs, keys=KEYS)
+  common.check_layers(config.include, config.exclude)
+  common.check_int(config.seq_len, 'seq_len')
+  common.check_train_spec(config.train)
+
+
+def label(run: dict) -> str:
+  """A run's label (runs written before labels carry it as 'method')."""
+  return run.get('run', run['method'])
 
 
 def run(config, workdir: str) -> None:
-  path = os.path.join(workdir, 'results.json')
-  out = results.read_json(path) if os.path.exists(path) else dict(runs=[])
-  model, tokenizer = finetune_adapters.load_model(config.model)
-  eval_fn = finetune_adapters.make_eval_fn(tokenizer, config.eval)
+  """Compresses a copy per run of `config.runs`, trains only its factors.
+
+  One calibration serves every run; each trains on the calib-split
+  sequences that follow the calibration ones, with the same batches and
+  schedule. A finished run is kept in results.json (a rerun skips it); a
+  killed one resumes from its last orbax checkpoint in workdir/checkpoints.
+  """
+  validate(config)
+  runs = common.check_variants(config.runs, keys=KEYS)
+  out = common.read_results(workdir, dict(runs=[]))
+  model, tokenizer = common.load_model(config.model)
+  eval_fn = common.make_eval_fn(tokenizer, config.eval)
   if 'dense' not in out:
     out['dense'] = eval_fn(model)
-    results.write_json(path, out)
-  calib = config.calib
-  num_calib = max(1, calib.num_tokens // calib.seq_len)
-  layers = list(surgery.select_linears(model, config.include, config.exclude))
-  stats = finetune_adapters.layer_stats(
-      model, data.sequences(calib.corpus, 'calib', tokenizer,
-                            seq_len=calib.seq_len, num_sequences=num_calib),
-      layers, calib.batch_size, gram=True, desc='calibrate')
+    common.write_results(workdir, out)
+  layers = surgery.select_linears(model, config.include, config.exclude)
+  stats = calibration.layer_stats(
+      model,
+      common.calibration_batches(tokenizer, config.calib),
+      layers,
+      want=common.want(v['method'] for v in runs.values()),
+  )
+  calib, t = config.calib, config.train
   # Training sequences: the calib split's tokens after the calibration ones.
-  t = config.train
-  skip = math.ceil(num_calib * calib.seq_len / config.seq_len)
-  train_seqs = data.sequences(calib.corpus, 'calib', tokenizer,
-                              seq_len=config.seq_len,
-                              num_sequences=skip + t.steps * t.batch_size)
+  skip = math.ceil(
+      max(1, calib.num_tokens // calib.seq_len) * calib.seq_len / config.seq_len
+  )
+  train_seqs = data.sequences(
+      calib.corpus,
+      'calib',
+      tokenizer,
+      seq_len=config.seq_len,
+      num_sequences=skip + t.steps * t.batch_size,
+  )
   train_seqs = train_seqs[skip:]
-  tx = training.make_tx(learning_rate=t.learning_rate, steps=t.steps,
-                        warmup_steps=t.warmup_steps, clip_norm=t.clip_norm,
-                        weight_decay=t.weight_decay)
-  done = {r['method'] for r in out['runs']}
-  for method in config.methods:
-    if method in done:
+  tx = training.make_tx(
+      learning_rate=t.learning_rate,
+      steps=t.steps,
+      warmup_steps=t.warmup_steps,
+      clip_norm=t.clip_norm,
+      weight_decay=t.weight_decay,
+  )
+  done = {label(r) for r in out['runs']}
+  for name, variant in runs.items():
+    if name in done:
       continue
-    name, _, split = method.partition(':')  # 'name' or 'name:balanced'
-    compressed, report = common.compress_copy(model, stats, method=name,
-                                              ratio=config.ratio)
-    if split == 'balanced':                 # same products, √D split
+    compressed = nnx.clone(model)
+    report = pipeline.compress_from_stats(
+        compressed,
+        stats,
+        ratio=config.ratio,
+        **common.compress_options(variant),
+    )
+    if variant['split'] == 'balanced':  # same products, √D split
       for _, layer in nnx.iter_modules(compressed):
         if isinstance(layer, surgery.FactoredLinear):
-          a, b = adapters.balance(layer.a[...], layer.b[...])
-          layer.a[...], layer.b[...] = a, b
+          layer.a[...], layer.b[...] = adapters.balance(
+              layer.a[...], layer.b[...]
+          )
     wrt = training.factor_filter(compressed)
-    ckpt = os.path.join(workdir, 'checkpoints', method.replace(':', '_'))
+    ckpt = os.path.join(workdir, 'checkpoints', name)
     history = training.train(
-        compressed, train_seqs, wrt=wrt, tx=tx, steps=t.steps,
-        batch_size=t.batch_size, eval_fn=eval_fn, eval_every=t.eval_every,
-        checkpoint_dir=ckpt, checkpoint_every=t.checkpoint_every,
-        desc=f'heal {method}')
-    out['runs'].append(dict(
-        method=method, ratio=config.ratio, kept_ratio=report['kept_ratio'],
-        trainable=training.count_params(compressed, wrt),
-        eval=history['eval'], train=history['train']))
-    results.write_json(path, out)
+        compressed,
+        train_seqs,
+        wrt=wrt,
+        tx=tx,
+        steps=t.steps,
+        batch_size=t.batch_size,
+        eval_fn=eval_fn,
+        eval_every=t.eval_every,
+        checkpoint_dir=ckpt,
+        checkpoint_every=t.checkpoint_every,
+        desc=f'heal {name}',
+    )
+    out['runs'].append(
+        dict(
+            run=name,
+            **variant,
+            ratio=config.ratio,
+            kept_ratio=report['kept_ratio'],
+            trainable=training.count_params(compressed, wrt),
+            eval=history['eval'],
+            train=history['train'],
+        )
+    )
+    common.write_results(workdir, out)
     shutil.rmtree(ckpt, ignore_errors=True)
-    logging.info('heal %s: %s', method, out['runs'][-1]['eval'])
+    logging.info('heal %s: %s', name, out['runs'][-1]['eval'])
   common.finish(workdir, summarize(out), plot)
 
 
@@ -80,18 +141,24 @@ def recovered(start: float, end: float, dense: float) -> float:
 
 
 def summarize(out: dict) -> str:
-  corpora = [c[len('ppl_'):] for c in out['dense']]
+  """Markdown: per run, perplexity before and after healing, recovered."""
+  corpora = [c[len('ppl_') :] for c in out['dense']]
   rows = []
   for r in out['runs']:
     first, last = r['eval'][0], r['eval'][-1]
-    row = dict(method=r['method'], kept_ratio=r['kept_ratio'],
-               steps=last['step'], trainable=r['trainable'])
+    row = dict(
+        run=label(r),
+        kept_ratio=r['kept_ratio'],
+        steps=last['step'],
+        trainable=r['trainable'],
+    )
     for c in corpora:
       key = f'ppl_{c}'
       row[f'{c} ppl before'] = first[key]
       row[f'{c} ppl after'] = last[key]
-      row[f'{c} recovered'] = recovered(first[key], last[key],
-                                        out['dense'][key])
+      row[f'{c} recovered'] = recovered(
+          first[key], last[key], out['dense'][key]
+      )
     rows.append(row)
   if not rows:
     return 'No finished run.\n'
@@ -101,27 +168,35 @@ def summarize(out: dict) -> str:
   formats['kept_ratio'] = '.3f'
   formats['trainable'] = ',d'
   dense = ', '.join(f'{c} {out["dense"]["ppl_" + c]:.2f}' for c in corpora)
-  return (f'Dense perplexity: {dense}. "recovered": fraction of the '
-          'log-perplexity gap to the dense model closed by training.\n\n' +
-          results.markdown_table(rows, columns, formats))
+  return (
+      f'Dense perplexity: {dense}. "recovered": fraction of the '
+      'log-perplexity gap to the dense model closed by training.\n\n'
+      + results.markdown_table(rows, columns, formats)
+  )
 
 
 def plot(workdir: str) -> None:
-  """Perplexity vs healing step per method and corpus, from results.json."""
-  out = results.read_json(os.path.join(workdir, 'results.json'))
+  """heal_curves.png from results.json alone: perplexity vs healing step
+  per run, one panel per corpus, the legend outside."""
+  out = common.read_results(workdir, None)
   corpora = list(out['dense'])
-  fig, axes = plt.subplots(1, len(corpora), figsize=(4.8 * len(corpora), 3.8),
-                           squeeze=False)
+  fig, axes = common.subplots(
+      1, len(corpora), figsize=(4.8 * len(corpora), 3.8)
+  )
   for ax, corpus in zip(axes[0], corpora):
-    for r in out['runs']:
-      ax.plot([e['step'] for e in r['eval']], [e[corpus] for e in r['eval']],
-              'o-', ms=3, label=f'{r["method"]} @ {r["kept_ratio"]:.2f}')
-    ax.axhline(out['dense'][corpus], color='k', ls='--', lw=0.8,
-               label='dense')
-    ax.set_yscale('log')
+    for i, r in enumerate(out['runs']):
+      ax.plot(
+          [e['step'] for e in r['eval']],
+          [e[corpus] for e in r['eval']],
+          '-',
+          marker=common.MARKERS[i % 10],
+          ms=4,
+          mfc='none',
+          label=f'{label(r)} @ {r["kept_ratio"]:.2f}',
+      )
+    ax.axhline(out['dense'][corpus], color='k', ls='--', lw=0.8, label='dense')
+    common.log_axis(ax)
     ax.set_xlabel('healing step (a, b trained)')
     ax.set_title(f'held-out {corpus[len("ppl_"):]} perplexity')
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(workdir, 'heal_curves.png'), dpi=120)
-  plt.close(fig)
+  common.legend_outside(fig, axes)
+  common.save_figure(fig, workdir, 'heal_curves.png')

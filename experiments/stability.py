@@ -13,46 +13,28 @@ a list of rows (one per method and rank) in results.json:
 * `real_all`: every selected projection at the uniform-ratio rank
   (`solvers.rank_for_ratio`) and at `high_fractions · min(d_in, d_out)`.
 
-What every method sees: the float32 X, through `stats_lib.stats_from_x`
-(float32 R by one QR, float32 Gram `XᵀX`, Σ|x|), exactly the statistics
-`calibration.calibrate` folds batch by batch, up to float32 rounding. The
-methods compute in float32 (and in float64 where their authors do); the
-kernel is float32, or bf16 for 'coala_bf16' (ctxlr on `K.astype(bf16)`,
-factors cast back to bf16).
-
-The float64 reference: `W = R₆₄`, the R of a float64 QR of that float32 X
-(`reference.r_factor`), so `||X M||_F = ||W M||_F` for every M to float64
-rounding, and `W` is d × d instead of n × d. Each method's factors are cast
-to float64 and scored by `||W (K − a b)||_F`; the optimum is
-`opt[r] = sqrt(Σ_{i>r} σ_i(W K)²)` (`reference.optimal_errors`), for the
-kernel that method was given (the bf16 one for 'coala_bf16'). cond(X) (=
-cond(R)) is computed from the singular values of `W`. Real activations are
-captured from the model in float32 (the model's own dtype) with taps on the
-selected layers; layers fed the same array (q/k/v, gate/up) share one X.
-
-Per row: `rel_err = err / ||XK||` (the figure's y-axis), `err_over_opt`
-(inf where the optimum is 0: r >= rank(XK)), `excess = (err − opt) / ||XK||`
-and the method's `SolveInfo` (retries, final eps, failed, nonfinite).
+What every method sees, the float64 reference and the row fields:
+experiments/scoring.py. The kernel is float32, or bf16 for 'coala_bf16'
+(coala on `K.astype(bf16)`, scored against that bf16 kernel). cond(X) (=
+cond(R)) is computed from the singular values of the float64 R. Real
+activations are captured from the model in float32 (the model's own dtype)
+with taps on the selected layers; layers fed the same array (q/k/v,
+gate/up) share one X.
 
 One solve per method serves all ranks when truncation is the method's last
-step (`PREFIX_METHODS`: the rank-r factors are the leading r columns of `a`
-and rows of `b` at the largest rank; tests/test_stability.py checks this
-against solving at each rank); `asvd`'s randomized SVD depends on the rank,
-so it is solved at every rank. `nonfinite` is re-evaluated on each prefix.
+step (`scoring.PREFIX_METHODS`); `nonfinite` is re-evaluated on each prefix.
 """
+
 import json
-import os
 from typing import Any, Iterable
 
 from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import tqdm
 
-from ctxlr import baselines
 from ctxlr import calibration
 from ctxlr import reference
 from ctxlr import registry
@@ -61,97 +43,40 @@ from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from ctxlr.linalg import solvers
 from experiments import common
-
-matplotlib.use('Agg')
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+from experiments import scoring
 
 PARTS = ('synthetic', 'real_layer', 'real_all')
 BF16 = 'coala_bf16'
-PREFIX_METHODS = ('coala', 'svd', 'svd_llm', 'svd_llm_eps', 'svd_llm_v2',
-                  'corda')
-GRAM_METHODS = ('svd_llm', 'svd_llm_eps', 'svd_llm_v2', 'corda')
 
 
 # ---------------------------------------------------------------- scoring ---
 
-def _f64(m: Any) -> np.ndarray:
-  return np.asarray(m).astype(np.float64)
+
+def gram_methods() -> list[str]:
+  """The methods that read the Gram XᵀX (they retry, jitter, damp)."""
+  return registry.names(needs='gram')
 
 
-def errors_at_ranks(w: np.ndarray, kernel: np.ndarray, a: np.ndarray,
-                    b: np.ndarray, ranks: list[int]) -> np.ndarray:
-  """`||W (K − a[:, :r] b[:r])||_F` for each r of ascending `ranks`, float64.
-
-  The residual `W K − (W a) b` is updated block by block of rank, so all
-  ranks cost one product with `a` and one with `b`.
-  """
-  resid = w @ kernel                                        # f64[m, d_out]
-  wa = w @ a                                                # f64[m, p]
-  out, prev = [], 0
-  for r in ranks:
-    resid -= wa[:, prev:r] @ b[prev:r]
-    prev = r
-    out.append(float(np.linalg.norm(resid)))
-  return np.asarray(out)
-
-
-def solve_and_score(method: str, kernel: np.ndarray,
-                    stats: stats_lib.LayerStats, w: np.ndarray,
-                    ranks: list[int]) -> list[tuple[float, Any]]:
-  """(float64 error, SolveInfo) of `method` at each of ascending `ranks`.
-
-  `kernel` is float32; 'coala_bf16' solves with it rounded to bf16 and is
-  scored against that bf16 kernel.
-  """
-  base = 'coala' if method == BF16 else method
-  k = jnp.asarray(kernel, jnp.bfloat16 if method == BF16 else jnp.float32)
-  k64 = _f64(k)
-  if base in PREFIX_METHODS:
-    factors, info = registry.solve(base, k, stats, rank=max(ranks))
-    a, b = _f64(factors.a), _f64(factors.b)
-    errs = errors_at_ranks(w, k64, a, b, ranks)
-    infos = [info._replace(nonfinite=not (np.isfinite(a[:, :r]).all() and
-                                          np.isfinite(b[:r]).all()))
-             for r in ranks]
-    return list(zip(errs, infos))
-  out = []
-  for r in ranks:
-    factors, info = registry.solve(base, k, stats, rank=r)
-    err = errors_at_ranks(w, k64, _f64(factors.a), _f64(factors.b), [r])[0]
-    out.append((err, info))
-  return out
-
-
-def score(w: np.ndarray, kernel: np.ndarray, stats: stats_lib.LayerStats,
-          methods: Iterable[str], ranks: Iterable[int],
-          **fields) -> list[dict]:
-  """One row per (method, rank): error vs the float64 optimum, SolveInfo.
-
-  Args:
-    w: float64[m, d_in] with `WᵀW = XᵀX` (the float64 R of X).
-    kernel: K, float32[d_in, d_out].
-    stats: the LayerStats of the float32 X that the methods see.
-    methods: names in `registry.names()`, or 'coala_bf16'.
-    ranks: ranks to score.
-    **fields: copied into every row.
-  """
-  ranks = sorted(set(int(r) for r in ranks))
-  opts = {}
-  rows = []
-  for method in methods:
-    storage = 'bfloat16' if method == BF16 else 'float32'
-    if storage not in opts:
-      opts[storage] = reference.optimal_errors(
-          w, _f64(jnp.asarray(kernel, storage)))
-    opt = opts[storage]
-    for rank, (err, info) in zip(ranks, solve_and_score(
-        method, kernel, stats, w, ranks)):
-      o = float(opt[rank])
-      ratio = err / o if o > 0 else (float('inf') if err > 0 else 1.0)
-      rows.append(dict(
-          fields, method=method, rank=rank, err=err, opt=o,
-          norm_xk=float(opt[0]), rel_err=err / opt[0], rel_opt=o / opt[0],
-          err_over_opt=ratio, excess=(err - o) / opt[0], **info._asdict()))
+def score(
+    w: np.ndarray,
+    kernel: np.ndarray,
+    stats: stats_lib.LayerStats,
+    methods: Iterable[str],
+    ranks: Iterable[int],
+    **fields,
+) -> list[dict]:
+  """`scoring.score` of `methods`; 'coala_bf16' is coala on the bf16 K."""
+  methods = list(methods)
+  rows = scoring.score(
+      w, kernel, stats, [m for m in methods if m != BF16], ranks, **fields
+  )
+  if BF16 in methods:
+    rows += [
+        dict(r, method=BF16)
+        for r in scoring.score(
+            w, kernel, stats, ['coala'], ranks, storage=jnp.bfloat16, **fields
+        )
+    ]
   return rows
 
 
@@ -167,8 +92,10 @@ def _cond(s: np.ndarray) -> float:
 
 # -------------------------------------------------------------- synthetic ---
 
-def synthetic_x(rng: np.random.Generator, n: int, d: int, cond: float,
-                rank: int) -> np.ndarray:
+
+def synthetic_x(
+    rng: np.random.Generator, n: int, d: int, cond: float, rank: int
+) -> np.ndarray:
   """float64[n, d] with exactly `rank` non-zero σ, log-spaced 1 … 1/cond."""
   k = min(n, d)
   sigma = np.zeros(k)
@@ -184,12 +111,19 @@ def synthetic_cases(cfg) -> list[dict]:
   for d, n in cfg['shapes']:
     k = min(n, d)
     for cond in cfg['conds']:
-      cases.append(dict(d=d, n=n, cond=float(cond), rank_x=k,
-                        case=f'cond {cond:.0e}'))
+      cases.append(
+          dict(d=d, n=n, cond=float(cond), rank_x=k, case=f'cond {cond:.0e}')
+      )
     if cfg['rank_deficient'] and n >= d:
-      cases.append(dict(d=d, n=n, cond=1e2,
-                        rank_x=max(1, round(cfg['rank_deficient'] * d)),
-                        case='rank-def'))
+      cases.append(
+          dict(
+              d=d,
+              n=n,
+              cond=1e2,
+              rank_x=max(1, round(cfg['rank_deficient'] * d)),
+              case='rank-def',
+          )
+      )
   return cases
 
 
@@ -201,21 +135,33 @@ def run_synthetic(cfg, methods: list[str], seed: int) -> list[dict]:
     d, n = c['d'], c['n']
     x = synthetic_x(rng, n, d, c['cond'], c['rank_x']).astype(np.float32)
     kernel = rng.standard_normal((d, d)).astype(np.float32)
-    w = reference.r_factor(x)                               # f64[d, d]
-    s = singular_values(w)[:min(n, d)]
+    w = reference.r_factor(x)  # f64[d, d]
+    s = singular_values(w)[: min(n, d)]
     ranks = sorted({max(1, round(f * d)) for f in cfg['rank_fractions']})
-    rows += score(w, kernel, stats_lib.stats_from_x(jnp.asarray(x)),
-                  methods, ranks, d_in=d, d_out=d, n=n, case=c['case'],
-                  cond=c['cond'], rank_x=c['rank_x'], cond_x32=_cond(s))
+    rows += score(
+        w,
+        kernel,
+        stats_lib.stats_from_x(jnp.asarray(x)),
+        methods,
+        ranks,
+        d_in=d,
+        d_out=d,
+        n=n,
+        case=c['case'],
+        cond=c['cond'],
+        rank_x=c['rank_x'],
+        cond_x32=_cond(s),
+    )
     logging.info('synthetic %s', c)
   return rows
 
 
 # ------------------------------------------------------------------- real ---
 
-def capture_inputs(model: nnx.Module, batches: Iterable[Any],
-                   layers: Iterable[str]
-                   ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+
+def capture_inputs(
+    model: nnx.Module, batches: Iterable[Any], layers: Iterable[str]
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """The inputs X of `layers` over `batches`, one array per distinct input.
 
   Returns:
@@ -225,7 +171,7 @@ def capture_inputs(model: nnx.Module, batches: Iterable[Any],
   """
   group_of = {}
   chunks = {}
-  with calibration.tapped(model, layers):      # the taps of calibration
+  with calibration.tapped(model, layers):  # the taps of calibration
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -243,8 +189,9 @@ def capture_inputs(model: nnx.Module, batches: Iterable[Any],
 def real_ranks(d_in: int, d_out: int, real) -> dict[str, int]:
   """The real_all ranks: {rule label: rank}, the ratio rank and the highs."""
   p = min(d_in, d_out)
-  ranks = {f'ratio {real.ratio:g}': solvers.rank_for_ratio(d_in, d_out,
-                                                           real.ratio)}
+  ranks = {
+      f'ratio {real.ratio:g}': solvers.rank_for_ratio(d_in, d_out, real.ratio)
+  }
   for f in real.high_fractions:
     ranks[f'{f:g} min'] = max(1, round(f * p))
   return ranks
@@ -260,39 +207,61 @@ def run_real(config, parts: list[str], out: dict, save) -> None:
     wanted.update(surgery.select_linears(model, (real.layer,), ()))
   batches = common.calibration_batches(tokenizer, config.calib)
   xs, group_of = capture_inputs(model, batches, wanted)
-  all_part = out.get('real_all') or dict(groups={}, rows=[],
-                                         complete=False)
+  all_part = out.get('real_all') or dict(groups={}, rows=[], complete=False)
   done = {r['layer'] for r in all_part['rows']}
-  todo = [n for n in wanted
-          if (n == real.layer and 'real_layer' in parts) or
-          (n in chosen and 'real_all' in parts and n not in done)]
+  todo = [
+      n
+      for n in wanted
+      if (n == real.layer and 'real_layer' in parts)
+      or (n in chosen and 'real_all' in parts and n not in done)
+  ]
   groups = list(dict.fromkeys(group_of[n] for n in todo))
   bar = tqdm.tqdm(total=len(todo), desc='real layers', unit='layer')
   for g in groups:
     x = xs.pop(g)
-    w = reference.r_factor(x)                               # f64[d, d]
+    w = reference.r_factor(x)  # f64[d, d]
     s = singular_values(w)
-    info = dict(group=g, d_in=x.shape[1], n=x.shape[0], cond_r=_cond(s),
-                sigma_max=float(s[0]), sigma_min=float(s[-1]))
+    info = dict(
+        group=g,
+        d_in=x.shape[1],
+        n=x.shape[0],
+        cond_r=_cond(s),
+        sigma_max=float(s[0]),
+        sigma_min=float(s[-1]),
+    )
     stats = stats_lib.stats_from_x(jnp.asarray(x))
     for name in (n for n in todo if group_of[n] == g):
-      kernel = np.asarray(surgery.get_module(model, name).kernel[...],
-                          np.float32)
+      kernel = np.asarray(
+          surgery.get_module(model, name).kernel[...], np.float32
+      )
       d_in, d_out = kernel.shape
-      fields = dict(layer=name, group=g, d_in=d_in, d_out=d_out,
-                    n=x.shape[0], cond_r=info['cond_r'])
+      fields = dict(
+          layer=name,
+          group=g,
+          d_in=d_in,
+          d_out=d_out,
+          n=x.shape[0],
+          cond_r=info['cond_r'],
+      )
       if name == real.layer and 'real_layer' in parts:
         p = min(d_in, d_out)
         ranks = {max(1, round(f * p)) for f in real.layer_rank_fractions}
-        out['real_layer'] = dict(info, layer=name, d_out=d_out, rows=score(
-            w, kernel, stats, _methods(config), ranks, **fields))
+        out['real_layer'] = dict(
+            info,
+            layer=name,
+            d_out=d_out,
+            rows=score(w, kernel, stats, _methods(config), ranks, **fields),
+        )
       if name in chosen and 'real_all' in parts and name not in done:
         rules = real_ranks(d_in, d_out, real)
-        rows = score(w, kernel, stats, config.methods, rules.values(),
-                     **fields)
+        rows = score(w, kernel, stats, config.methods, rules.values(), **fields)
         all_part['groups'][g] = info
-        all_part['rows'] += [dict(r, rule=rule) for rule, rank in
-                             rules.items() for r in rows if r['rank'] == rank]
+        all_part['rows'] += [
+            dict(r, rule=rule)
+            for rule, rank in rules.items()
+            for r in rows
+            if r['rank'] == rank
+        ]
         out['real_all'] = all_part
       bar.update()
     save()
@@ -300,6 +269,7 @@ def run_real(config, parts: list[str], out: dict, save) -> None:
 
 
 # -------------------------------------------------------------------- run ---
+
 
 def _methods(config) -> list[str]:
   return list(config.methods) + ([BF16] if config.bf16 else [])
@@ -310,14 +280,22 @@ def _settings(config, part: str) -> dict:
   base = dict(seed=config.seed, methods=_methods(config))
   if part == 'synthetic':
     return dict(base, synthetic=config.synthetic.to_dict())
-  real = dict(base, model=config.model.to_dict(),
-              calib=config.calib.to_dict())
+  real = dict(base, model=config.model.to_dict(), calib=config.calib.to_dict())
   if part == 'real_layer':
-    return dict(real, layer=config.real.layer,
-                fractions=list(config.real.layer_rank_fractions))
-  return dict(real, methods=list(config.methods),
-              real={k: v for k, v in config.real.to_dict().items()
-                    if k not in ('layer', 'layer_rank_fractions')})
+    return dict(
+        real,
+        layer=config.real.layer,
+        fractions=list(config.real.layer_rank_fractions),
+    )
+  return dict(
+      real,
+      methods=list(config.methods),
+      real={
+          k: v
+          for k, v in config.real.to_dict().items()
+          if k not in ('layer', 'layer_rank_fractions')
+      },
+  )
 
 
 def _jsonable(obj: Any) -> Any:
@@ -325,27 +303,76 @@ def _jsonable(obj: Any) -> Any:
   return json.loads(json.dumps(obj, default=results.json_default))
 
 
+def validate(config) -> None:
+  """Raises ValueError('<field>: expected …, got …') for any option error."""
+  common.check_parts(config.parts, PARTS)
+  common.check_int(config.seed, 'seed', minimum=0)
+  common.check_methods(config.methods, float64=False)
+  if not isinstance(config.bf16, bool):
+    common.fail('bf16', 'True or False', config.bf16)
+  syn = config.synthetic
+  if not syn.shapes or not all(
+      isinstance(s, (tuple, list)) and len(s) == 2 for s in syn.shapes
+  ):
+    common.fail(
+        'synthetic.shapes', 'a non-empty tuple of (d, n) pairs', syn.shapes
+    )
+  for i, (d, n) in enumerate(syn.shapes):
+    common.check_int(d, f'synthetic.shapes[{i}][0]')
+    common.check_int(n, f'synthetic.shapes[{i}][1]')
+  common.check_numbers(syn.conds, 'synthetic.conds', minimum=1)
+  common.check_number(
+      syn.rank_deficient, 'synthetic.rank_deficient', minimum=0, maximum=1
+  )
+  common.check_numbers(
+      syn.rank_fractions, 'synthetic.rank_fractions', positive=True, maximum=1
+  )
+  common.check_model_spec(config.model)
+  common.check_data_spec(config.calib, 'calib')
+  real = config.real
+  if not isinstance(real.layer, str) or not real.layer:
+    common.fail('real.layer', 'a layer path', real.layer)
+  common.check_numbers(
+      real.layer_rank_fractions,
+      'real.layer_rank_fractions',
+      positive=True,
+      maximum=1,
+  )
+  common.check_layers(real.include, real.exclude, 'real.')
+  common.check_ratio(real.ratio, 'real.ratio')
+  common.check_numbers(
+      real.high_fractions, 'real.high_fractions', positive=True, maximum=1
+  )
+  common.check_number(real.loss_tol, 'real.loss_tol', positive=True)
+
+
 def run(config, workdir: str) -> None:
-  unknown = set(config.parts) - set(PARTS)
-  if unknown:
-    raise ValueError(f'config.parts has unknown {sorted(unknown)}; choose '
-                     f'from {PARTS}.')
-  path = os.path.join(workdir, 'results.json')
-  out = results.read_json(path) if os.path.exists(path) else {}
+  """The parts of `config.parts`, each kept in results.json as it finishes.
+
+  A part whose settings (`_settings`) changed is redone; one with the same
+  settings is skipped, and real_all resumes layer group by layer group.
+  Writes summary.md and one figure per part present.
+  """
+  validate(config)
+  out = common.read_results(workdir, {})
   out.setdefault('settings', {})
   out['loss_tol'] = config.real.loss_tol
-  for part in config.parts:             # changed settings: redo the part
+  for part in config.parts:  # changed settings: redo the part
     wanted = _jsonable(_settings(config, part))
     if out['settings'].get(part) != wanted:
       out.pop(part, None)
       out['settings'][part] = wanted
-  save = lambda: results.write_json(path, out)
+  save = lambda: common.write_results(workdir, out)
   if 'synthetic' in config.parts and 'synthetic' not in out:
-    out['synthetic'] = run_synthetic(config.synthetic, _methods(config),
-                                     config.seed)
+    out['synthetic'] = run_synthetic(
+        config.synthetic, _methods(config), config.seed
+    )
     save()
-  real_parts = [p for p in ('real_layer', 'real_all') if p in config.parts
-                and not out.get(p, {}).get('complete')]
+  real_parts = [
+      p
+      for p in ('real_layer', 'real_all')
+      if p in config.parts and not out.get(p, {}).get('complete')
+  ]
   if real_parts:
     run_real(config, real_parts, out, save)
     for part in real_parts:
@@ -356,103 +383,99 @@ def run(config, workdir: str) -> None:
 
 # -------------------------------------------------------------- summaries ---
 
-def _cell(r: dict) -> str:
-  """`err/opt (excess)` and flags R retried, F failed, N non-finite."""
-  ratio = r['err_over_opt']
-  text = ('NaN' if not np.isfinite(r['err']) else
-          '—' if not np.isfinite(ratio) else f'{ratio:.4g}')
-  excess = '' if not np.isfinite(r['err']) else f" ({r['excess']:.1e})"
-  flags = ''.join(f for f, on in (('R', r['retries']), ('F', r['failed']),
-                                  ('N', r['nonfinite'])) if on)
-  return text + excess + (' ' + flags if flags else '')
-
-
-def method_table(rows: list[dict], keys: list[str],
-                 extra: tuple[str, ...] = (),
-                 formats: dict[str, str] | None = None) -> str:
-  """One line per distinct `keys` value, one `_cell` column per method.
-
-  `extra` fields are copied from the first row of each line.
-  """
-  methods = list(dict.fromkeys(r['method'] for r in rows))
-  lines = {}
-  for r in rows:
-    line = lines.setdefault(tuple(r[k] for k in keys),
-                            {k: r[k] for k in keys + list(extra)})
-    line[r['method']] = _cell(r)
-  return results.markdown_table(list(lines.values()),
-                                keys + list(extra) + methods, formats)
-
 
 def _eps_table(rows: list[dict]) -> str:
   """Retries and final eps of the retrying methods, per synthetic case."""
   lines = {}
   for r in rows:
-    if r['method'] in ('svd_llm', 'svd_llm_eps', 'corda', 'svd_llm_v2'):
+    if r['method'] in gram_methods():
       key = (r['d_in'], r['n'], r['case'])
       line = lines.setdefault(key, dict(d_in=key[0], n=key[1], case=key[2]))
       line[r['method']] = (
-          f"{r['retries']} / {r['eps']:.1e}" + (' F' if r['failed'] else '') +
-          (' N' if r['nonfinite'] else ''))
-  methods = [m for m in ('svd_llm', 'svd_llm_eps', 'svd_llm_v2', 'corda')
-             if any(m in l for l in lines.values())]
-  return results.markdown_table(list(lines.values()),
-                                ['d_in', 'n', 'case'] + methods)
+          f"{r['retries']} / {r['eps']:.1e}"
+          + (' F' if r['failed'] else '')
+          + (' N' if r['nonfinite'] else '')
+      )
+  methods = [m for m in gram_methods() if any(m in l for l in lines.values())]
+  return results.markdown_table(
+      list(lines.values()), ['d_in', 'n', 'case'] + methods
+  )
 
 
 def _summarize_synthetic(rows: list[dict]) -> list[str]:
-  text = ['## Synthetic X\n',
-          'Cells: err/opt (excess = (err − opt)/||XK||_F), errors in float64 '
-          'of the float32 (bf16 for ctxlr_bf16) factors; "—": the optimum is '
-          '0 (r >= rank(XK)), see the excess; "NaN": non-finite factors. '
-          'Flags: R retried, F failed, N non-finite. cond_x32: cond of the '
-          'float32 X actually used (float64 SVD), after the cast.\n']
+  text = [
+      '## Synthetic X\n',
+      scoring.CELL_LEGEND + ' coala_bf16: coala on the kernel stored '
+      'in bf16. cond_x32: cond of the float32 X actually used (float64 '
+      'SVD), after the cast.\n',
+  ]
   for d, n in dict.fromkeys((r['d_in'], r['n']) for r in rows):
     mine = [r for r in rows if (r['d_in'], r['n']) == (d, n)]
     keep = {r['rank'] for r in mine if r['rank'] >= min(d, n) // 2}
     conds = {r['case']: r['cond_x32'] for r in mine}
-    text += [f'### d_in = d_out = {d}, n = {n}\n',
-             'cond_x32: ' + ', '.join(f'{c} → {v:.2g}'
-                                      for c, v in conds.items()) + '\n',
-             method_table([r for r in mine if r['rank'] in keep],
-                          ['case', 'rank'])]
-  text += ['### Retries / final eps of the Gram methods (F failed, N '
-           'non-finite)\n', _eps_table(rows),
-           '### ctxlr head to head over every (shape, cond, rank) cell\n',
-           'wins: the other error > 1.01 × ctxlr\'s (or NaN); losses: '
-           'ctxlr\'s > 1.01 × the other\'s; ties otherwise.\n',
-           results.markdown_table(
-               head_to_head(rows, ['d_in', 'n', 'case', 'rank'], 0.01),
-               ['method', 'wins', 'ties', 'losses'])]
+    text += [
+        f'### d_in = d_out = {d}, n = {n}\n',
+        'cond_x32: '
+        + ', '.join(f'{c} → {v:.2g}' for c, v in conds.items())
+        + '\n',
+        scoring.method_table(
+            [r for r in mine if r['rank'] in keep], ['case', 'rank']
+        ),
+    ]
+  text += [
+      '### Retries / final eps of the Gram methods (F failed, N '
+      'non-finite)\n',
+      _eps_table(rows),
+      '### coala head to head over every (shape, cond, rank) cell\n',
+      "wins: the other error > 1.01 × coala's (or NaN); losses: "
+      "coala's > 1.01 × the other's; ties otherwise.\n",
+      results.markdown_table(
+          head_to_head(rows, ['d_in', 'n', 'case', 'rank'], 0.01),
+          ['method', 'wins', 'ties', 'losses'],
+      ),
+  ]
   return text
 
 
 def _summarize_real_layer(part: dict) -> list[str]:
-  return [f"## Real activations: {part['layer']} ({part['d_in']} × "
-          f"{part['d_out']}, {part['n']} tokens, cond(R) = "
-          f"{part['cond_r']:.3g})\n",
-          method_table(part['rows'], ['rank'], ('rel_opt',),
-                       dict(rel_opt='.3e'))]
+  return [
+      f"## Real activations: {part['layer']} ({part['d_in']} × "
+      f"{part['d_out']}, {part['n']} tokens, cond(R) = "
+      f"{part['cond_r']:.3g})\n",
+      scoring.method_table(
+          part['rows'], ['rank'], ('rel_opt',), dict(rel_opt='.3e')
+      ),
+  ]
 
 
 def real_counts(rows: list[dict], tol: float) -> list[dict]:
   """Per (method, rule): layers failed/retried/non-finite/lost > tol."""
   out = []
-  for (method, rule) in dict.fromkeys((r['method'], r['rule'])
-                                      for r in rows):
+  for method, rule in dict.fromkeys((r['method'], r['rule']) for r in rows):
     mine = [r for r in rows if (r['method'], r['rule']) == (method, rule)]
     ratios = np.array([r['err_over_opt'] for r in mine])
     finite = ratios[np.isfinite(ratios)]
-    out.append(dict(
-        method=method, rule=rule, layers=len(mine),
-        failed=sum(bool(r['failed']) for r in mine),
-        retried=sum(r['retries'] > 0 for r in mine),
-        nonfinite=sum(bool(r['nonfinite']) for r in mine),
-        lost=sum(bool(r['failed'] or r['nonfinite'] or
-                      not r['err_over_opt'] <= 1 + tol) for r in mine),
-        median_ratio=float(np.median(finite)) if finite.size else np.nan,
-        max_ratio=float(np.max(finite)) if finite.size else np.nan,
-        max_eps=max(r['eps'] for r in mine)))
+    out.append(
+        dict(
+            method=method,
+            rule=rule,
+            layers=len(mine),
+            failed=sum(bool(r['failed']) for r in mine),
+            retried=sum(r['retries'] > 0 for r in mine),
+            nonfinite=sum(bool(r['nonfinite']) for r in mine),
+            lost=sum(
+                bool(
+                    r['failed']
+                    or r['nonfinite']
+                    or not r['err_over_opt'] <= 1 + tol
+                )
+                for r in mine
+            ),
+            median_ratio=float(np.median(finite)) if finite.size else np.nan,
+            max_ratio=float(np.max(finite)) if finite.size else np.nan,
+            max_eps=max(r['eps'] for r in mine),
+        )
+    )
   return out
 
 
@@ -460,17 +483,19 @@ def input_kinds(part: dict) -> dict[str, str]:
   """{group: 'q/k/v'}: the kinds of projection reading each input."""
   kinds = {}
   for r in part['rows']:
-    kinds.setdefault(r['group'], {})[r['layer'].rsplit('.', 1)[-1].replace(
-        '_proj', '')] = None
+    kinds.setdefault(r['group'], {})[
+        r['layer'].rsplit('.', 1)[-1].replace('_proj', '')
+    ] = None
   return {g: '/'.join(k) for g, k in kinds.items()}
 
 
-def head_to_head(rows: list[dict], keys: list[str], tol: float,
-                 by: str | None = None) -> list[dict]:
-  """ctxlr against each method on the same (keys) cells, per `by` value.
+def head_to_head(
+    rows: list[dict], keys: list[str], tol: float, by: str | None = None
+) -> list[dict]:
+  """coala against each method on the same (keys) cells, per `by` value.
 
-  A cell is a win for ctxlr if the other method's error exceeds ctxlr's by
-  more than the factor 1 + tol (or is NaN), a loss if ctxlr's exceeds the
+  A cell is a win for coala if the other method's error exceeds coala's by
+  more than the factor 1 + tol (or is NaN), a loss if coala's exceeds the
   other's by more than that, a tie otherwise.
   """
   cells = {}
@@ -484,10 +509,17 @@ def head_to_head(rows: list[dict], keys: list[str], tol: float,
     for method, r in cell.items():
       if method == 'coala':
         continue
-      line = out.setdefault((r[by] if by else '', method), dict(
-          method=method, wins=0, ties=0, losses=0, **(
-              {by: r[by]} if by else {})))
-      if not r['err'] <= (1 + tol) * mine['err']:       # NaN: a win
+      line = out.setdefault(
+          (r[by] if by else '', method),
+          dict(
+              method=method,
+              wins=0,
+              ties=0,
+              losses=0,
+              **({by: r[by]} if by else {}),
+          ),
+      )
+      if not r['err'] <= (1 + tol) * mine['err']:  # NaN: a win
         line['wins'] += 1
       elif mine['err'] > (1 + tol) * r['err']:
         line['losses'] += 1
@@ -504,36 +536,61 @@ def _summarize_real_all(part: dict, tol: float) -> list[str]:
   for g in groups:
     kinds.setdefault(kind_of[g['group']], []).append(g['cond_r'])
   worst = sorted(groups, key=lambda g: -g['cond_r'])[:8]
-  worst_layers = [n for g in worst for n in dict.fromkeys(
-      r['layer'] for r in part['rows'] if r['group'] == g['group'])]
-  high = [r for r in part['rows'] if r['layer'] in worst_layers and
-          not r['rule'].startswith('ratio')]
+  worst_layers = [
+      n
+      for g in worst
+      for n in dict.fromkeys(
+          r['layer'] for r in part['rows'] if r['group'] == g['group']
+      )
+  ]
+  high = [
+      r
+      for r in part['rows']
+      if r['layer'] in worst_layers and not r['rule'].startswith('ratio')
+  ]
   n_layers = len({r['layer'] for r in part['rows']})
   return [
       f'## Real activations: all {n_layers} projections ({len(groups)} '
       f"distinct inputs, {groups[0]['n']} tokens)\n",
       f'cond(R) of the distinct inputs (float64): min {conds.min():.3g}, '
       f'median {np.median(conds):.3g}, max {conds.max():.3g}. By the '
-      'projections reading the input: ' + ', '.join(
+      'projections reading the input: '
+      + ', '.join(
           f'{k} median {np.median(v):.3g} / max {max(v):.3g}'
-          for k, v in kinds.items()) + '.\n',
+          for k, v in kinds.items()
+      )
+      + '.\n',
       f'Layers where a method failed, produced NaN/Inf or lost more than '
       f'{tol:.0%} of the optimum (err/opt > {1 + tol:g}):\n',
       results.markdown_table(
           real_counts(part['rows'], tol),
-          ['method', 'rule', 'layers', 'failed', 'retried', 'nonfinite',
-           'lost', 'median_ratio', 'max_ratio', 'max_eps'],
-          dict(median_ratio='.6g', max_ratio='.4g', max_eps='.1e')),
-      f'\nctxlr head to head, per layer: wins (the other error > '
-      f'{1 + tol:g} × ctxlr\'s, or NaN), losses (ctxlr\'s > {1 + tol:g} × '
-      'the other\'s), ties:\n',
+          [
+              'method',
+              'rule',
+              'layers',
+              'failed',
+              'retried',
+              'nonfinite',
+              'lost',
+              'median_ratio',
+              'max_ratio',
+              'max_eps',
+          ],
+          dict(median_ratio='.6g', max_ratio='.4g', max_eps='.1e'),
+      ),
+      f'\ncoala head to head, per layer: wins (the other error > '
+      f"{1 + tol:g} × coala's, or NaN), losses (coala's > {1 + tol:g} × "
+      "the other's), ties:\n",
       results.markdown_table(
           head_to_head(part['rows'], ['layer', 'rule'], tol, by='rule'),
-          ['rule', 'method', 'wins', 'ties', 'losses']),
+          ['rule', 'method', 'wins', 'ties', 'losses'],
+      ),
       '\nThe inputs with the largest cond(R), their layers at the high '
       'ranks (cells as above):\n',
-      method_table(high, ['layer', 'cond_r', 'rank'],
-                   formats=dict(cond_r='.3g'))]
+      scoring.method_table(
+          high, ['layer', 'cond_r', 'rank'], formats=dict(cond_r='.3g')
+      ),
+  ]
 
 
 def summarize(out: dict) -> str:
@@ -550,29 +607,61 @@ def summarize(out: dict) -> str:
 
 # ------------------------------------------------------------------ plots ---
 
-_STYLE = dict(coala=('C0', 'o'), coala_bf16=('C0', 'x'), svd=('C7', 'v'),
-              svd_llm=('C3', 's'), svd_llm_eps=('C1', 'D'),
-              svd_llm_v2=('C4', '^'), asvd=('C8', 'P'), corda=('C2', '*'))
-_FLOOR = 1e-17          # log axes: exact zeros drawn here
-_BROKEN = 10.           # NaN/Inf factors drawn here (marker, no line)
+_STYLE = dict(
+    coala=('C0', 'o'),
+    coala_bf16=('C0', 'x'),
+    svd=('C7', 'v'),
+    svd_llm=('C3', 's'),
+    svd_llm_eps=('C1', 'D'),
+    svd_llm_v2=('C4', '^'),
+    asvd=('C8', 'P'),
+    corda=('C2', '*'),
+)
+
+
+def _style(method: str) -> tuple[str, str]:
+  """(colour, marker): the published figures' look, a cycle for others."""
+  if method in _STYLE:
+    return _STYLE[method]
+  names = registry.names()
+  i = names.index(method) if method in names else len(names)
+  return f'C{i % 10}', common.MARKERS[i % len(common.MARKERS)]
+
+
+_FLOOR = 1e-17  # log axes: exact zeros drawn here
+_BROKEN = 10.0  # NaN/Inf factors drawn here (marker, no line)
 
 
 def _error_vs_rank(ax, rows: list[dict], title: str) -> None:
-  opt = sorted({(r['rank'], r['rel_opt']) for r in rows
-                if r['method'] != BF16})
+  opt = sorted({(r['rank'], r['rel_opt']) for r in rows if r['method'] != BF16})
   for method in dict.fromkeys(r['method'] for r in rows):
     mine = [r for r in rows if r['method'] == method]
-    color, marker = _STYLE.get(method, ('k', '.'))
-    ax.plot([r['rank'] for r in mine],
-            [r['rel_err'] if np.isfinite(r['rel_err']) else np.nan
-             for r in mine], marker=marker, color=color, ms=4, alpha=0.8,
-            label=method)
+    color, marker = _style(method)
+    ax.plot(
+        [r['rank'] for r in mine],
+        [r['rel_err'] if np.isfinite(r['rel_err']) else np.nan for r in mine],
+        marker=marker,
+        color=color,
+        ms=4,
+        alpha=0.8,
+        label=method,
+    )
     bad = [r['rank'] for r in mine if not np.isfinite(r['rel_err'])]
     ax.plot(bad, [_BROKEN] * len(bad), marker, color=color, ms=7)
-  ax.plot([k for k, o in opt if o > 0], [o for _, o in opt if o > 0], 'k--',
-          lw=1.5, zorder=5, label='float64 optimum')
-  ax.set(yscale='log', xlabel='rank', ylabel="||X(K − K')||_F / ||XK||_F",
-         title=title)
+  ax.plot(
+      [k for k, o in opt if o > 0],
+      [o for _, o in opt if o > 0],
+      'k--',
+      lw=1.5,
+      zorder=5,
+      label='float64 optimum',
+  )
+  ax.set(
+      yscale='log',
+      xlabel='rank',
+      ylabel="||X(K − K')||_F / ||XK||_F",
+      title=title,
+  )
 
 
 def _excess_vs_cond(ax, rows: list[dict], title: str) -> None:
@@ -580,19 +669,33 @@ def _excess_vs_cond(ax, rows: list[dict], title: str) -> None:
   xpos = lambda r: big if r['case'] == 'rank-def' else r['cond']
   for method in dict.fromkeys(r['method'] for r in rows):
     mine = sorted((r for r in rows if r['method'] == method), key=xpos)
-    color, marker = _STYLE.get(method, ('k', '.'))
+    color, marker = _style(method)
     ok = [r for r in mine if np.isfinite(r['excess'])]
-    ax.plot([xpos(r) for r in ok], [max(r['excess'], _FLOOR) for r in ok],
-            marker=marker, color=color, ms=4, alpha=0.8, label=method)
+    ax.plot(
+        [xpos(r) for r in ok],
+        [max(r['excess'], _FLOOR) for r in ok],
+        marker=marker,
+        color=color,
+        ms=4,
+        alpha=0.8,
+        label=method,
+    )
     bad = [xpos(r) for r in mine if not np.isfinite(r['excess'])]
     ax.plot(bad, [_BROKEN] * len(bad), marker, color=color, ms=7)
   ticks = sorted({xpos(r) for r in rows})
   ax.set_xscale('log')
-  ax.set_xticks(ticks, [('rank-\ndef' if t == big else f'{t:.0e}')
-                        for t in ticks], fontsize=6)
+  ax.set_xticks(
+      ticks,
+      [('rank-\ndef' if t == big else f'{t:.0e}') for t in ticks],
+      fontsize=6,
+  )
   ax.minorticks_off()
-  ax.set(yscale='log', xlabel='cond(X)', ylabel="(err − opt) / ||XK||_F",
-         title=title)
+  ax.set(
+      yscale='log',
+      xlabel='cond(X)',
+      ylabel='(err − opt) / ||XK||_F',
+      title=title,
+  )
 
 
 def plot(workdir: str) -> None:
@@ -600,9 +703,10 @@ def plot(workdir: str) -> None:
 
   error_vs_rank.png (the largest synthetic shape, one panel per cond),
   excess_vs_cond.png (every shape at the ranks nearest 0.5 d and 0.95 d),
-  real_layer.png, real_layers.png. Markers at 10: NaN/Inf factors.
+  real_layer.png, real_layers.png. Markers at 10: NaN/Inf factors. Each
+  figure has one legend, outside its panels.
   """
-  out = results.read_json(os.path.join(workdir, 'results.json'))
+  out = common.read_results(workdir, None)
   figs = []
   if 'synthetic' in out:
     rows = out['synthetic']
@@ -611,67 +715,105 @@ def plot(workdir: str) -> None:
     mine = [r for r in rows if (r['d_in'], r['n']) == (d, n)]
     cases = list(dict.fromkeys(r['case'] for r in mine))
     cols = min(4, len(cases))
-    fig, axes = plt.subplots(-(-len(cases) // cols), cols, squeeze=False,
-                             figsize=(4 * cols, 3.4 * -(-len(cases) // cols)))
+    fig, axes = common.subplots(
+        -(-len(cases) // cols),
+        cols,
+        figsize=(4 * cols, 3.4 * -(-len(cases) // cols)),
+    )
     for ax, case in zip(axes.flat, cases):
-      _error_vs_rank(ax, [r for r in mine if r['case'] == case],
-                     f'{case}, d = {d}, n = {n}')
-    for ax in axes.flat[len(cases):]:
+      _error_vs_rank(
+          ax,
+          [r for r in mine if r['case'] == case],
+          f'{case}, d = {d}, n = {n}',
+      )
+    for ax in axes.flat[len(cases) :]:
       ax.axis('off')
-    axes.flat[0].legend(fontsize=6)
-    figs.append((fig, 'error_vs_rank.png'))
-    fig, axes = plt.subplots(2, len(shapes), squeeze=False,
-                             figsize=(4 * len(shapes), 7))
+    figs.append((fig, axes, 'error_vs_rank.png'))
+    fig, axes = common.subplots(2, len(shapes), figsize=(4 * len(shapes), 7))
     for j, (d, n) in enumerate(shapes):
       mine = [r for r in rows if (r['d_in'], r['n']) == (d, n)]
       ranks = sorted({r['rank'] for r in mine})
       for i, f in enumerate((0.5, 0.95)):
         rank = min(ranks, key=lambda k: abs(k - f * d))
-        _excess_vs_cond(axes[i, j], [r for r in mine if r['rank'] == rank],
-                        f'd = {d}, n = {n}, rank {rank} (≈{f:g} d)')
-    axes[0, 0].legend(fontsize=6)
-    figs.append((fig, 'excess_vs_cond.png'))
+        _excess_vs_cond(
+            axes[i, j],
+            [r for r in mine if r['rank'] == rank],
+            f'd = {d}, n = {n}, rank {rank} (≈{f:g} d)',
+        )
+    figs.append((fig, axes, 'excess_vs_cond.png'))
   if 'real_layer' in out:
     part = out['real_layer']
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    _error_vs_rank(ax, part['rows'], f"{part['layer']}, {part['n']} tokens, "
-                   f"cond(R) = {part['cond_r']:.2g}")
-    ax.legend(fontsize=7)
-    figs.append((fig, 'real_layer.png'))
+    fig, axes = common.subplots(1, 1, figsize=(6, 4.5))
+    _error_vs_rank(
+        axes[0, 0],
+        part['rows'],
+        f"{part['layer']}, {part['n']} "
+        f"tokens, cond(R) = {part['cond_r']:.2g}",
+    )
+    figs.append((fig, axes, 'real_layer.png'))
   if out.get('real_all', {}).get('rows'):
-    figs.append((_plot_real_all(out['real_all'], out['loss_tol']),
-                 'real_layers.png'))
-  for fig, name in figs:
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, name), dpi=110)
-    plt.close(fig)
+    figs.append(
+        (*_plot_real_all(out['real_all'], out['loss_tol']), 'real_layers.png')
+    )
+  for fig, axes, name in figs:
+    common.legend_outside(fig, axes)
+    common.save_figure(fig, workdir, name, dpi=110)
 
 
 def _plot_real_all(part: dict, tol: float):
+  """(figure, axes): cond(R) per input, then err/opt − 1 per rank rule."""
   rules = list(dict.fromkeys(r['rule'] for r in part['rows']))
-  fig, axes = plt.subplots(1, 1 + len(rules), figsize=(5 * (1 + len(rules)),
-                                                       4.2), squeeze=False)
+  fig, axes = common.subplots(
+      1, 1 + len(rules), figsize=(5 * (1 + len(rules)), 4.2)
+  )
   ax = axes[0, 0]
   groups = list(part['groups'].values())
   kind_of = input_kinds(part)
   for kind in dict.fromkeys(kind_of[g['group']] for g in groups):
     mine = [g for g in groups if kind_of[g['group']] == kind]
-    ax.plot([int(g['group'].split('.')[1]) for g in mine],
-            [g['cond_r'] for g in mine], 'o-', ms=3, label=f'{kind} input')
-  ax.set(yscale='log', xlabel='layer', ylabel='cond(R) (float64)',
-         title='cond of each distinct layer input')
-  ax.legend(fontsize=7)
+    ax.plot(
+        [int(g['group'].split('.')[1]) for g in mine],
+        [g['cond_r'] for g in mine],
+        'o-',
+        ms=3,
+        label=f'{kind} input',
+    )
+  ax.set(
+      yscale='log',
+      xlabel='layer',
+      ylabel='cond(R) (float64)',
+      title='cond of each distinct layer input',
+  )
   for ax, rule in zip(axes[0, 1:], rules):
-    for method in GRAM_METHODS + ('coala',):
-      mine = [r for r in part['rows'] if r['rule'] == rule and
-              r['method'] == method]
-      color, marker = _STYLE[method]
-      lost = [(r['cond_r'], r['err_over_opt'] - 1 if np.isfinite(
-          r['err_over_opt']) else _BROKEN) for r in mine]
-      ax.plot([c for c, _ in lost], [max(v, 1e-9) for _, v in lost], marker,
-              color=color, ms=4, alpha=0.6, label=method)
+    for method in gram_methods() + ['coala']:
+      mine = [
+          r for r in part['rows'] if r['rule'] == rule and r['method'] == method
+      ]
+      color, marker = _style(method)
+      lost = [
+          (
+              r['cond_r'],
+              r['err_over_opt'] - 1
+              if np.isfinite(r['err_over_opt'])
+              else _BROKEN,
+          )
+          for r in mine
+      ]
+      ax.plot(
+          [c for c, _ in lost],
+          [max(v, 1e-9) for _, v in lost],
+          marker,
+          color=color,
+          ms=4,
+          alpha=0.6,
+          label=method,
+      )
     ax.axhline(tol, color='k', lw=0.8, ls=':', label=f'{tol:.0%} lost')
-    ax.set(xscale='log', yscale='log', xlabel='cond(R) of the layer input',
-           ylabel='err / opt − 1 (floored at 1e-9)', title=f'rank: {rule}')
-    ax.legend(fontsize=7)
-  return fig
+    ax.set(
+        xscale='log',
+        yscale='log',
+        xlabel='cond(R) of the layer input',
+        ylabel='err / opt − 1 (floored at 1e-9)',
+        title=f'rank: {rule}',
+    )
+  return fig, axes

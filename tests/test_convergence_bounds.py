@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ctxlr import reference
 from ctxlr import results
 from ctxlr.linalg import kstar
 from ctxlr.linalg import qr
@@ -30,7 +31,7 @@ SPECS = {                       # d_in, d_out, n, rank, make_problem extras
 def _curve(name, seed):
   """(structure, ||K_*||, K_*, K, X, [(μ, ||K_μ − K_*||, K_μ)])."""
   d_in, d_out, n, rank, extra = SPECS[name]
-  x, kernel = convergence.make_problem(
+  x, kernel = reference.make_problem(
       np.random.default_rng(seed), d_in=d_in, d_out=d_out, n=n, rank=rank,
       **extra)
   with jax.enable_x64(True):
@@ -86,7 +87,7 @@ def test_error_ratio_rule_collapses_when_data_are_insufficient():
   The energy rule does not vanish.
   """
   d_in, d_out, n, rank, extra = SPECS['few_tokens']
-  x, kernel = convergence.make_problem(
+  x, kernel = reference.make_problem(
       np.random.default_rng(0), d_in=d_in, d_out=d_out, n=n, rank=rank,
       **extra)
   with jax.enable_x64(True):

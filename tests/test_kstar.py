@@ -12,7 +12,6 @@ from ctxlr import reference
 from ctxlr.linalg import kstar
 from ctxlr.linalg import qr
 from ctxlr.linalg import solvers
-from experiments import convergence
 
 # (d_in, d_out, n, rank, extra make_problem arguments)
 FEW_TOKENS = (30, 40, 6, 10, {})                 # n < r: docs/method.md §5
@@ -24,8 +23,8 @@ TIE = (16, 24, 64, 6, dict(tie=(4, 4)))          # σ_5 = … = σ_8 of XK
 def _problem(spec, seed):
   d_in, d_out, n, rank, extra = spec
   rng = np.random.default_rng(seed)
-  x, kernel = convergence.make_problem(rng, d_in=d_in, d_out=d_out, n=n,
-                                       rank=rank, **extra)
+  x, kernel = reference.make_problem(rng, d_in=d_in, d_out=d_out, n=n,
+                                     rank=rank, **extra)
   return x, kernel, rank
 
 

@@ -145,13 +145,15 @@ def test_finetune_adapters_quick(tmp_path):
                  f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
-  assert [r['method'] for r in out['runs']] == ['lora', 'coala',
-                                               'coala_kpa:balanced']
+  assert [r['run'] for r in out['runs']] == ['lora', 'coala',
+                                            'coala_kpa_balanced']
+  assert [(r['method'], r['split']) for r in out['runs']] == [
+      ('lora', 'own'), ('coala', 'own'), ('coala_kpa', 'balanced')]
   for r in out['runs']:
     assert [e['step'] for e in r['eval']] == [0, 2, 4]
     assert r['eval'][-1]['ppl_sotu'] < r['eval'][0]['ppl_sotu']
   assert (tmp_path / 'finetune_curves.png').stat().st_size > 0
-  assert '| coala_kpa:balanced |' in (tmp_path / 'summary.md').read_text()
+  assert '| coala_kpa_balanced |' in (tmp_path / 'summary.md').read_text()
   assert not os.listdir(tmp_path / 'checkpoints')   # removed when done
 
 
@@ -160,7 +162,8 @@ def test_heal_quick(tmp_path):
                  f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
-  assert [r['method'] for r in out['runs']] == ['coala', 'coala:balanced']
+  assert [r['run'] for r in out['runs']] == ['coala', 'coala_balanced']
+  assert [r['split'] for r in out['runs']] == ['own', 'balanced']
   first = [r['eval'][0]['ppl_wikipedia'] for r in out['runs']]
   assert first[0] == pytest.approx(first[1], rel=1e-4)   # same products
   for r in out['runs']:

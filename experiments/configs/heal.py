@@ -4,48 +4,86 @@ r"""Healing compressed models: train the factors a, b for a small budget.
   python launch.py --config=experiments/configs/heal.py:quick
 
 Compresses the default model at kept ratio 0.6 from one set of Wikipedia
-calibration statistics with ctxlr and with svd_llm (the same projection in
-exact arithmetic, split differently into a and b; `ctxlr:balanced` re-splits
-ctxlr's factors as `P √D`, `√D Qᵀ`, `adapters.balance`), then trains only the
+calibration statistics with coala and with svd_llm (the same projection in
+exact arithmetic, split differently into a and b; `coala_balanced` re-splits
+coala's factors as `P √D`, `√D Qᵀ`, `adapters.balance`), then trains only the
 factors `a`, `b` of every factored layer (everything else frozen) on
 Wikipedia calib-split sequences that follow the calibration ones, with the
 same steps, batches and schedule, and reports the held-out perplexity
-recovered. About 7 minutes per method on 2 shared CPU cores (solve, 60 steps
-at ~3.6 s, four evaluations), with OPENBLAS_NUM_THREADS=1.
+recovered. Run with OPENBLAS_NUM_THREADS=1 on shared CPU cores. Results and
+timings: docs/results/heal/.
 """
+
 import ml_collections
 
 
 def get_config(arg=None):
+  """Three runs (coala, svd_llm, coala_balanced) at kept ratio 0.6, 60
+  steps each. Writes results.json (a finished run is kept: a rerun skips
+  it; a killed one resumes from its orbax checkpoint), summary.md and
+  heal_curves.png. `quick`: two blocks, two runs, four steps.
+  """
   config = ml_collections.ConfigDict()
   config.experiment = 'heal'
   config.model = dict(path='', param_dtype='float32', num_layers=0)  # 0: all
-  config.calib = dict(corpus='wikipedia', num_tokens=8192, seq_len=512,
-                      batch_size=4)
-  config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=2048,
-                     seq_len=512, batch_size=4)
+  config.calib = dict(
+      corpus='wikipedia', num_tokens=8192, seq_len=512, batch_size=4
+  )
+  config.eval = dict(
+      corpora=('wikipedia', 'sotu'), num_tokens=2048, seq_len=512, batch_size=4
+  )
   config.ratio = 0.6
-  # 'coala:balanced': coala's factors re-split as P √D, √D Qᵀ (same products).
-  config.methods = ('coala', 'svd_llm', 'coala:balanced')
+  # {label: variant} (experiments/common.py, check_variants); keys: method,
+  # split ('own', or 'balanced': the factors re-split as P √D, √D Qᵀ, same
+  # products), allocation, mu, mu_rule, auto_mu.
+  config.runs = ml_collections.ConfigDict(
+      dict(
+          coala=dict(method='coala'),
+          svd_llm=dict(method='svd_llm'),
+          coala_balanced=dict(method='coala', split='balanced'),
+      ),
+      sort_keys=False,
+  )
   config.include = ('*_proj',)
   config.exclude = ()
-  config.seq_len = 128              # training sequences
-  config.train = dict(steps=60, batch_size=2, learning_rate=1e-4,
-                      warmup_steps=6, clip_norm=1.0, weight_decay=0.0,
-                      eval_every=20, checkpoint_every=20)
-  config.seed = 0
-  if arg == 'quick':                # CPU test size: 2 blocks, a few steps
+  config.seq_len = 128  # training sequences
+  config.train = dict(
+      steps=60,
+      batch_size=2,
+      learning_rate=1e-4,
+      warmup_steps=6,
+      clip_norm=1.0,
+      weight_decay=0.0,
+      eval_every=20,
+      checkpoint_every=20,
+  )
+  if arg == 'quick':  # CPU test size: 2 blocks, a few steps
     config.model.num_layers = 2
-    config.methods = ('coala', 'coala:balanced')
-    config.calib = dict(corpus='wikipedia', num_tokens=256, seq_len=64,
-                        batch_size=2)
-    config.eval = dict(corpora=('wikipedia',), num_tokens=64, seq_len=32,
-                       batch_size=2)
+    config.runs = ml_collections.ConfigDict(
+        dict(
+            coala=dict(method='coala'),
+            coala_balanced=dict(method='coala', split='balanced'),
+        ),
+        sort_keys=False,
+    )
+    config.calib = dict(
+        corpus='wikipedia', num_tokens=256, seq_len=64, batch_size=2
+    )
+    config.eval = dict(
+        corpora=('wikipedia',), num_tokens=64, seq_len=32, batch_size=2
+    )
     config.include = ('layers.1.attn.[qo]_proj',)
     config.seq_len = 32
-    config.train = dict(steps=4, batch_size=2, learning_rate=1e-3,
-                        warmup_steps=1, clip_norm=1.0, weight_decay=0.0,
-                        eval_every=2, checkpoint_every=2)
+    config.train = dict(
+        steps=4,
+        batch_size=2,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        clip_norm=1.0,
+        weight_decay=0.0,
+        eval_every=2,
+        checkpoint_every=2,
+    )
   elif arg:
     raise ValueError(f'Unknown config arg {arg!r}; expected "quick" or none.')
   return config
