@@ -359,6 +359,11 @@ def run(config, workdir: str) -> None:
   common.finish(workdir, summarize(out), plot, out=out)
 
 
+def _table(rows: list[dict], keys: list[str], values: list[str]) -> str:
+  """Markdown of `keys` then `values` columns, values to 3 digits."""
+  return results.markdown_table(rows, keys + values, {k: '.3g' for k in values})
+
+
 def summarize(out: dict) -> str:
   """Markdown tables of the parts present in `out`."""
   m = out['machine']
@@ -412,11 +417,10 @@ def summarize(out: dict) -> str:
   if 'stream' in out:
     text += [
         '### Streaming statistics: one block of b rows\n',
-        results.markdown_table(
+        _table(
             out['stream'],
+            ['d', 'b'],
             [
-                'd',
-                'b',
                 'gram_us_per_token',
                 'fold_us_per_token',
                 'fold_over_gram',
@@ -425,18 +429,6 @@ def summarize(out: dict) -> str:
                 'sgeqrf_over_gram',
                 'flop_ratio',
             ],
-            {
-                k: '.3g'
-                for k in (
-                    'gram_us_per_token',
-                    'fold_us_per_token',
-                    'fold_over_gram',
-                    'tpqrt_over_gram',
-                    'qr_block_over_gram',
-                    'sgeqrf_over_gram',
-                    'flop_ratio',
-                )
-            },
         ),
         '\nfold: `qr.fold_r_unchecked` (JAX, geqrf of the stacked [R; X_b]); '
         'gram: XᵀX added in float32; tpqrt: LAPACK stpqrt (SciPy), '
@@ -450,11 +442,10 @@ def summarize(out: dict) -> str:
     text += [
         "### Projected: the default model's distinct inputs, from the "
         'per-token costs above\n',
-        results.markdown_table(
+        _table(
             out['model_stream'],
+            ['b', 'tokens'],
             [
-                'b',
-                'tokens',
                 'gram_s',
                 'fold_s',
                 'tpqrt_s',
@@ -462,17 +453,6 @@ def summarize(out: dict) -> str:
                 'fold_over_gram',
                 'tpqrt_over_gram',
             ],
-            {
-                k: '.3g'
-                for k in (
-                    'gram_s',
-                    'fold_s',
-                    'tpqrt_s',
-                    'qr_block_s',
-                    'fold_over_gram',
-                    'tpqrt_over_gram',
-                )
-            },
         ),
     ]
   return '\n'.join(text)

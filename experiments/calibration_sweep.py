@@ -14,20 +14,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ctxlr import calibration
 from ctxlr import pipeline
 from ctxlr import registry
 from ctxlr import results
 from ctxlr import stats as stats_lib
-from ctxlr import surgery
 from experiments import common
 
 
 def validate(config) -> None:
   """Raises ValueError('<field>: expected …, got …') for any option error."""
-  common.check_model_spec(config.model)
-  common.check_data_spec(config.calib, 'calib')
-  common.check_data_spec(config.eval, 'eval')
+  common.check_model_and_data(config)
   if isinstance(config.num_tokens, (str, int)) or not config.num_tokens:
     common.fail(
         'num_tokens', 'a non-empty tuple of token counts', config.num_tokens
@@ -53,7 +49,7 @@ def calib_spec(config, num_tokens: int) -> ml_collections.ConfigDict:
   )
 
 
-def sweep_stats(model, batches, layers, want, float64: bool):
+def sweep_stats(model, batches, config, methods, float64: bool):
   """{layer: float32 LayerStats}, and the float64 ones if `float64` (or None).
 
   With `float64`, one pass accumulates in float64 (for the float64
@@ -62,10 +58,10 @@ def sweep_stats(model, batches, layers, want, float64: bool):
   so all runs still see the same data.
   """
   if not float64:
-    return calibration.layer_stats(model, batches, layers, want=want), None
+    return common.layer_stats(model, batches, config, methods), None
   with jax.enable_x64(True):
-    stats64 = calibration.layer_stats(
-        model, batches, layers, want=want, dtype=jnp.float64
+    stats64 = common.layer_stats(
+        model, batches, config, methods, dtype=jnp.float64
     )
     rounded = {}  # shared inputs stay shared
     stats32 = {
@@ -89,7 +85,6 @@ def run(config, workdir: str) -> None:
   done = {
       (r['run'], r['num_tokens']) for r in out['rows'] + out.get('errors', [])
   }
-  layers = surgery.select_linears(model, config.include, config.exclude)
   for num_tokens in config.num_tokens:
     float64 = num_tokens <= config.kstar_max_tokens
     todo = [
@@ -104,11 +99,7 @@ def run(config, workdir: str) -> None:
         tokenizer, calib_spec(config, num_tokens)
     )
     stats, stats64 = sweep_stats(
-        model,
-        batches,
-        layers,
-        common.want(runs[n]['method'] for n in todo),
-        float64,
+        model, batches, config, [runs[n]['method'] for n in todo], float64
     )
     for name in todo:
       variant = runs[name]

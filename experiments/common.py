@@ -6,6 +6,8 @@
   `config.runs = {label: dict(method=…, allocation=…, mu=…, …)}`;
 * the model, its data and evaluation (`load_model`, `calibration_batches`,
   `evaluate`, `make_eval_fn`) and the row of a compression sweep;
+* training runs that resume from their checkpoint (`make_tx`, `train_run`,
+  `keep_run`);
 * the resume/finish tail (`read_results`, `resume_sweep`, `finish`) and
   figures (`subplots`, `save_figure`, `legend_outside`, `relative_panel`,
   `relative_figure`).
@@ -16,6 +18,7 @@ experiments/timing.py. No experiment imports another.
 
 import math
 import os
+import shutil
 import textwrap
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
@@ -24,12 +27,15 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
+from ctxlr import calibration
 from ctxlr import data
 from ctxlr import evaluation
 from ctxlr import models
 from ctxlr import registry
 from ctxlr import results
 from ctxlr import stats as stats_lib
+from ctxlr import surgery
+from ctxlr import training
 
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -188,6 +194,13 @@ def check_data_spec(spec: Any, path: str) -> None:
     check_int(spec['num_tokens'], f'{path}.num_tokens', minimum=spec['seq_len'])
 
 
+def check_model_and_data(config: Any) -> None:
+  """`model`, `calib` and `eval` of a model experiment."""
+  check_model_spec(config.model)
+  check_data_spec(config.calib, 'calib')
+  check_data_spec(config.eval, 'eval')
+
+
 def check_train_spec(train: Any, path: str = 'train') -> None:
   """A training spec: steps, batch_size, learning_rate, warmup_steps,
   clip_norm, weight_decay, eval_every, checkpoint_every."""
@@ -307,6 +320,18 @@ def compress_options(variant: Mapping[str, Any]) -> dict[str, Any]:
   return {k: variant[k] for k in COMPRESS_KEYS if k in variant}
 
 
+def layer_stats(
+    model, batches, config: Any, methods: Iterable[str], **kwargs
+) -> dict[str, stats_lib.LayerStats]:
+  """{layer: LayerStats} of the layers `config.include` / `config.exclude`
+  select, with what every one of `methods` needs, from one pass over
+  `batches` (`calibration.layer_stats`; kwargs: e.g. dtype)."""
+  layers = surgery.select_linears(model, config.include, config.exclude)
+  return calibration.layer_stats(
+      model, batches, layers, want=want(methods), **kwargs
+  )
+
+
 def want(methods: Iterable[str]) -> stats_lib.Want:
   """The statistics that serve every one of `methods` (one calibration)."""
   wants = [registry.get(m).want for m in methods]
@@ -404,6 +429,60 @@ def sweep_row(
       insufficient_layers=sum(bool(l.get('insufficient_data')) for l in layers),
       max_rel_err=max((l['rel_err'] for l in layers), default=0.0),
   )
+
+
+# ----------------------------------------------------------------- training --
+
+
+def make_tx(train: Any):
+  """The optax optimizer of a `train` spec (`training.make_tx`)."""
+  return training.make_tx(
+      learning_rate=train['learning_rate'],
+      steps=train['steps'],
+      warmup_steps=train['warmup_steps'],
+      clip_norm=train['clip_norm'],
+      weight_decay=train['weight_decay'],
+  )
+
+
+def train_run(
+    model,
+    seqs,
+    *,
+    wrt,
+    tx,
+    train: Any,
+    eval_fn,
+    workdir: str,
+    name: str,
+    **kwargs,
+) -> tuple[dict, str]:
+  """(history, checkpoint dir): `training.train` under a `train` spec,
+  checkpointed in workdir/checkpoints/<name> (a killed run resumes from
+  it); pass the directory to `keep_run` once the run is recorded."""
+  ckpt = os.path.join(workdir, 'checkpoints', name)
+  history = training.train(
+      model,
+      seqs,
+      wrt=wrt,
+      tx=tx,
+      steps=train['steps'],
+      batch_size=train['batch_size'],
+      eval_fn=eval_fn,
+      eval_every=train['eval_every'],
+      checkpoint_dir=ckpt,
+      checkpoint_every=train['checkpoint_every'],
+      **kwargs,
+  )
+  return history, ckpt
+
+
+def keep_run(workdir: str, out: dict, run: dict, ckpt: str) -> None:
+  """Appends a finished run to out['runs'], writes results.json, then
+  removes its checkpoint (in this order: a kill leaves one or the other)."""
+  out['runs'].append(run)
+  write_results(workdir, out)
+  shutil.rmtree(ckpt, ignore_errors=True)
 
 
 # ------------------------------------------------------ resume and finish --

@@ -8,18 +8,14 @@ it alone.
 
 from flax import nnx
 
-from ctxlr import calibration
 from ctxlr import pipeline
 from ctxlr import results
-from ctxlr import surgery
 from experiments import common
 
 
 def validate(config) -> None:
   """Raises ValueError('<field>: expected …, got …') for any option error."""
-  common.check_model_spec(config.model)
-  common.check_data_spec(config.calib, 'calib')
-  common.check_data_spec(config.eval, 'eval')
+  common.check_model_and_data(config)
   for i, ratio in enumerate(config.ratios):
     common.check_ratio(ratio, f'ratios[{i}]')
   common.check_variants(config.runs)
@@ -49,12 +45,11 @@ def run(config, workdir: str) -> None:
       if (name, ratio) not in done
   ]
   if todo:
-    layers = surgery.select_linears(model, config.include, config.exclude)
-    stats = calibration.layer_stats(
+    stats = common.layer_stats(
         model,
         common.calibration_batches(tokenizer, config.calib),
-        layers,
-        want=common.want(v['method'] for v in runs.values()),
+        config,
+        [v['method'] for v in runs.values()],
     )
   for name, ratio in todo:
     compressed = nnx.clone(model)

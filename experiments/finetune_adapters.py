@@ -6,9 +6,6 @@ holds `dense` ({ppl_<corpus>: perplexity}), `task`, `general` and `runs`
 train losses); summary.md and finetune_curves.png are drawn from it alone.
 """
 
-import os
-import shutil
-
 from absl import logging
 from flax import nnx
 import jax
@@ -20,7 +17,6 @@ from ctxlr import data
 from ctxlr import results
 from ctxlr import stats as stats_lib
 from ctxlr import surgery
-from ctxlr import training
 from experiments import common
 
 KEYS = ('method', 'split')
@@ -126,13 +122,7 @@ def run(config, workdir: str) -> None:
         gram=False,
         desc=config.general,
     )
-  tx = training.make_tx(
-      learning_rate=t.learning_rate,
-      steps=t.steps,
-      warmup_steps=t.warmup_steps,
-      clip_norm=t.clip_norm,
-      weight_decay=t.weight_decay,
-  )
+  tx = common.make_tx(t)
   done = {(label(r), r['seed']) for r in out['runs']}
   for seed in config.seeds:
     order = (
@@ -156,24 +146,23 @@ def run(config, workdir: str) -> None:
           scaling=config.scaling,
           split=variant['split'],
       )
-      ckpt = os.path.join(workdir, 'checkpoints', f'{name}_seed{seed}')
       # Every initialisation keeps the dense model's function at step 0
       # (tested in tests/test_adapters.py): its step-0 row is the dense one.
-      history = training.train(
+      history, ckpt = common.train_run(
           adapted,
           train_seqs[order],
           wrt=adapters.TRAINABLE,
           tx=tx,
-          steps=t.steps,
-          batch_size=t.batch_size,
+          train=t,
           eval_fn=eval_fn,
-          eval_every=t.eval_every,
+          workdir=workdir,
+          name=f'{name}_seed{seed}',
           eval_at_start=False,
-          checkpoint_dir=ckpt,
-          checkpoint_every=t.checkpoint_every,
           desc=f'{name} seed {seed}',
       )
-      out['runs'].append(
+      common.keep_run(
+          workdir,
+          out,
           dict(
               run=name,
               **variant,
@@ -181,10 +170,9 @@ def run(config, workdir: str) -> None:
               trainable=adapters.count_trainable(adapted),
               eval=[dict(step=0, **out['dense'])] + history['eval'],
               train=history['train'],
-          )
+          ),
+          ckpt,
       )
-      common.write_results(workdir, out)  # each finished run is kept
-      shutil.rmtree(ckpt, ignore_errors=True)
       logging.info('%s seed %d: %s', name, seed, out['runs'][-1]['eval'])
   common.finish(workdir, summarize(out), plot)
 

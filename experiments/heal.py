@@ -7,14 +7,10 @@ summary.md and heal_curves.png are drawn from it alone.
 """
 
 import math
-import os
-import shutil
-
 from absl import logging
 from flax import nnx
 
 from ctxlr import adapters
-from ctxlr import calibration
 from ctxlr import data
 from ctxlr import pipeline
 from ctxlr import results
@@ -27,9 +23,7 @@ KEYS = ('method', 'split', 'allocation', 'mu', 'mu_rule', 'auto_mu')
 
 def validate(config) -> None:
   """Raises ValueError('<field>: expected …, got …') for any option error."""
-  common.check_model_spec(config.model)
-  common.check_data_spec(config.calib, 'calib')
-  common.check_data_spec(config.eval, 'eval')
+  common.check_model_and_data(config)
   common.check_ratio(config.ratio)
   common.check_variants(config.runs, keys=KEYS)
   common.check_layers(config.include, config.exclude)
@@ -58,12 +52,11 @@ def run(config, workdir: str) -> None:
   if 'dense' not in out:
     out['dense'] = eval_fn(model)
     common.write_results(workdir, out)
-  layers = surgery.select_linears(model, config.include, config.exclude)
-  stats = calibration.layer_stats(
+  stats = common.layer_stats(
       model,
       common.calibration_batches(tokenizer, config.calib),
-      layers,
-      want=common.want(v['method'] for v in runs.values()),
+      config,
+      [v['method'] for v in runs.values()],
   )
   calib, t = config.calib, config.train
   # Training sequences: the calib split's tokens after the calibration ones.
@@ -78,13 +71,7 @@ def run(config, workdir: str) -> None:
       num_sequences=skip + t.steps * t.batch_size,
   )
   train_seqs = train_seqs[skip:]
-  tx = training.make_tx(
-      learning_rate=t.learning_rate,
-      steps=t.steps,
-      warmup_steps=t.warmup_steps,
-      clip_norm=t.clip_norm,
-      weight_decay=t.weight_decay,
-  )
+  tx = common.make_tx(t)
   done = {label(r) for r in out['runs']}
   for name, variant in runs.items():
     if name in done:
@@ -103,21 +90,20 @@ def run(config, workdir: str) -> None:
               layer.a[...], layer.b[...]
           )
     wrt = training.factor_filter(compressed)
-    ckpt = os.path.join(workdir, 'checkpoints', name)
-    history = training.train(
+    history, ckpt = common.train_run(
         compressed,
         train_seqs,
         wrt=wrt,
         tx=tx,
-        steps=t.steps,
-        batch_size=t.batch_size,
+        train=t,
         eval_fn=eval_fn,
-        eval_every=t.eval_every,
-        checkpoint_dir=ckpt,
-        checkpoint_every=t.checkpoint_every,
+        workdir=workdir,
+        name=name,
         desc=f'heal {name}',
     )
-    out['runs'].append(
+    common.keep_run(
+        workdir,
+        out,
         dict(
             run=name,
             **variant,
@@ -126,10 +112,9 @@ def run(config, workdir: str) -> None:
             trainable=training.count_params(compressed, wrt),
             eval=history['eval'],
             train=history['train'],
-        )
+        ),
+        ckpt,
     )
-    common.write_results(workdir, out)
-    shutil.rmtree(ckpt, ignore_errors=True)
     logging.info('heal %s: %s', name, out['runs'][-1]['eval'])
   common.finish(workdir, summarize(out), plot)
 

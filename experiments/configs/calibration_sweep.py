@@ -19,6 +19,7 @@ Results: docs/results/calibration_sweep/.
 import ml_collections
 
 from ctxlr import registry
+from experiments import configs
 
 
 def get_config(arg=None):
@@ -48,7 +49,7 @@ def get_config(arg=None):
   }
   runs['coala_mu_0p0001'] = dict(method='coala', mu=1e-4)
   runs['coala_mu_0p01'] = dict(method='coala', mu=1e-2)
-  config.runs = ml_collections.ConfigDict(runs, sort_keys=False)
+  config.runs = configs.variants(**runs)
   config.kstar_max_tokens = 2048  # float64 statistics (and K_*) up to here
   config.include = ('*_proj',)
   config.exclude = ()
@@ -58,14 +59,11 @@ def get_config(arg=None):
     config.eval = dict(
         corpora=('wikipedia',), num_tokens=128, seq_len=64, batch_size=2
     )
-    config.runs = ml_collections.ConfigDict(
-        dict(
-            coala=dict(method='coala'),
-            coala_mu_0p01=dict(method='coala', mu=1e-2),
-            k_star=dict(method='k_star'),
-            svd_llm_eps=dict(method='svd_llm_eps'),
-        ),
-        sort_keys=False,
+    config.runs = configs.variants(
+        coala=dict(method='coala'),
+        coala_mu_0p01=dict(method='coala', mu=1e-2),
+        k_star=dict(method='k_star'),
+        svd_llm_eps=dict(method='svd_llm_eps'),
     )
     config.kstar_max_tokens = 32
     config.include = ('layers.0.*',)

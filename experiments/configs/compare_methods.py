@@ -12,6 +12,7 @@ sets. Results: docs/results/compare_methods/.
 import ml_collections
 
 from ctxlr import registry
+from experiments import configs
 
 
 def get_config(arg=None):
@@ -35,7 +36,7 @@ def get_config(arg=None):
   methods = ['coala'] + registry.names(float64=False)  # coala first
   runs = {m: dict(method=m) for m in methods}
   runs['coala_global'] = dict(method='coala', allocation='global')
-  config.runs = ml_collections.ConfigDict(runs, sort_keys=False)
+  config.runs = configs.variants(**runs)
   config.include = ('*_proj',)
   config.exclude = ()
   if arg == 'quick':
@@ -46,9 +47,8 @@ def get_config(arg=None):
         corpora=('wikipedia',), num_tokens=128, seq_len=64, batch_size=2
     )
     config.ratios = (0.8,)
-    config.runs = ml_collections.ConfigDict(
-        dict(coala=dict(method='coala'), svd_llm=dict(method='svd_llm')),
-        sort_keys=False,
+    config.runs = configs.variants(
+        coala=dict(method='coala'), svd_llm=dict(method='svd_llm')
     )
     config.include = ('layers.0.*',)
   elif arg:

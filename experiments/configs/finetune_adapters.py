@@ -18,18 +18,7 @@ docs/results/finetune_adapters/.
 
 import ml_collections
 
-
-def _train(steps, batch_size, learning_rate, warmup_steps, eval_every):
-  return dict(
-      steps=steps,
-      batch_size=batch_size,
-      learning_rate=learning_rate,
-      warmup_steps=warmup_steps,
-      clip_norm=1.0,
-      weight_decay=0.0,
-      eval_every=eval_every,
-      checkpoint_every=eval_every,
-  )
+from experiments import configs
 
 
 def get_config(arg=None):
@@ -46,18 +35,15 @@ def get_config(arg=None):
   # {label: variant} (experiments/common.py, check_variants); keys: method
   # (an initialisation of ctxlr.adapters.METHODS) and split ('own', or
   # 'balanced': re-split as P √D, √D Qᵀ, PiSSA's split).
-  config.runs = ml_collections.ConfigDict(
-      dict(
-          lora=dict(method='lora'),
-          pissa=dict(method='pissa'),
-          milora=dict(method='milora'),
-          corda=dict(method='corda'),
-          coala=dict(method='coala'),
-          coala_kpa=dict(method='coala_kpa'),
-          coala_balanced=dict(method='coala', split='balanced'),
-          coala_kpa_balanced=dict(method='coala_kpa', split='balanced'),
-      ),
-      sort_keys=False,
+  config.runs = configs.variants(
+      lora=dict(method='lora'),
+      pissa=dict(method='pissa'),
+      milora=dict(method='milora'),
+      corda=dict(method='corda'),
+      coala=dict(method='coala'),
+      coala_kpa=dict(method='coala_kpa'),
+      coala_balanced=dict(method='coala', split='balanced'),
+      coala_kpa_balanced=dict(method='coala_kpa', split='balanced'),
   )
   config.rank = 8
   config.scaling = 1.0  # LoRA alpha / rank (alpha = rank)
@@ -67,7 +53,7 @@ def get_config(arg=None):
   config.general = 'wikipedia'  # coala_kpa's general data; forgetting
   config.seq_len = 128
   config.init = dict(num_sequences=32, batch_size=4)  # 4,096 tokens
-  config.train = _train(
+  config.train = configs.train(
       steps=80, batch_size=2, learning_rate=2e-4, warmup_steps=8, eval_every=20
   )
   config.eval = dict(
@@ -76,18 +62,15 @@ def get_config(arg=None):
   config.seeds = (0,)  # lora's init and the order of batches
   if arg == 'quick':  # CPU test size: 2 blocks, a few steps
     config.model.num_layers = 2
-    config.runs = ml_collections.ConfigDict(
-        dict(
-            lora=dict(method='lora'),
-            coala=dict(method='coala'),
-            coala_kpa_balanced=dict(method='coala_kpa', split='balanced'),
-        ),
-        sort_keys=False,
+    config.runs = configs.variants(
+        lora=dict(method='lora'),
+        coala=dict(method='coala'),
+        coala_kpa_balanced=dict(method='coala_kpa', split='balanced'),
     )
     config.include = ('layers.1.attn.*',)
     config.seq_len = 32
     config.init = dict(num_sequences=8, batch_size=4)
-    config.train = _train(
+    config.train = configs.train(
         steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=1, eval_every=2
     )
     config.eval = dict(
@@ -96,7 +79,7 @@ def get_config(arg=None):
   elif arg == 'gpu':  # where an accelerator is lent
     config.seq_len = 256
     config.init = dict(num_sequences=64, batch_size=8)
-    config.train = _train(
+    config.train = configs.train(
         steps=400,
         batch_size=8,
         learning_rate=2e-4,

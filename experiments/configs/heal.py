@@ -16,6 +16,8 @@ timings: docs/results/heal/.
 
 import ml_collections
 
+from experiments import configs
+
 
 def get_config(arg=None):
   """Three runs (coala, svd_llm, coala_balanced) at kept ratio 0.6, 60
@@ -36,35 +38,22 @@ def get_config(arg=None):
   # {label: variant} (experiments/common.py, check_variants); keys: method,
   # split ('own', or 'balanced': the factors re-split as P √D, √D Qᵀ, same
   # products), allocation, mu, mu_rule, auto_mu.
-  config.runs = ml_collections.ConfigDict(
-      dict(
-          coala=dict(method='coala'),
-          svd_llm=dict(method='svd_llm'),
-          coala_balanced=dict(method='coala', split='balanced'),
-      ),
-      sort_keys=False,
+  config.runs = configs.variants(
+      coala=dict(method='coala'),
+      svd_llm=dict(method='svd_llm'),
+      coala_balanced=dict(method='coala', split='balanced'),
   )
   config.include = ('*_proj',)
   config.exclude = ()
   config.seq_len = 128  # training sequences
-  config.train = dict(
-      steps=60,
-      batch_size=2,
-      learning_rate=1e-4,
-      warmup_steps=6,
-      clip_norm=1.0,
-      weight_decay=0.0,
-      eval_every=20,
-      checkpoint_every=20,
+  config.train = configs.train(
+      steps=60, batch_size=2, learning_rate=1e-4, warmup_steps=6, eval_every=20
   )
   if arg == 'quick':  # CPU test size: 2 blocks, a few steps
     config.model.num_layers = 2
-    config.runs = ml_collections.ConfigDict(
-        dict(
-            coala=dict(method='coala'),
-            coala_balanced=dict(method='coala', split='balanced'),
-        ),
-        sort_keys=False,
+    config.runs = configs.variants(
+        coala=dict(method='coala'),
+        coala_balanced=dict(method='coala', split='balanced'),
     )
     config.calib = dict(
         corpus='wikipedia', num_tokens=256, seq_len=64, batch_size=2
@@ -74,15 +63,8 @@ def get_config(arg=None):
     )
     config.include = ('layers.1.attn.[qo]_proj',)
     config.seq_len = 32
-    config.train = dict(
-        steps=4,
-        batch_size=2,
-        learning_rate=1e-3,
-        warmup_steps=1,
-        clip_norm=1.0,
-        weight_decay=0.0,
-        eval_every=2,
-        checkpoint_every=2,
+    config.train = configs.train(
+        steps=4, batch_size=2, learning_rate=1e-3, warmup_steps=1, eval_every=2
     )
   elif arg:
     raise ValueError(f'Unknown config arg {arg!r}; expected "quick" or none.')
