@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 
 from ctxlr.linalg import checks
-from ctxlr.linalg import tpqrt
 
 
 def canonical_signs(r: jax.Array) -> jax.Array:
@@ -67,13 +66,16 @@ def qr_r(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def fold_r_unchecked(r: jax.Array, block: jax.Array) -> jax.Array:
-  """`fold_r` without argument checks, for the package's hot loops.
-
-  The structured fold (`tpqrt.fold`): R's zeros are never touched, and the
-  work is matrix products (docs/results/bench_pipeline/).
-  """
+  """`fold_r` without argument checks, for the package's hot loops."""
   dtype = checks.compute_dtype(r.dtype, block.dtype)
-  return canonical_signs(tpqrt.fold(r.astype(dtype), block.astype(dtype)))
+  # [X_block; R], not [R; X_block]: the same R (row order does not change
+  # RᵀR), but jaxlib 0.10's float64 CPU geqrf returns NaN for some wide
+  # blocks under a mostly-zero R (e.g. the first fold into R = 0 with
+  # d >= 1000, b = 8); data first never did (tests/test_streaming.py).
+  # The structured fold (`tpqrt.fold`) is faster per call but its compile
+  # time inside a calibration step is not (docs/results/bench_pipeline/).
+  stacked = jnp.concatenate([block.astype(dtype), r.astype(dtype)])  # [b+d, d]
+  return qr_r_unchecked(stacked)
 
 
 def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
