@@ -310,12 +310,10 @@ def validate(config) -> None:
 
 
 def run(config, workdir: str) -> None:
-  """Runs each part of `config.parts` in a fresh child process.
-
-  Writes results.json, summary.md and bench_solvers.png. Resume: a run
-  redoes the parts in `config.parts` and keeps the others already in
-  results.json if the machine description is the same, so one part can be
-  remeasured.
+  """Runs each part of `config.parts` in a fresh child process; writes
+  results.json, summary.md and bench_solvers.png. A rerun redoes the parts
+  in `config.parts` and keeps the others in results.json if the machine
+  description is the same, so one part can be remeasured.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import common  # pylint: disable=g-import-not-at-top

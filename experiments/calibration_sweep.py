@@ -72,12 +72,10 @@ def sweep_stats(model, batches, config, methods, float64: bool):
 
 
 def run(config, workdir: str) -> None:
-  """Per calibration size: one calibration, then every run of `config.runs`.
-
-  The float64 references (`registry.Method.float64`, e.g. k_star) run only
-  at sizes <= `kstar_max_tokens`, where the pass accumulates in float64.
-  Each finished (label, size) row is written to results.json at once; a
-  rerun skips them (and the runs recorded as raising).
+  """Per calibration size: one calibration, then every run of `config.runs`
+  (float64 references such as k_star only up to `kstar_max_tokens`, where
+  the pass accumulates in float64). Each (label, size) row goes to
+  results.json as it finishes; a rerun skips those and the recorded errors.
   """
   validate(config)
   runs = common.check_variants(config.runs)

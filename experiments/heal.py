@@ -37,12 +37,10 @@ def label(run: dict) -> str:
 
 
 def run(config, workdir: str) -> None:
-  """Compresses a copy per run of `config.runs`, trains only its factors.
-
-  One calibration serves every run; each trains on the calib-split
-  sequences that follow the calibration ones, with the same batches and
-  schedule. A finished run is kept in results.json (a rerun skips it); a
-  killed one resumes from its last orbax checkpoint in workdir/checkpoints.
+  """Compresses a copy per run of `config.runs` (one calibration for all),
+  then trains only its factors on the calib-split sequences after the
+  calibration ones. A finished run is kept in results.json (a rerun skips
+  it); a killed one resumes from its orbax checkpoint in workdir/checkpoints.
   """
   validate(config)
   runs = common.check_variants(config.runs, keys=KEYS)

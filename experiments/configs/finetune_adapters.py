@@ -22,12 +22,10 @@ from experiments import configs
 
 
 def get_config(arg=None):
-  """Every adapter initialisation (and two balanced splits), 80 steps each.
-
-  Writes results.json (a finished run and seed is kept: a rerun skips it;
-  a killed one resumes from its orbax checkpoint), summary.md and
-  finetune_curves.png. `quick`: two blocks, three runs, four steps; `gpu`:
-  longer sequences and batches, 400 steps, three seeds.
+  """Every adapter initialisation (and two balanced splits), 80 steps each;
+  writes results.json (a finished run and seed is kept and skipped on a
+  rerun; a killed one resumes from its checkpoint), summary.md and
+  finetune_curves.png. `quick`: 2 blocks, 4 steps; `gpu`: 400 steps, 3 seeds.
   """
   config = ml_collections.ConfigDict()
   config.experiment = 'finetune_adapters'

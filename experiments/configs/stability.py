@@ -32,12 +32,10 @@ from ctxlr import registry
 
 
 def get_config(arg=None):
-  """All three parts, every registered method but the float64 reference.
-
-  Writes results.json (each part as it finishes; a rerun skips the parts
-  with unchanged settings and resumes real_all by layer group), summary.md
-  and error_vs_rank, excess_vs_cond, real_layer, real_layers .png.
-  `quick` (about a minute): small synthetic shapes, two layers of block 0.
+  """All three parts, every registered method but the float64 reference;
+  writes results.json (each part as it finishes; a rerun skips parts with
+  unchanged settings, real_all resumes by layer group), summary.md and four
+  figures. `quick` (about a minute): small shapes, two layers of block 0.
   """
   config = ml_collections.ConfigDict()
   config.experiment = 'stability'  # experiments/stability.py
