@@ -31,6 +31,7 @@ from ctxlr import calibration
 from ctxlr import data
 from ctxlr import evaluation
 from ctxlr import models
+from ctxlr import pipeline
 from ctxlr import registry
 from ctxlr import results
 from ctxlr import stats as stats_lib
@@ -182,10 +183,18 @@ def check_model_spec(spec: Any, path: str = 'model') -> None:
 def check_data_spec(spec: Any, path: str) -> None:
   """A data spec (`calib` or `eval`): corpus or corpora, seq_len,
   batch_size and, where present, num_tokens (>= seq_len)."""
-  if 'corpus' in spec:
-    check_choice(spec['corpus'], data.CORPORA, f'{path}.corpus')
   if 'corpora' in spec:
-    check_names(spec['corpora'], f'{path}.corpora', choices=data.CORPORA)
+    check_names(spec['corpora'], f'{path}.corpora')
+  named = ([(f'{path}.corpus', spec['corpus'])] if 'corpus' in spec else []) + [
+      (f'{path}.corpora[{i}]', c) for i, c in enumerate(spec.get('corpora', ()))]
+  for where, corpus in named:
+    if not data.is_files(corpus):
+      check_choice(corpus, data.CORPORA, where)
+    elif not corpus[len(data.FILES):]:
+      fail(where, "'files:<path or glob>'", corpus)
+  if 'field' in spec and (not isinstance(spec['field'], str) or
+                          not spec['field']):
+    fail(f'{path}.field', 'a non-empty JSON field name', spec['field'])
   if 'corpus' not in spec and 'corpora' not in spec:
     fail(path, 'a field corpus or corpora', sorted(spec.keys()))
   for field in ('seq_len', 'batch_size'):
@@ -225,8 +234,8 @@ VARIANT_DEFAULTS = dict(
     allocation='uniform', mu=0.0, mu_rule='energy', auto_mu=0.0, split='own'
 )
 _CHOICES = dict(
-    allocation=('uniform', 'global'),
-    mu_rule=('energy', 'error_ratio'),
+    allocation=pipeline.ALLOCATIONS,
+    mu_rule=pipeline.MU_RULES,
     split=('own', 'balanced'),
 )
 COMPRESS_KEYS = ('method', 'allocation', 'mu', 'mu_rule', 'auto_mu')
@@ -360,8 +369,8 @@ def token_sequences(corpus: str, split: str, tokenizer, spec) -> np.ndarray:
   """int32[num_tokens // seq_len, seq_len] from a corpus split."""
   n = max(1, spec.num_tokens // spec.seq_len)
   return data.sequences(
-      corpus, split, tokenizer, seq_len=spec.seq_len, num_sequences=n
-  )
+      corpus, split, tokenizer, seq_len=spec.seq_len, num_sequences=n,
+      field=spec.get('field', 'text'))
 
 
 def calibration_batches(tokenizer, calib_config) -> list:

@@ -20,9 +20,11 @@ import numpy as np
 from ctxlr import checkpoint
 from ctxlr import data
 from ctxlr import healing
+from ctxlr import models
 from ctxlr import pipeline
 from ctxlr import registry
 from ctxlr import results
+from ctxlr import surgery
 from experiments import common
 
 matplotlib.use('Agg')
@@ -87,19 +89,8 @@ def validate(config) -> None:
   except ValueError as e:
     raise ValueError(str(e).replace('allocation must', 'allocation: must')
                      ) from None
-  if isinstance(config.include, str) or isinstance(config.exclude, str):
-    raise ValueError('include/exclude: expected a tuple of fnmatch '
-                     f'patterns; got the string {config.include!r}.')
-  for name in ('calib', 'eval'):
-    spec = config[name]
-    for field in ('num_tokens', 'seq_len', 'batch_size'):
-      value = spec[field]
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name}.{field}: expected a positive integer; got '
-                         f'{value!r}.')
-    if spec.num_tokens < spec.seq_len:
-      raise ValueError(f'{name}.num_tokens: expected >= {name}.seq_len '
-                       f'({spec.seq_len}); got {spec.num_tokens}.')
+  common.check_model_and_data(config)
+  common.check_layers(config.include, config.exclude)
   weights = mixture(config.calib)
   if weights is not None:
     try:
@@ -149,6 +140,10 @@ def run(config, workdir: str) -> None:
   dense, dense_seconds, reused = _dense_eval(model, tokenizer, config,
                                              workdir)
   seconds['eval_dense'] = dense_seconds
+  layer_shapes = surgery.select_linears(model, config.include, config.exclude)
+  print(models.describe_scale(models.scale_facts(
+      model, layer_shapes, want=registry.get(config.method).want)),
+        flush=True)
   batches = calibration_batches(tokenizer, config.calib)
   mesh = None
   if config.data_parallel and jax.device_count() > 1:

@@ -73,9 +73,19 @@ def test_compress_quick_end_to_end(tmp_path):
       'layer_errors.png',
       'factors.safetensors',
       'model/checkpoint.json',
-      'progress/manifest.json',
+      'dense.json',
   ):
     assert (tmp_path / name).exists(), name
+  assert not (tmp_path / 'progress').exists()  # removed after success
+  assert out['wall_seconds'] > 0 and out['disk_bytes'] > 0
+  again = _launch(
+      '--config=experiments/configs/compress.py:quick', f'--workdir={tmp_path}'
+  )
+  assert again.returncode == 0, again.stderr[-3000:]
+  rerun = results.read_json(str(tmp_path / 'results.json'))
+  assert rerun['dense_eval_reused'] and rerun['dense'] == out['dense']
+  for corpus, row in out['compressed'].items():    # same data, same result
+    assert rerun['compressed'][corpus]['perplexity'] == row['perplexity']
 
 
 def test_compare_methods_quick_and_resume(tmp_path):

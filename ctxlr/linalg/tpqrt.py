@@ -16,6 +16,11 @@ Cost about `2.5 b d²` flops, almost all of them matrix products, against
 panels run at matrix-vector speed) and `2 b d²` for the Gram update
 `XᵀX += X_bᵀ X_b`. Same R as the dense fold up to rounding
 (docs/method.md §3).
+
+Not used by calibration: the recursion unrolls into a large program, and a
+calibration step that inlines one per distinct layer input compiled for
+about a minute per two blocks of the default model, more than the faster
+folds save (docs/results/bench_pipeline/ compares both folds).
 """
 import functools
 

@@ -25,9 +25,9 @@ def get_config(arg=None):
   # mixture: '' calibrates on `corpus` alone; 'wikipedia:1,sotu:1' draws
   # rows from each corpus's calibration split by weight.
   config.calib = dict(corpus='wikipedia', mixture='', num_tokens=8192,
-                      seq_len=512, batch_size=4)
+                      seq_len=512, batch_size=4, field='text')
   config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=8192,
-                     seq_len=512, batch_size=4)
+                     seq_len=512, batch_size=4, field='text')
   config.ratio = 0.8             # kept fraction of the projections' parameters
   config.method = 'coala'        # or svd, asvd, svd_llm, svd_llm_eps, ...
   config.mu = 0.0                # μ₀ of the layer-scaled ridge (coala)
@@ -56,9 +56,9 @@ def get_config(arg=None):
       eval_every_seconds=0.0)
   if arg == 'quick':             # a CI-sized run: one block, few tokens
     config.calib = dict(corpus='wikipedia', mixture='', num_tokens=256,
-                        seq_len=64, batch_size=2)
+                        seq_len=64, batch_size=2, field='text')
     config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=128,
-                       seq_len=64, batch_size=2)
+                       seq_len=64, batch_size=2, field='text')
     config.include = ('layers.0.*',)
   elif arg:
     raise ValueError(f'Unknown config arg {arg!r}; expected "quick" or none.')
