@@ -16,6 +16,7 @@ while tracing and share one set of statistics, computed once.
 """
 import contextlib
 import contextvars
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 from flax import nnx
@@ -413,12 +414,8 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
                      rest, batch)
       return recorder.signatures()
 
-    @jax.jit(static_argnames='fold')
-    def step(stats_state, rest, batch, mask, fold):
-      model = nnx.merge(graphdef, stats_state, rest)
-      with _recording(_Recorder(fold, mask, mesh, axis)):
-        call(model, batch)
-      return nnx.state(model, _Stat)
+    step = functools.partial(_step, graphdef=graphdef, call=call, mesh=mesh,
+                             axis=axis)
 
     plans, seen = {}, set()
     index = -1
@@ -451,6 +448,21 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
     raise ValueError(f'Layers {never} were not called by the model during '
                      'calibration.')
   return _finalize(groups, views, layers, mesh, axis)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'call', 'fold',
+                                             'mesh', 'axis'))
+def _step(stats_state, rest, batch, mask, *, graphdef, call, fold, mesh,
+          axis):
+  """One batch through the tapped model; the taps' new statistics.
+
+  Module-level, with the model's structure static, so that calibrating the
+  same model again (a sweep, a benchmark) reuses the compiled step.
+  """
+  model = nnx.merge(graphdef, stats_state, rest)
+  with _recording(_Recorder(fold, mask, mesh, axis)):
+    call(model, batch)
+  return nnx.state(model, _Stat)
 
 
 def _check_step(groups: _Groups, folding, before, layers, index) -> None:
