@@ -283,6 +283,7 @@ def _svd_lowrank(a: jax.Array, key: jax.Array, *, q: int,
 
 
 ASVD_SVDS = ('randomized', 'exact')
+ASVD_SCALES = ('abs_mean', 'rms')
 
 
 def _exact_svd(a: jax.Array, *, q: int) -> tuple[jax.Array, ...]:
@@ -292,11 +293,11 @@ def _exact_svd(a: jax.Array, *, q: int) -> tuple[jax.Array, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=('rank', 'svd'))
-def _asvd(kernel: jax.Array, abs_sum: jax.Array, count: jax.Array, *,
+def _asvd(kernel: jax.Array, stat: jax.Array, alpha: jax.Array, *,
           rank: int, svd: str = 'randomized'
           ) -> tuple[solvers.Factors, jax.Array]:
   w = kernel.astype(_F32).T                                  # f32[d_out, d_in]
-  scale = (abs_sum.astype(_F32) / count) ** ASVD_ALPHA + ASVD_EPS  # f32[d_in]
+  scale = stat.astype(_F32) ** alpha + ASVD_EPS              # f32[d_in]
   if svd == 'exact':
     u, s, v = _exact_svd(w * scale[None, :], q=rank)
   else:
@@ -314,14 +315,26 @@ def _check_asvd_options(options) -> None:
   if 'svd' in options and options['svd'] not in ASVD_SVDS:
     raise ValueError(f"svd: expected one of {ASVD_SVDS} (asvd's SVD); got "
                      f"{options['svd']!r}.")
+  if 'scale' in options and options['scale'] not in ASVD_SCALES:
+    raise ValueError(f'scale: expected one of {ASVD_SCALES} (the channel '
+                     f"statistic); got {options['scale']!r}.")
+  if 'alpha' in options:
+    alpha = options['alpha']
+    if isinstance(alpha, bool) or not isinstance(
+        alpha, (int, float, np.integer, np.floating)) or not (
+            np.isfinite(alpha) and alpha > 0):
+      raise ValueError(f'alpha: expected a finite number > 0; got '
+                       f'{alpha!r}.')
 
 
-@registry.register(needs=('abs_sum',), options=dict(svd='randomized'),
+@registry.register(needs=('abs_sum',),
+                   options=dict(svd='randomized', scale='abs_mean',
+                                alpha=ASVD_ALPHA),
                    check=_check_asvd_options,
                    summary='ASVD: mean|x|^alpha channel scaling, randomized SVD')
 def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-         mu: float = 0.0, svd: str = 'randomized'
-         ) -> tuple[solvers.Factors, SolveInfo]:
+         mu: float = 0.0, svd: str = 'randomized', scale: str = 'abs_mean',
+         alpha: float = ASVD_ALPHA) -> tuple[solvers.Factors, SolveInfo]:
   """ASVD (activation-aware SVD), as hahnyuan/ASVD4LLM does it.
 
   Reproduces `act_aware_utils.py`, `calib_input_distribution` ("abs_mean")
@@ -331,7 +344,9 @@ def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   * per input channel `s = mean_tokens(|x|)^α + 1e-6` (their "+= 1e-6 #
     avoid zero division"), from `stats.abs_sum / stats.count`. (Their hook
     sums per-sequence means, i.e. this mean times the number of equal-length
-    sequences: a constant factor that only shifts the 1e-6.)
+    sequences: a constant factor that only shifts the 1e-6.) The scale
+    multiplies the input channels, the columns of W = Kᵀ, as theirs does
+    (`w * scaling_diag_matrix.view(1, -1)`).
   * `torch.svd_lowrank(W diag(s), q=rank)`: a RANDOMISED SVD with no
     oversampling and `niter=2` (their habit; not the exact truncated SVD),
     reproduced in `_svd_lowrank` with a fixed key (`ASVD_SEED`) where torch
@@ -343,13 +358,21 @@ def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   returned as computed). `sigma` holds the `rank` values of the randomised
   SVD. Needs `stats.abs_sum` and `stats.count`.
 
-  Option `svd='exact'` replaces the randomised SVD by the exact truncated
-  SVD of the same scaled matrix: it separates the authors' SVD habit from
-  their scaling.
+  Options that take it apart (the defaults are the authors'): `svd='exact'`
+  (the exact truncated SVD of the same scaled matrix: the SVD habit apart
+  from the scaling), `alpha` (their exponent α), and `scale='rms'`, the
+  channel statistic `sqrt(mean_t x²)` (the column norms of R over √n, i.e.
+  the diagonal of XᵀX) in place of `mean_t |x|`: with `alpha=1` this is the
+  exact solution of (P) when the input channels are uncorrelated.
   """
-  _check_asvd_options(dict(svd=svd))
-  factors, broke = _asvd(jnp.asarray(kernel), jnp.asarray(stats.abs_sum),
-                         jnp.asarray(stats.count, _F32), rank=rank, svd=svd)
+  _check_asvd_options(dict(svd=svd, scale=scale, alpha=alpha))
+  if scale == 'rms':
+    r = jnp.asarray(stats.r, _F32)
+    stat = jnp.sqrt(jnp.sum(jnp.square(r), axis=0) / stats.count)
+  else:
+    stat = jnp.asarray(stats.abs_sum, _F32) / jnp.asarray(stats.count, _F32)
+  factors, broke = _asvd(jnp.asarray(kernel), stat,
+                         jnp.asarray(alpha, _F32), rank=rank, svd=svd)
   return factors, _info(factors, failed=broke)
 
 
