@@ -310,3 +310,20 @@ def test_compare_methods_plot_marks_off_scale_runs(tmp_path):
   assert low <= 2 * 1.6 and 2.2 * 1.8 <= high < 100  # fitted to the close
   compare_methods.plot(str(tmp_path))
   assert (tmp_path / 'perplexity_vs_ratio.png').stat().st_size > 0
+
+
+def test_bench_pipeline_quick(tmp_path):
+  proc = _launch(
+      '--config=experiments/configs/bench_pipeline.py:quick',
+      "--config.parts=('throughput', 'fold')",
+      f'--workdir={tmp_path}',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = results.read_json(str(tmp_path / 'results.json'))
+  assert set(out['throughput']) == {
+      'forward', 'perplexity', 'calib_r', 'calib_gram', 'calib_both'}
+  assert all(v['tokens_per_s'] > 0 for v in out['throughput'].values())
+  assert out['fold'][0]['structured'] > 0 and out['fold'][0]['gram'] > 0
+  summary = (tmp_path / 'summary.md').read_text()
+  assert 'evaluation >= 0.9x the forward (measured' in summary
+  assert (tmp_path / 'bench_pipeline.png').stat().st_size > 0
