@@ -38,8 +38,12 @@ from ctxlr.linalg import streaming
 # relative error), 'fisher' (least estimated loss increase: each layer's
 # exact error curve weighted by its loss-gradient energy, `ctxlr.sensitivity`),
 # and the peers' rules 'svd_llm_v2' and 'coala_hetero' (`ctxlr.allocation`).
-ALLOCATIONS = ('uniform', 'global', 'fisher', 'svd_llm_v2', 'coala_hetero')
-NEEDS_SENSITIVITY = ('fisher',)
+# Two controls that take 'fisher' apart: 'fisher_factored' (no layer may stay
+# dense) and 'global_dense' (global's relative-error weights, with the step
+# to a dense layer that 'fisher' has).
+ALLOCATIONS = ('uniform', 'global', 'fisher', 'svd_llm_v2', 'coala_hetero',
+               'fisher_factored', 'global_dense')
+NEEDS_SENSITIVITY = ('fisher', 'fisher_factored')
 MODES = ('one_shot', 'sequential')
 # Per-layer μ rules: `solvers.layer_mu`'s, and 'cholesky' (μ = μ₀ times the
 # jitter a float32 Cholesky of the layer's RᵀR needs, `baselines.cholesky_shift`).
@@ -152,8 +156,9 @@ def assign_ranks(shapes: Mapping[str, tuple[int, int]],
   for name in tqdm.tqdm(shapes, desc='spectra', unit='layer'):
     gains[name] = error_gains(
         kernels[name], stats[name].r,
-        method=method if allocation == 'fisher' else 'coala',
-        method_options=method_options if allocation == 'fisher' else None)
+        method=method if allocation in NEEDS_SENSITIVITY else 'coala',
+        method_options=method_options if allocation in NEEDS_SENSITIVITY
+        else None)
   sigmas = {n: np.sqrt(g) for n, g in gains.items()}
   if allocation == 'global':
     return allocation_lib.global_ranks(shapes, sigmas, ratio)
@@ -161,8 +166,15 @@ def assign_ranks(shapes: Mapping[str, tuple[int, int]],
     return allocation_lib.svd_llm_v2_ranks(shapes, sigmas, ratio)
   if allocation == 'coala_hetero':
     return allocation_lib.coala_hetero_ranks(shapes, sigmas, ratio)
+  if allocation == 'global_dense':
+    caps = {n: max(1, allocation_lib.max_saving_rank(*shapes[n]))
+            for n in shapes}
+    weights = {n: 1. / (g[:caps[n]].sum() if g[:caps[n]].sum() > 0 else 1.)
+               for n, g in gains.items()}
+    return allocation_lib.fisher_ranks(shapes, gains, weights, ratio)
   return allocation_lib.fisher_ranks(
-      shapes, gains, layer_weights(sensitivity, shapes), ratio)
+      shapes, gains, layer_weights(sensitivity, shapes), ratio,
+      allow_dense=allocation == 'fisher')
 
 
 def layer_mu(kernel: jax.Array, r: jax.Array, mu0: float, *, rank: int,

@@ -115,3 +115,25 @@ def test_fisher_allocation_through_the_pipeline():
     pipeline.assign_ranks(
         {n: (16, 16) for n in names}, {}, stats, ratio=0.5, allocation='fisher'
     )
+
+
+def test_the_two_controls_of_fisher():
+  rng = np.random.default_rng(1)
+  batches = [jnp.asarray(rng.integers(0, 64, (2, 12))) for _ in range(3)]
+  names = list(surgery.select_linears(toy_model.Toy(), ('*_proj',), ()))
+  weights = {n: 1.0 for n in names}
+  weights['layers.0.attn.v_proj'] = 1e9
+  for allocation in ('fisher', 'fisher_factored', 'global_dense'):
+    report = pipeline.compress(
+        toy_model.Toy(),
+        batches,
+        ratio=0.7,
+        allocation=allocation,
+        sensitivity=weights,
+    )
+    ranks = {n: l['rank'] for n, l in report['layers'].items()}
+    assert report['kept_ratio'] <= 0.7 + 1e-9
+    if allocation == 'fisher':
+      assert ranks['layers.0.attn.v_proj'] is None
+    if allocation == 'fisher_factored':
+      assert all(r is not None for r in ranks.values())
