@@ -31,6 +31,7 @@ from ctxlr import sensitivity as sensitivity_lib
 from ctxlr import stats as stats_lib
 from ctxlr import store as store_lib
 from ctxlr import surgery
+from ctxlr.linalg import checks
 from ctxlr.linalg import solvers
 from ctxlr.linalg import streaming
 
@@ -88,8 +89,7 @@ def relative_error(kernel: jax.Array, r: jax.Array, a: jax.Array,
   approx = jnp.matmul(r, jnp.matmul(a.astype(jnp.float32),
                                     b.astype(jnp.float32), precision=hi),
                       precision=hi)
-  den = jnp.linalg.norm(rk)
-  return float(jnp.linalg.norm(rk - approx) / jnp.where(den > 0, den, 1.))
+  return checks.relative_norm(rk - approx, rk)      # no float32 overflow
 
 
 def numerical_rank(r: jax.Array) -> int:
@@ -328,8 +328,10 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     checkpoint_dir: if given, calibration statistics and every finished
       layer are saved there as they complete, and a rerun with the same
       model and options resumes without recomputing them (`store.RunStore`).
-    data_id: JSON-able description of the calibration data (e.g. its config),
-      part of the checkpoint's fingerprint, so that other data are refused.
+    data_id: JSON-able name of the calibration data, part of the
+      checkpoint's fingerprint. None (default): the batches are
+      fingerprinted by content (SHA-256 as they are read,
+      `store.fingerprinted`), so a checkpoint of other data is refused.
 
   Returns:
     A report: kept_ratio (over the chosen layers), model_ratio (whole model
@@ -359,6 +361,13 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
         allocation=allocation, mode=mode, data=data_id,
         method_options=dict(method_options or {}),
         auto_mu_rule=auto_mu_rule, stats_dtype=stats_dtype.name))
+  bind = lambda: None
+  if store is not None and data_id is None:  # the data's own fingerprint
+    reiterable = iter(batches) is not batches
+    batches = store_lib.fingerprinted(batches)
+    bind = lambda: store.bind_data(batches.hexdigest())
+    if reiterable or store.has_stats():      # checked before anything loads
+      bind()
   want = registry.get(method).want
   seconds, resumed = {}, dict(stats=False)
   t = time.perf_counter()
@@ -366,6 +375,7 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
   if mode == 'one_shot' or allocation != 'uniform':
     stats = _one_shot_stats(model, batches, shapes, call=call, store=store,
                             mesh=mesh, dtype=stats_dtype, resumed=resumed,
+                            bind=bind,
                             want=want if mode == 'one_shot' else
                             stats_lib.Want())
   seconds['calibrate'] = time.perf_counter() - t
@@ -469,8 +479,12 @@ def compress_from_stats(model: nnx.Module,
 
 
 def _one_shot_stats(model, batches, shapes, *, call, store, want, mesh,
-                    dtype, resumed):
-  """Every layer's statistics from one pass over the dense model."""
+                    dtype, resumed, bind=lambda: None):
+  """Every layer's statistics from one pass over the dense model.
+
+  `bind()` ties the store to the data once they have been read (a one-pass
+  stream is fingerprinted on the way), before anything is saved.
+  """
   if store is not None and store.has_stats():
     group_stats, group_of = store.load_stats()
     resumed['stats'] = True
@@ -480,6 +494,7 @@ def _one_shot_stats(model, batches, shapes, *, call, store, want, mesh,
     group_stats, group_of = calibration.calibrate(
         model, batches, shapes, want=want, call=call, mesh=mesh, dtype=dtype)
     if store is not None:
+      bind()
       store.save_stats(group_stats, group_of)
   return {n: group_stats[group_of[n]] for n in shapes}
 
@@ -555,6 +570,13 @@ def make_report(shapes, ranks, solved, *, seconds, params_before,
         'Use more calibration tokens, or a method with a ridge term '
         f'({", ".join(registry.names(takes_mu=True))}) with mu > 0 or '
         'auto_mu > 0.')
+  unknown = [n for n, l in layers.items()
+             if 'rel_err' in l and not np.isfinite(l['rel_err'])]
+  if unknown:
+    logging.warning(
+        '%d layer(s) have a non-finite relative error (non-finite factors or '
+        'statistics): %s%s.', len(unknown), ', '.join(unknown[:5]),
+        ', …' if len(unknown) > 5 else '')
   return dict(kept_ratio=allocation_lib.kept_ratio(shapes, ranks),
               model_ratio=params_after / params_before, seconds=seconds,
               layers=layers)

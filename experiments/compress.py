@@ -156,7 +156,7 @@ def run(config, workdir: str) -> None:
       auto_mu_rule=config.auto_mu_rule, allocation=config.allocation,
       method_options=method_options(config),
       mode=config.mode, include=config.include, exclude=config.exclude,
-      mesh=mesh, checkpoint_dir=progress, data_id=config.calib.to_dict())
+      mesh=mesh, checkpoint_dir=progress)   # data fingerprinted by content
   seconds.update(report.pop('seconds'))
   t = time.perf_counter()
   compressed = common.evaluate(model, tokenizer, config.eval, 'compressed')

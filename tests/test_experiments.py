@@ -230,7 +230,7 @@ def test_variants_fill_defaults_and_keep_order():
         ),
         (
             dict(a=dict(method='coala', allocation='globl')),
-            r"runs\.a\.allocation: expected one of \('uniform', 'global'\)",
+            r"runs\.a\.allocation: expected one of \('uniform', 'global',",
         ),
         (
             dict(a=dict(allocation='global')),

@@ -312,12 +312,6 @@ def _overflowing_toy():
   return model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='pipeline.relative_error must use '
-    'checks.relative_norm and make_report must warn about a '
-    'non-finite rel_err',
-)
 def test_rel_err_of_overflowing_activations_is_finite_or_warned(caplog):
   rng = np.random.default_rng(0)
   batches = [jnp.asarray(rng.integers(0, 64, (2, 12))) for _ in range(3)]

@@ -36,17 +36,6 @@ def test_bad_option_is_one_line_before_any_work(tmp_path, args, message):
   assert not os.path.exists(tmp_path / 'run')      # nothing written
 
 
-def test_an_override_that_the_method_refuses_is_not_defaulted(tmp_path):
-  # auto_mu's default applies only to methods with a ridge: the README's
-  # override example must pass validation (it fails later only if the
-  # run itself fails; here we stop at the first calibration by a bad path).
-  proc, _ = _launch('--config=experiments/configs/compress.py:quick',
-                    '--config.method=svd_llm', '--config.ratio=0.6',
-                    '--config.model.path=/nonexistent',
-                    f'--workdir={tmp_path}/run')
-  assert 'invalid config' not in proc.stderr
-
-
 def test_config_file_errors_are_one_line(tmp_path):
   proc, _ = _launch('--config=experiments/configs/compress.py:quik')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr

@@ -105,3 +105,12 @@ def test_main_job_validation_names_the_field():
   bad.calib.num_tokens = 8
   with pytest.raises(ValueError, match='calib.num_tokens'):
     compress_experiment.validate(bad)
+
+
+def test_readme_override_example_is_valid():
+  # --config.ratio=0.6 --config.method=svd_llm --config.mode=sequential: the
+  # ridge default applies only to methods that have one.
+  config = compress_config.get_config()
+  config.ratio, config.method, config.mode = 0.6, 'svd_llm', 'sequential'
+  compress_experiment.validate(config)
+  assert compress_experiment.auto_mu(config) == 0.0

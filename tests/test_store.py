@@ -273,12 +273,6 @@ def test_compress_recomputes_a_corrupt_layer_to_the_same_factors(tmp_path):
   store_lib.read_verified(path)  # rewritten, valid
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='compress() must fingerprint the '
-    'batches when data_id is None (store.fingerprinted, '
-    'RunStore.bind_data)',
-)
 def test_compress_with_new_data_in_a_reused_directory_is_refused(tmp_path):
   """Case 4 end to end: the default (no data_id) must tell data apart."""
   ckpt = str(tmp_path / 'run')
