@@ -13,6 +13,7 @@ writes its results there too. The default workdir is
 `results/<config file name>[_<arg>]/`. Library logs are quiet (WARNING)
 unless `--verbosity=0` (INFO) or higher is given.
 """
+
 import importlib
 import logging as pylogging
 import os
@@ -26,16 +27,19 @@ from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file (ml_collections).',
-    lock_config=True)
+    'config', None, 'Experiment config file (ml_collections).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None,
+    'workdir',
+    None,
     'Directory for config.json, results and plots. '
-    'Default: results/<config name>[_<arg>]/.')
+    'Default: results/<config name>[_<arg>]/.',
+)
 flags.mark_flags_as_required(['config'])
 
-_EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                'experiments')
+_EXPERIMENTS_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), 'experiments'
+)
 
 
 class ConfigError(Exception):
@@ -64,12 +68,16 @@ def experiment_names() -> list[str]:
 def load_experiment(config):
   """The module `experiments.<config.experiment>`, checked to exist."""
   if 'experiment' not in config:
-    raise ConfigError(f'the config has no field "experiment"; it must name '
-                      f'one of {experiment_names()}.')
+    raise ConfigError(
+        f'the config has no field "experiment"; it must name '
+        f'one of {experiment_names()}.'
+    )
   name = config.experiment
   if name not in experiment_names():
-    raise ConfigError(f'config.experiment: expected one of '
-                      f'{experiment_names()}; got {name!r}.')
+    raise ConfigError(
+        f'config.experiment: expected one of '
+        f'{experiment_names()}; got {name!r}.'
+    )
   return importlib.import_module(f'experiments.{name}')
 
 
@@ -89,9 +97,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     if isinstance(e, AttributeError):
       field = re.search(r"'([^']+)'", message)
       hint = re.search(r'Did you mean.*', message)
-      message = (f'the config has no field '
-                 f"{field.group(1) if field else message!r}." +
-                 (f' {hint.group(0).rstrip(chr(39))}' if hint else ''))
+      message = (
+          f'the config has no field '
+          f'{field.group(1) if field else message!r}.'
+          + (f' {hint.group(0).rstrip(chr(39))}' if hint else '')
+      )
     _exit(message)
 
 
@@ -105,7 +115,7 @@ def _quiet_libraries() -> None:
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   level = logging.get_absl_logger().getEffectiveLevel()
-  for name in ('', 'jax', 'orbax', 'absl'):       # '' is the root logger
+  for name in ('', 'jax', 'orbax', 'absl'):  # '' is the root logger
     pylogging.getLogger(name).setLevel(level)
 
 
@@ -118,17 +128,19 @@ def main(argv):
     experiment = load_experiment(config)
     if hasattr(experiment, 'validate'):
       experiment.validate(config)
-  except OSError as e:                 # the config file could not be loaded
+  except OSError as e:  # the config file could not be loaded
     _exit(' '.join(str(e).split()))
   except (ConfigError, ValueError) as e:
     _exit(f'invalid config: {e}')
   from ctxlr import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize()   # multi-host: from CTXLR_* env; no-op otherwise
+
+  distributed.initialize()  # multi-host: from CTXLR_* env; no-op otherwise
   import jax  # pylint: disable=g-import-not-at-top  (after flags are parsed)
   from ctxlr import results  # pylint: disable=g-import-not-at-top
 
   workdir = _WORKDIR.value or default_workdir(
-      config_flags.get_config_filename(flags.FLAGS['config']))
+      config_flags.get_config_filename(flags.FLAGS['config'])
+  )
   os.makedirs(workdir, exist_ok=True)
   logging.info('JAX devices: %s', jax.devices())
   logging.info('Workdir: %s', workdir)

@@ -11,6 +11,7 @@ methods), `ctxlr.baselines`, `ctxlr.calibration`, `ctxlr.pipeline`,
 those modules' public functions are the stable API; underscore names and
 `*_unchecked` kernels are internal.
 """
+
 from ctxlr import adapters
 from ctxlr import baselines
 from ctxlr import calibration
@@ -39,12 +40,33 @@ from ctxlr.stats import LayerStats
 from ctxlr.stats import stats_from_x
 
 __all__ = [
-    'LayerStats', 'Factors', 'accumulate_r', 'compress', 'compress_from_stats',
-    'ctx_factors', 'error_of_each_rank', 'fold_r', 'k_star', 'layer_mu',
-    'qr_r', 'rank_for_ratio', 'regularize_r', 'stats_from_x',
+    'LayerStats',
+    'Factors',
+    'accumulate_r',
+    'compress',
+    'compress_from_stats',
+    'ctx_factors',
+    'error_of_each_rank',
+    'fold_r',
+    'k_star',
+    'layer_mu',
+    'qr_r',
+    'rank_for_ratio',
+    'regularize_r',
+    'stats_from_x',
     # modules
-    'adapters', 'baselines', 'calibration', 'checkpoint', 'data', 'evaluation',
-    'methods', 'models', 'pipeline', 'registry', 'surgery', 'training',
+    'adapters',
+    'baselines',
+    'calibration',
+    'checkpoint',
+    'data',
+    'evaluation',
+    'methods',
+    'models',
+    'pipeline',
+    'registry',
+    'surgery',
+    'training',
 ]
 
 __version__ = '0.1.0'

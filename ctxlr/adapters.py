@@ -36,6 +36,7 @@ re-splits them as PiSSA does, `a = P √D`, `b = √D Qᵀ` (`balance`).
 Everything is computed from streamed statistics (`LayerStats`: R, or the
 Gram for CorDA), so any number of calibration tokens works.
 """
+
 import functools
 import math
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -51,14 +52,15 @@ from ctxlr.linalg import checks
 from ctxlr.linalg import solvers
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-TRAINABLE = nnx.LoRAParam    # the filter of the adapter factors a, b
+TRAINABLE = nnx.LoRAParam  # the filter of the adapter factors a, b
 
 
 class AdapterInit(NamedTuple):
   """Initial weights of one adapter layer; `k_res + a b` equals K."""
+
   k_res: jax.Array  # shape=(d_in, d_out), frozen residual, kernel dtype
-  a: jax.Array      # shape=(d_in, rank), trainable, kernel dtype
-  b: jax.Array      # shape=(rank, d_out), trainable, kernel dtype
+  a: jax.Array  # shape=(d_in, rank), trainable, kernel dtype
+  b: jax.Array  # shape=(rank, d_out), trainable, kernel dtype
 
 
 class AdapterLinear(nnx.Module):
@@ -75,16 +77,30 @@ class AdapterLinear(nnx.Module):
     scaling: the LoRA scale s (alpha / rank); a Python float.
   """
 
-  def __init__(self, k_res: jax.Array, a: jax.Array, b: jax.Array,
-               bias: jax.Array | None = None, *, scaling: float = 1.0):
-    if (k_res.ndim != 2 or a.ndim != 2 or b.ndim != 2 or
-        a.shape[1] != b.shape[0] or
-        (a.shape[0], b.shape[1]) != k_res.shape):
-      raise ValueError(f'k_res {k_res.shape}, a {a.shape} and b {b.shape} do '
-                       'not fit (need [d_in, d_out], [d_in, r], [r, d_out]).')
+  def __init__(
+      self,
+      k_res: jax.Array,
+      a: jax.Array,
+      b: jax.Array,
+      bias: jax.Array | None = None,
+      *,
+      scaling: float = 1.0,
+  ):
+    if (
+        k_res.ndim != 2
+        or a.ndim != 2
+        or b.ndim != 2
+        or a.shape[1] != b.shape[0]
+        or (a.shape[0], b.shape[1]) != k_res.shape
+    ):
+      raise ValueError(
+          f'k_res {k_res.shape}, a {a.shape} and b {b.shape} do '
+          'not fit (need [d_in, d_out], [d_in, r], [r, d_out]).'
+      )
     if bias is not None and bias.shape != (k_res.shape[1],):
-      raise ValueError(f'bias has shape {bias.shape}; expected '
-                       f'({k_res.shape[1]},).')
+      raise ValueError(
+          f'bias has shape {bias.shape}; expected ' f'({k_res.shape[1]},).'
+      )
     self.k_res = nnx.Param(k_res)
     self.a = nnx.LoRAParam(a)
     self.b = nnx.LoRAParam(b)
@@ -98,18 +114,21 @@ class AdapterLinear(nnx.Module):
   def merged_kernel(self) -> jax.Array:
     """`K_res + s a b` in the storage dtype: the dense kernel it computes."""
     dtype = jnp.result_type(jnp.float32, self.k_res.dtype)
-    ab = jnp.matmul(self.a[...].astype(dtype), self.b[...].astype(dtype),
-                    precision=_HIGHEST)
+    ab = jnp.matmul(
+        self.a[...].astype(dtype), self.b[...].astype(dtype), precision=_HIGHEST
+    )
     return (self.k_res[...].astype(dtype) + self.scaling * ab).astype(
-        self.k_res.dtype)
+        self.k_res.dtype
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = jnp.result_type(jnp.float32, x.dtype)
     x = x.astype(dtype)
     y = jnp.matmul(x, self.k_res[...].astype(dtype), precision=_HIGHEST)
     xa = jnp.matmul(x, self.a[...].astype(dtype), precision=_HIGHEST)
-    y = y + self.scaling * jnp.matmul(xa, self.b[...].astype(dtype),
-                                      precision=_HIGHEST)
+    y = y + self.scaling * jnp.matmul(
+        xa, self.b[...].astype(dtype), precision=_HIGHEST
+    )
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
@@ -117,25 +136,34 @@ class AdapterLinear(nnx.Module):
 
 # ---------------------------------------------------------- initialisers ---
 
+
 def _finish(kernel: jax.Array, a: jax.Array, b: jax.Array) -> AdapterInit:
   """`K_res = K − a b` in the compute dtype; everything cast to K's dtype."""
   dtype = checks.compute_dtype(kernel.dtype)
   k = kernel.astype(dtype)
   k_res = k - jnp.matmul(a.astype(dtype), b.astype(dtype), precision=_HIGHEST)
-  return AdapterInit(k_res.astype(kernel.dtype), a.astype(kernel.dtype),
-                     b.astype(kernel.dtype))
+  return AdapterInit(
+      k_res.astype(kernel.dtype), a.astype(kernel.dtype), b.astype(kernel.dtype)
+  )
 
 
-def lora(kernel: jax.Array, stats: Any, *, rank: int, key: jax.Array,
-         general_stats: Any = None) -> AdapterInit:
+def lora(
+    kernel: jax.Array,
+    stats: Any,
+    *,
+    rank: int,
+    key: jax.Array,
+    general_stats: Any = None,
+) -> AdapterInit:
   """`a` ~ U(±1/√d_in) (PEFT: `kaiming_uniform_(a=√5)`), `b = 0`, K_res = K."""
   del stats, general_stats
   d_in, d_out = kernel.shape
   dtype = checks.compute_dtype(kernel.dtype)
   bound = 1.0 / math.sqrt(d_in)
   a = jax.random.uniform(key, (d_in, rank), dtype, -bound, bound)
-  return AdapterInit(kernel, a.astype(kernel.dtype),
-                     jnp.zeros((rank, d_out), kernel.dtype))
+  return AdapterInit(
+      kernel, a.astype(kernel.dtype), jnp.zeros((rank, d_out), kernel.dtype)
+  )
 
 
 @functools.partial(jax.jit, static_argnames=('rank', 'bottom'))
@@ -147,22 +175,40 @@ def _svd_init(kernel: jax.Array, *, rank: int, bottom: bool) -> AdapterInit:
   return _finish(kernel, u[:, sl] * root, root[:, None] * vt[sl])
 
 
-def pissa(kernel: jax.Array, stats: Any, *, rank: int, key: Any = None,
-          general_stats: Any = None) -> AdapterInit:
+def pissa(
+    kernel: jax.Array,
+    stats: Any,
+    *,
+    rank: int,
+    key: Any = None,
+    general_stats: Any = None,
+) -> AdapterInit:
   """Top-r plain SVD `K = U S Vᵀ`: `a = U_r √S_r`, `b = √S_r V_rᵀ` (PiSSA)."""
   del stats, key, general_stats
   return _svd_init(jnp.asarray(kernel), rank=rank, bottom=False)
 
 
-def milora(kernel: jax.Array, stats: Any, *, rank: int, key: Any = None,
-           general_stats: Any = None) -> AdapterInit:
+def milora(
+    kernel: jax.Array,
+    stats: Any,
+    *,
+    rank: int,
+    key: Any = None,
+    general_stats: Any = None,
+) -> AdapterInit:
   """Bottom-r plain SVD (MiLoRA): the r smallest of the thin SVD's triplets."""
   del stats, key, general_stats
   return _svd_init(jnp.asarray(kernel), rank=rank, bottom=True)
 
 
-def corda(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-          key: Any = None, general_stats: Any = None) -> AdapterInit:
+def corda(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    key: Any = None,
+    general_stats: Any = None,
+) -> AdapterInit:
   """CorDA IPA: top-r of `svd(W C)` undone by `C⁻¹`, faithfully (baseline).
 
   `baselines.corda` reproduces the authors' numerics (float32 Gram, damping
@@ -176,8 +222,10 @@ def corda(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   """
   del key, general_stats
   if stats is None or stats.gram is None or not stats.count:
-    raise ValueError('corda needs task statistics with a Gram matrix '
-                     '(calibrate with want=Want(gram=True)).')
+    raise ValueError(
+        'corda needs task statistics with a Gram matrix '
+        '(calibrate with want=Want(gram=True)).'
+    )
   mean = stats._replace(gram=jnp.asarray(stats.gram) / stats.count)
   factors, info = baselines.corda(kernel, mean, rank=rank)
   if info.failed or info.nonfinite:
@@ -185,8 +233,14 @@ def corda(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   return _finish(jnp.asarray(kernel), factors.a, factors.b)
 
 
-def coala(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-          key: Any = None, general_stats: Any = None) -> AdapterInit:
+def coala(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    key: Any = None,
+    general_stats: Any = None,
+) -> AdapterInit:
   """Context-aware top r of the task data: `a = K V_r`, `b = V_rᵀ` (§2).
 
   `V_r`: top right singular vectors of `R K`, R from the task inputs, so
@@ -204,16 +258,21 @@ def coala(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
 def _kpa(kernel: jax.Array, r: jax.Array, *, rank: int) -> AdapterInit:
   dtype = checks.compute_dtype(kernel.dtype, r.dtype)
   k = kernel.astype(dtype)
-  rk = jnp.matmul(r.astype(dtype), k, precision=_HIGHEST)    # f[m, d_out]
-  vt = jnp.linalg.svd(rk, full_matrices=False)[2]            # f[p, d_out]
-  vt_b = vt[vt.shape[0] - rank:]                             # f[rank, d_out]
-  a = jnp.matmul(k, vt_b.T, precision=_HIGHEST)              # f[d_in, rank]
+  rk = jnp.matmul(r.astype(dtype), k, precision=_HIGHEST)  # f[m, d_out]
+  vt = jnp.linalg.svd(rk, full_matrices=False)[2]  # f[p, d_out]
+  vt_b = vt[vt.shape[0] - rank :]  # f[rank, d_out]
+  a = jnp.matmul(k, vt_b.T, precision=_HIGHEST)  # f[d_in, rank]
   return _finish(kernel, a, vt_b)
 
 
-def coala_kpa(kernel: jax.Array, stats: Any, *, rank: int, key: Any = None,
-              general_stats: stats_lib.LayerStats | None = None
-              ) -> AdapterInit:
+def coala_kpa(
+    kernel: jax.Array,
+    stats: Any,
+    *,
+    rank: int,
+    key: Any = None,
+    general_stats: stats_lib.LayerStats | None = None,
+) -> AdapterInit:
   """Knowledge-preserving: adapter on the bottom r context-aware directions.
 
   With `R_g K = U Σ Vᵀ` (R_g from *general* data, thin SVD with p
@@ -224,8 +283,10 @@ def coala_kpa(kernel: jax.Array, stats: Any, *, rank: int, key: Any = None,
   """
   del stats, key
   if general_stats is None or general_stats.r is None:
-    raise ValueError('coala_kpa needs general_stats with R (statistics of '
-                     'general data, e.g. Wikipedia).')
+    raise ValueError(
+        'coala_kpa needs general_stats with R (statistics of '
+        'general data, e.g. Wikipedia).'
+    )
   kernel, r = jnp.asarray(kernel), jnp.asarray(general_stats.r)
   checks.check_matrix('kernel', kernel)
   checks.check_matrix('general_stats.r', r, cols=kernel.shape[0])
@@ -239,9 +300,9 @@ def coala_kpa(kernel: jax.Array, stats: Any, *, rank: int, key: Any = None,
 @jax.jit
 def _balance(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   dtype = checks.compute_dtype(a.dtype, b.dtype)
-  q, r = jnp.linalg.qr(b.astype(dtype).T)                   # bᵀ = Q R
+  q, r = jnp.linalg.qr(b.astype(dtype).T)  # bᵀ = Q R
   ar = jnp.matmul(a.astype(dtype), r.T, precision=_HIGHEST)  # a b = (a Rᵀ) Qᵀ
-  p, d, et = jnp.linalg.svd(ar, full_matrices=False)        # a Rᵀ = P D Eᵀ
+  p, d, et = jnp.linalg.svd(ar, full_matrices=False)  # a Rᵀ = P D Eᵀ
   root = jnp.sqrt(d)
   b_new = root[:, None] * jnp.matmul(et, q.T, precision=_HIGHEST)
   return (p * root).astype(a.dtype), b_new.astype(b.dtype)
@@ -270,18 +331,34 @@ def balance(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 SPLITS = ('own', 'balanced')
 
 METHODS: dict[str, Callable[..., AdapterInit]] = {
-    'lora': lora, 'pissa': pissa, 'milora': milora, 'corda': corda,
-    'coala': coala, 'coala_kpa': coala_kpa}
+    'lora': lora,
+    'pissa': pissa,
+    'milora': milora,
+    'corda': corda,
+    'coala': coala,
+    'coala_kpa': coala_kpa,
+}
 # Which statistics a method reads: task R / task Gram / general-data R.
-NEEDS = {'lora': (), 'pissa': (), 'milora': (), 'corda': ('gram',),
-         'coala': ('r',), 'coala_kpa': ('general',)}
+NEEDS = {
+    'lora': (),
+    'pissa': (),
+    'milora': (),
+    'corda': ('gram',),
+    'coala': ('r',),
+    'coala_kpa': ('general',),
+}
 
 
-def init_adapter(method: str, kernel: jax.Array,
-                 stats: stats_lib.LayerStats | None = None, *, rank: int,
-                 key: jax.Array | None = None,
-                 general_stats: stats_lib.LayerStats | None = None,
-                 split: str = 'own') -> AdapterInit:
+def init_adapter(
+    method: str,
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats | None = None,
+    *,
+    rank: int,
+    key: jax.Array | None = None,
+    general_stats: stats_lib.LayerStats | None = None,
+    split: str = 'own',
+) -> AdapterInit:
   """Initial (K_res, a, b) of one layer by `method`, one call for all.
 
   >>> x = jax.random.normal(jax.random.key(0), (256, 16))
@@ -307,31 +384,43 @@ def init_adapter(method: str, kernel: jax.Array,
     rounding.
   """
   if method not in METHODS:
-    raise ValueError(f'Unknown method {method!r}; expected one of '
-                     f'{sorted(METHODS)}.')
+    raise ValueError(
+        f'Unknown method {method!r}; expected one of ' f'{sorted(METHODS)}.'
+    )
   if split not in SPLITS or (split == 'balanced' and method == 'lora'):
-    raise ValueError(f'split must be one of {SPLITS} (lora: own); got '
-                     f'{split!r} for {method}.')
+    raise ValueError(
+        f'split must be one of {SPLITS} (lora: own); got '
+        f'{split!r} for {method}.'
+    )
   checks.check_matrix('kernel', kernel)
   checks.check_rank(rank, *kernel.shape)
   checks.check_finite('kernel', kernel)
   key = jax.random.key(0) if key is None else key
-  init = METHODS[method](jnp.asarray(kernel), stats, rank=rank, key=key,
-                         general_stats=general_stats)
+  init = METHODS[method](
+      jnp.asarray(kernel),
+      stats,
+      rank=rank,
+      key=key,
+      general_stats=general_stats,
+  )
   if split == 'balanced':
     init = init._replace(**dict(zip('ab', balance(init.a, init.b))))
   return init
 
 
-def add_adapters(model: nnx.Module,
-                 stats: Mapping[str, stats_lib.LayerStats] | None = None, *,
-                 method: str, rank: int,
-                 include: Iterable[str] = surgery.DEFAULT_INCLUDE,
-                 exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
-                 key: jax.Array | None = None,
-                 general_stats: Mapping[str, stats_lib.LayerStats] | None
-                 = None, scaling: float = 1.0, split: str = 'own'
-                 ) -> dict[str, dict[str, int]]:
+def add_adapters(
+    model: nnx.Module,
+    stats: Mapping[str, stats_lib.LayerStats] | None = None,
+    *,
+    method: str,
+    rank: int,
+    include: Iterable[str] = surgery.DEFAULT_INCLUDE,
+    exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
+    key: jax.Array | None = None,
+    general_stats: Mapping[str, stats_lib.LayerStats] | None = None,
+    scaling: float = 1.0,
+    split: str = 'own',
+) -> dict[str, dict[str, int]]:
   """Replaces the chosen `nnx.Linear`s by `AdapterLinear`s, in place.
 
   Args:
@@ -353,8 +442,9 @@ def add_adapters(model: nnx.Module,
     {layer: dict(d_in, d_out, rank)} of the adapted layers.
   """
   if method not in METHODS:
-    raise ValueError(f'Unknown method {method!r}; expected one of '
-                     f'{sorted(METHODS)}.')
+    raise ValueError(
+        f'Unknown method {method!r}; expected one of ' f'{sorted(METHODS)}.'
+    )
   if not scaling > 0:
     raise ValueError(f'scaling must be > 0; got {scaling}.')
   shapes = surgery.select_linears(model, include, exclude)
@@ -364,33 +454,45 @@ def add_adapters(model: nnx.Module,
     table = general_stats if source == 'general_stats' else stats
     missing = [n for n in shapes if table is None or n not in table]
     if missing:
-      raise ValueError(f'{method} needs {source} for layers {missing[:3]}'
-                       f'{" …" if len(missing) > 3 else ""}.')
+      raise ValueError(
+          f'{method} needs {source} for layers {missing[:3]}'
+          f'{" …" if len(missing) > 3 else ""}.'
+      )
   report = {}
   for index, (name, (d_in, d_out)) in enumerate(shapes.items()):
     linear = surgery.get_module(model, name)
     try:
       init = init_adapter(
-          method, linear.kernel[...],
+          method,
+          linear.kernel[...],
           None if stats is None else stats.get(name),
-          rank=rank, key=jax.random.fold_in(key, index),
-          general_stats=None if general_stats is None else
-          general_stats.get(name), split=split)
+          rank=rank,
+          key=jax.random.fold_in(key, index),
+          general_stats=None
+          if general_stats is None
+          else general_stats.get(name),
+          split=split,
+      )
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from e
     bias = linear.bias[...] if linear.bias is not None else None
     b = init.b if scaling == 1.0 else (init.b / scaling).astype(init.b.dtype)
-    surgery.replace_module(model, name, AdapterLinear(
-        init.k_res, init.a, b, bias, scaling=scaling))
+    surgery.replace_module(
+        model, name, AdapterLinear(init.k_res, init.a, b, bias, scaling=scaling)
+    )
     report[name] = dict(d_in=d_in, d_out=d_out, rank=rank)
   return report
 
 
-def _abstract_linear(d_in: int, d_out: int, bias: bool,
-                     dtype: Any) -> nnx.Linear:
+def _abstract_linear(
+    d_in: int, d_out: int, bias: bool, dtype: Any
+) -> nnx.Linear:
   """An nnx.Linear of this shape whose weights are shapes only (no init)."""
-  return nnx.eval_shape(lambda: nnx.Linear(
-      d_in, d_out, use_bias=bias, param_dtype=dtype, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(
+      lambda: nnx.Linear(
+          d_in, d_out, use_bias=bias, param_dtype=dtype, rngs=nnx.Rngs(0)
+      )
+  )
 
 
 def merge_adapters(model: nnx.Module) -> list[str]:
@@ -399,13 +501,17 @@ def merge_adapters(model: nnx.Module) -> list[str]:
   Returns:
     The dotted paths of the merged layers.
   """
-  names = [surgery.path_name(p) for p, m in nnx.iter_modules(model)
-           if isinstance(m, AdapterLinear)]
+  names = [
+      surgery.path_name(p)
+      for p, m in nnx.iter_modules(model)
+      if isinstance(m, AdapterLinear)
+  ]
   for name in names:
     layer = surgery.get_module(model, name)
     d_in, d_out = layer.k_res.shape
-    linear = _abstract_linear(d_in, d_out, layer.bias is not None,
-                              layer.k_res.dtype)
+    linear = _abstract_linear(
+        d_in, d_out, layer.bias is not None, layer.k_res.dtype
+    )
     linear.kernel = nnx.Param(layer.merged_kernel())
     if layer.bias is not None:
       linear.bias = nnx.Param(layer.bias[...])

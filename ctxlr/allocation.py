@@ -10,17 +10,19 @@ non-increasing, so each layer's gains per parameter are non-increasing and
 taking the best gains across all layers greedily solves the (relaxed)
 budgeted problem `min Σ_l err_l(r_l)² / ||X_l K_l||²`.
 """
+
 from typing import Mapping
 
 import numpy as np
 
 from ctxlr.linalg import solvers
 
-DENSE = None   # the rank of a layer that stays dense
+DENSE = None  # the rank of a layer that stays dense
 
 
-def uniform_ranks(shapes: Mapping[str, tuple[int, int]], ratio: float
-                  ) -> dict[str, int | None]:
+def uniform_ranks(
+    shapes: Mapping[str, tuple[int, int]], ratio: float
+) -> dict[str, int | None]:
   """`rank_for_ratio` per layer; None where factoring saves nothing.
 
   With `ratio = 1` every layer stays dense (None): the rank that fits the
@@ -43,9 +45,11 @@ def max_saving_rank(d_in: int, d_out: int) -> int:
   return (d_in * d_out - 1) // (d_in + d_out)
 
 
-def global_ranks(shapes: Mapping[str, tuple[int, int]],
-                 sigmas: Mapping[str, np.ndarray], ratio: float
-                 ) -> dict[str, int | None]:
+def global_ranks(
+    shapes: Mapping[str, tuple[int, int]],
+    sigmas: Mapping[str, np.ndarray],
+    ratio: float,
+) -> dict[str, int | None]:
   """Ranks that minimise the summed squared relative error within a budget.
 
   Args:
@@ -65,35 +69,39 @@ def global_ranks(shapes: Mapping[str, tuple[int, int]],
   names = list(shapes)
   budget = ratio * sum(d_in * d_out for d_in, d_out in shapes.values())
   gains, costs, owners = [], [], []
-  spent = 0.
+  spent = 0.0
   for i, name in enumerate(names):
     d_in, d_out = shapes[name]
     cap = max(1, max_saving_rank(d_in, d_out))
     s2 = np.square(np.asarray(sigmas[name], np.float64))[:cap]
-    total = s2.sum() if s2.sum() > 0 else 1.
+    total = s2.sum() if s2.sum() > 0 else 1.0
     cost = d_in + d_out
-    spent += cost                                 # rank 1 for every layer
-    gains.append(s2[1:] / total / cost)           # per parameter, k -> k+1
+    spent += cost  # rank 1 for every layer
+    gains.append(s2[1:] / total / cost)  # per parameter, k -> k+1
     costs.append(np.full(len(s2) - 1, cost, np.float64))
     owners.append(np.full(len(s2) - 1, i))
   gains, costs, owners = map(np.concatenate, (gains, costs, owners))
-  order = np.argsort(-gains, kind='stable')       # ties: layer order
+  order = np.argsort(-gains, kind='stable')  # ties: layer order
   affordable = np.cumsum(costs[order]) <= budget - spent
   ranks = np.ones(len(names), np.int64)
   np.add.at(ranks, owners[order][affordable], 1)
   return {name: int(r) for name, r in zip(names, ranks)}
 
 
-def kept_ratio(shapes: Mapping[str, tuple[int, int]],
-               ranks: Mapping[str, int | None]) -> float:
+def kept_ratio(
+    shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int | None]
+) -> float:
   """Achieved fraction of parameters kept over these layers."""
   dense = sum(d_in * d_out for d_in, d_out in shapes.values())
-  kept = sum(d_in * d_out if ranks[n] is DENSE else ranks[n] * (d_in + d_out)
-             for n, (d_in, d_out) in shapes.items())
+  kept = sum(
+      d_in * d_out if ranks[n] is DENSE else ranks[n] * (d_in + d_out)
+      for n, (d_in, d_out) in shapes.items()
+  )
   return kept / dense
 
 
 # ------------------------------------------ loss-driven and peer rules ---
+
 
 def _pool_adjacent(gains: np.ndarray, costs: np.ndarray) -> np.ndarray:
   """Per-parameter values made non-increasing (pool adjacent violators).
@@ -104,22 +112,30 @@ def _pool_adjacent(gains: np.ndarray, costs: np.ndarray) -> np.ndarray:
   these values is the greedy solution of the relaxed budgeted problem, and it
   keeps each layer's steps in order (a rank-k solution is a prefix).
   """
-  blocks = []                                  # [gain, cost, count]
+  blocks = []  # [gain, cost, count]
   for g, c in zip(gains, costs):
     blocks.append([g, c, 1])
-    while len(blocks) > 1 and (blocks[-1][0] * blocks[-2][1] >
-                               blocks[-2][0] * blocks[-1][1]):
+    while len(blocks) > 1 and (
+        blocks[-1][0] * blocks[-2][1] > blocks[-2][0] * blocks[-1][1]
+    ):
       g2, c2, n2 = blocks.pop()
       blocks[-1][0] += g2
       blocks[-1][1] += c2
       blocks[-1][2] += n2
-  return np.concatenate([np.full(n, g / c) for g, c, n in blocks]) if (
-      blocks) else np.zeros(0)
+  return (
+      np.concatenate([np.full(n, g / c) for g, c, n in blocks])
+      if (blocks)
+      else np.zeros(0)
+  )
 
 
-def weighted_ranks(shapes: Mapping[str, tuple[int, int]],
-                   gains: Mapping[str, np.ndarray], ratio: float, *,
-                   allow_dense: bool = True) -> dict[str, int | None]:
+def weighted_ranks(
+    shapes: Mapping[str, tuple[int, int]],
+    gains: Mapping[str, np.ndarray],
+    ratio: float,
+    *,
+    allow_dense: bool = True,
+) -> dict[str, int | None]:
   """Ranks that minimise `Σ_l loss_l(r_l)` within a parameter budget.
 
   Args:
@@ -147,8 +163,10 @@ def weighted_ranks(shapes: Mapping[str, tuple[int, int]],
   budget = ratio * sum(d_in * d_out for d_in, d_out in shapes.values())
   floor = sum(d_in + d_out for d_in, d_out in shapes.values())
   if floor > budget:
-    raise ValueError(f'ratio={ratio}: rank 1 in every layer needs {floor} '
-                     f'parameters, more than the budget {budget:.0f}.')
+    raise ValueError(
+        f'ratio={ratio}: rank 1 in every layer needs {floor} '
+        f'parameters, more than the budget {budget:.0f}.'
+    )
   values, costs, owners, dense_step = [], [], [], []
   for i, name in enumerate(names):
     d_in, d_out = shapes[name]
@@ -156,8 +174,10 @@ def weighted_ranks(shapes: Mapping[str, tuple[int, int]],
       raise ValueError(f'gains has no entry for layer {name!r}.')
     g = np.asarray(gains[name], np.float64)
     if g.ndim != 1 or not np.all(np.isfinite(g)) or np.any(g < 0):
-      raise ValueError(f'gains[{name!r}] must be a finite vector >= 0; got '
-                       f'shape {g.shape}, min {np.min(g, initial=0.)}.')
+      raise ValueError(
+          f'gains[{name!r}] must be a finite vector >= 0; got '
+          f'shape {g.shape}, min {np.min(g, initial=0.)}.'
+      )
     cap = max(1, max_saving_rank(d_in, d_out))
     step_gains = list(g[1:cap])
     step_costs = [float(d_in + d_out)] * len(step_gains)
@@ -172,7 +192,7 @@ def weighted_ranks(shapes: Mapping[str, tuple[int, int]],
     owners.append(np.full(len(step_gains), i))
     dense_step.append(has_dense)
   values, costs_all, owners_all = map(np.concatenate, (values, costs, owners))
-  order = np.argsort(-values, kind='stable')       # ties: layer order
+  order = np.argsort(-values, kind='stable')  # ties: layer order
   affordable = np.cumsum(costs_all[order]) <= budget - floor
   taken = np.zeros(len(names), np.int64)
   np.add.at(taken, owners_all[order][affordable], 1)
@@ -180,17 +200,21 @@ def weighted_ranks(shapes: Mapping[str, tuple[int, int]],
   for i, name in enumerate(names):
     d_in, d_out = shapes[name]
     cap = max(1, max_saving_rank(d_in, d_out))
-    if dense_step[i] and taken[i] == cap:           # the dense step taken
+    if dense_step[i] and taken[i] == cap:  # the dense step taken
       ranks[name] = DENSE
     else:
       ranks[name] = int(1 + taken[i])
   return ranks
 
 
-def fisher_ranks(shapes: Mapping[str, tuple[int, int]],
-                 gains: Mapping[str, np.ndarray],
-                 weights: Mapping[str, float], ratio: float, *,
-                 allow_dense: bool = True) -> dict[str, int | None]:
+def fisher_ranks(
+    shapes: Mapping[str, tuple[int, int]],
+    gains: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    ratio: float,
+    *,
+    allow_dense: bool = True,
+) -> dict[str, int | None]:
   """`weighted_ranks` on each layer's exact error decrements times its weight.
 
   With `gains[l][i] = σ_i(R_l K_l)²` (the layer objective's decrements,
@@ -199,16 +223,18 @@ def fisher_ranks(shapes: Mapping[str, tuple[int, int]],
   the loss increase of truncating layer l to rank r, and the ranks minimise
   their sum under the budget.
   """
-  bad = {n: w for n, w in weights.items()
-         if not (np.isfinite(w) and w >= 0)}
+  bad = {n: w for n, w in weights.items() if not (np.isfinite(w) and w >= 0)}
   if bad:
     raise ValueError(f'weights must be finite and >= 0; got {bad}.')
   missing = [n for n in shapes if n not in weights]
   if missing:
     raise ValueError(f'weights has no entry for {missing[:3]}.')
   return weighted_ranks(
-      shapes, {n: weights[n] * np.asarray(gains[n], np.float64)
-               for n in shapes}, ratio, allow_dense=allow_dense)
+      shapes,
+      {n: weights[n] * np.asarray(gains[n], np.float64) for n in shapes},
+      ratio,
+      allow_dense=allow_dense,
+  )
 
 
 def module_type(name: str) -> str:
@@ -223,16 +249,21 @@ def _ranks_from_ratios(shapes, ratios):
     if rho >= 1:
       ranks[name] = DENSE
       continue
-    rank = max(1, solvers.rank_for_ratio(d_in, d_out, max(rho, 1e-12))
-               if rho > 0 else 1)
-    ranks[name] = rank if solvers.saves_parameters(d_in, d_out, rank) else (
-        DENSE)
+    rank = max(
+        1,
+        solvers.rank_for_ratio(d_in, d_out, max(rho, 1e-12)) if rho > 0 else 1,
+    )
+    ranks[name] = (
+        rank if solvers.saves_parameters(d_in, d_out, rank) else (DENSE)
+    )
   return ranks
 
 
-def svd_llm_v2_ranks(shapes: Mapping[str, tuple[int, int]],
-                     sigmas: Mapping[str, np.ndarray], ratio: float
-                     ) -> dict[str, int | None]:
+def svd_llm_v2_ranks(
+    shapes: Mapping[str, tuple[int, int]],
+    sigmas: Mapping[str, np.ndarray],
+    ratio: float,
+) -> dict[str, int | None]:
   """SVD-LLM V2's heterogeneous allocation (arXiv:2503.12340, §3.1).
 
   As the paper describes it (its code is not released): the matrices are
@@ -262,7 +293,8 @@ def svd_llm_v2_ranks(shapes: Mapping[str, tuple[int, int]],
     if not loss > 1:
       raise ValueError(
           f'svd_llm_v2 allocation: layer {name!r} has truncation loss '
-          f'{loss:.3g} <= 1, where 1/log(L) is undefined or flips sign.')
+          f'{loss:.3g} <= 1, where 1/log(L) is undefined or flips sign.'
+      )
     groups.setdefault(module_type(name), []).append((name, loss))
   ratios = {}
   for items in groups.values():
@@ -273,9 +305,11 @@ def svd_llm_v2_ranks(shapes: Mapping[str, tuple[int, int]],
   return _ranks_from_ratios(shapes, ratios)
 
 
-def coala_hetero_ranks(shapes: Mapping[str, tuple[int, int]],
-                       sigmas: Mapping[str, np.ndarray], ratio: float
-                       ) -> dict[str, int | None]:
+def coala_hetero_ranks(
+    shapes: Mapping[str, tuple[int, int]],
+    sigmas: Mapping[str, np.ndarray],
+    ratio: float,
+) -> dict[str, int | None]:
   """COALA's heterogeneous allocation, as urparkina/COALA's code does it.
 
   Reproduces `coala/Injector.py`, `calculate_theoretical_error` and
@@ -302,15 +336,19 @@ def coala_hetero_ranks(shapes: Mapping[str, tuple[int, int]],
     s = s2 / s2.sum() if s2.sum() > 0 else s2
     r = min(int(np.floor(ratio * d_in * d_out / (d_in + d_out))), d_in, d_out)
     groups.setdefault(module_type(name), []).append(
-        (name, float(np.sum(np.square(s[r:])))))
+        (name, float(np.sum(np.square(s[r:]))))
+    )
   ratios = {}
   for group, items in groups.items():
     with np.errstate(divide='ignore'):
-      inv = np.array([1 / np.log(loss) if loss > 0 else 0. for _, loss in
-                      items])
+      inv = np.array(
+          [1 / np.log(loss) if loss > 0 else 0.0 for _, loss in items]
+      )
     if not inv.any():
-      raise ValueError(f'coala_hetero allocation: every loss of group '
-                       f'{group!r} is 0; nothing to allocate by.')
+      raise ValueError(
+          f'coala_hetero allocation: every loss of group '
+          f'{group!r} is 0; nothing to allocate by.'
+      )
     share = len(items) * (1 - ratio) * inv / inv.sum()
     for (name, _), removed in zip(items, share):
       ratios[name] = 1 - removed

@@ -22,6 +22,7 @@ Failures inside a method (a Cholesky that fails even after its retries, NaN
 or Inf in the factors) are reported in `SolveInfo`, never raised and never
 repaired; bad arguments raise `ValueError`.
 """
+
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -42,19 +43,20 @@ _F64 = jnp.float64
 # uplo='L'); JAX would first average A and Aᵀ. Read the triangle, as torch.
 _cholesky = functools.partial(jnp.linalg.cholesky, symmetrize_input=False)
 _eigh = functools.partial(jnp.linalg.eigh, UPLO='L', symmetrize_input=False)
-_eigvalsh = functools.partial(jnp.linalg.eigvalsh, UPLO='L',
-                              symmetrize_input=False)
+_eigvalsh = functools.partial(
+    jnp.linalg.eigvalsh, UPLO='L', symmetrize_input=False
+)
 
-SVD_LLM_SHIFT = 1e-6      # SVDLLM.py: shift by −λ_min + 1e-6 on failure
-JITTER_START = 1e-9       # svd_llm_eps: first absolute jitter, then doubled
-JITTER_MAX_TRIES = 100    # svd_llm_eps: jitters tried before giving up
-CORDA_DAMP_START = 0.01   # CorDA: damping relative to mean(diag(XᵀX))
-CORDA_INV_TOL = 0.05      # CorDA: accept when ||C C⁻¹ − I||_F < 0.05
+SVD_LLM_SHIFT = 1e-6  # SVDLLM.py: shift by −λ_min + 1e-6 on failure
+JITTER_START = 1e-9  # svd_llm_eps: first absolute jitter, then doubled
+JITTER_MAX_TRIES = 100  # svd_llm_eps: jitters tried before giving up
+CORDA_DAMP_START = 0.01  # CorDA: damping relative to mean(diag(XᵀX))
+CORDA_INV_TOL = 0.05  # CorDA: accept when ||C C⁻¹ − I||_F < 0.05
 CORDA_MAX_DOUBLINGS = 64  # not in CorDA (it loops forever): our cap
-ASVD_ALPHA = 0.5          # ASVD4LLM asvd.py --alpha default
-ASVD_EPS = 1e-6           # ASVD4LLM svd_linear.py "avoid zero division"
-ASVD_NITER = 2            # torch.svd_lowrank default, as ASVD calls it
-ASVD_SEED = 0             # key of svd_lowrank's Gaussian test matrix
+ASVD_ALPHA = 0.5  # ASVD4LLM asvd.py --alpha default
+ASVD_EPS = 1e-6  # ASVD4LLM svd_linear.py "avoid zero division"
+ASVD_NITER = 2  # torch.svd_lowrank default, as ASVD calls it
+ASVD_SEED = 0  # key of svd_lowrank's Gaussian test matrix
 
 
 SolveInfo = registry.SolveInfo
@@ -64,9 +66,11 @@ _info = registry.solve_info
 
 # ------------------------------------------------------- shared numerics ---
 
+
 @functools.partial(jax.jit, static_argnames='rank')
-def _scaled_svd_factors(kernel: jax.Array, s: jax.Array, s_inv: jax.Array,
-                        *, rank: int) -> solvers.Factors:
+def _scaled_svd_factors(
+    kernel: jax.Array, s: jax.Array, s_inv: jax.Array, *, rank: int
+) -> solvers.Factors:
   """`[W S]_rank S⁻¹` in float32, split by √σ, as SVD-LLM's `whitening()`.
 
   W = Kᵀ. `W_scale = W S`; `U, σ, Vᵀ = svd(W_scale)`; `svd_u = U_r √σ_r`,
@@ -74,31 +78,39 @@ def _scaled_svd_factors(kernel: jax.Array, s: jax.Array, s_inv: jax.Array,
   `a = svd_vᵀ`, `b = svd_uᵀ`. CorDA (`S = C`, `S⁻¹ = C⁻¹`) and SVD-LLM V2
   (`S = U_s √Λ`, `S⁻¹ = √Λ⁻¹ U_sᵀ`) have the same structure.
   """
-  w = kernel.astype(_F32).T                                  # f32[d_out, d_in]
+  w = kernel.astype(_F32).T  # f32[d_out, d_in]
   w_scale = jnp.matmul(w, s.astype(_F32), precision=_HIGHEST)
   u, sigma, vt = jnp.linalg.svd(w_scale, full_matrices=False)
   sqrt_sigma = jnp.sqrt(sigma[:rank])
   trunc_v = jnp.matmul(vt[:rank], s_inv.astype(_F32), precision=_HIGHEST)
-  svd_u = u[:, :rank] * sqrt_sigma                           # f32[d_out, rank]
-  svd_v = sqrt_sigma[:, None] * trunc_v                      # f32[rank, d_in]
-  return solvers.Factors(svd_v.T.astype(kernel.dtype),
-                         svd_u.T.astype(kernel.dtype), sigma)
+  svd_u = u[:, :rank] * sqrt_sigma  # f32[d_out, rank]
+  svd_v = sqrt_sigma[:, None] * trunc_v  # f32[rank, d_in]
+  return solvers.Factors(
+      svd_v.T.astype(kernel.dtype), svd_u.T.astype(kernel.dtype), sigma
+  )
 
 
 # --------------------------------------------------------------- methods ---
+
 
 @functools.partial(jax.jit, static_argnames='rank')
 def _svd(kernel: jax.Array, *, rank: int) -> solvers.Factors:
   k = kernel.astype(checks.compute_dtype(kernel.dtype))
   u, sigma, vt = jnp.linalg.svd(k, full_matrices=False)
-  a = u[:, :rank] * sigma[:rank]                             # f[d_in, rank]
-  return solvers.Factors(a.astype(kernel.dtype),
-                         vt[:rank].astype(kernel.dtype), sigma)
+  a = u[:, :rank] * sigma[:rank]  # f[d_in, rank]
+  return solvers.Factors(
+      a.astype(kernel.dtype), vt[:rank].astype(kernel.dtype), sigma
+  )
 
 
 @registry.register(needs=(), summary='truncated SVD of K, no data')
-def svd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-        mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
+def svd(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float = 0.0,
+) -> tuple[solvers.Factors, SolveInfo]:
   """Truncated SVD of K, no data: `a = U_r Σ_r`, `b = V_rᵀ` (Eckart–Young).
 
   Computes in float32 (float64 for a float64 kernel with x64 on). `stats`
@@ -111,25 +123,33 @@ def svd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
 @jax.jit
 def _svd_llm_whitening(gram: jax.Array) -> tuple[jax.Array, ...]:
   """Float64 part of SVD-LLM; call inside `jax.enable_x64(True)`."""
-  g = gram.astype(_F32).astype(_F64)                         # f64[d, d]
+  g = gram.astype(_F32).astype(_F64)  # f64[d, d]
   eye = jnp.eye(g.shape[0], dtype=_F64)
-  l_first = _cholesky(g)                                     # NaN on failure
+  l_first = _cholesky(g)  # NaN on failure
   first_ok = _all_finite(l_first)
 
   def shifted(_):
     shift = -_eigvalsh(g)[0] + SVD_LLM_SHIFT
     return _cholesky(g + shift * eye), shift
 
-  l, shift = jax.lax.cond(first_ok, lambda _: (l_first, jnp.zeros((), _F64)),
-                          shifted, None)
-  l_inv = jnp.linalg.inv(l)                                  # explicit, f64
-  return (l.astype(_F32), l_inv.astype(_F32), ~first_ok, shift,
-          ~_all_finite(l))
+  l, shift = jax.lax.cond(
+      first_ok, lambda _: (l_first, jnp.zeros((), _F64)), shifted, None
+  )
+  l_inv = jnp.linalg.inv(l)  # explicit, f64
+  return (l.astype(_F32), l_inv.astype(_F32), ~first_ok, shift, ~_all_finite(l))
 
 
-@registry.register(needs=('gram',), summary='SVD-LLM whitening: float64 Cholesky of the float32 Gram')
-def svd_llm(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-            mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
+@registry.register(
+    needs=('gram',),
+    summary='SVD-LLM whitening: float64 Cholesky of the float32 Gram',
+)
+def svd_llm(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float = 0.0,
+) -> tuple[solvers.Factors, SolveInfo]:
   """SVD-LLM truncation-aware whitening, as its authors' code does it.
 
   Reproduces AIoT-MLSys-Lab/SVD-LLM, `SVDLLM.py`: `profle_svdllm` /
@@ -153,7 +173,8 @@ def svd_llm(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   """
   with jax.enable_x64(True):
     s, s_inv, retried, shift, failed = _svd_llm_whitening(
-        jnp.asarray(stats.gram))
+        jnp.asarray(stats.gram)
+    )
     retried, shift, failed = bool(retried), float(shift), bool(failed)
   factors = _scaled_svd_factors(jnp.asarray(kernel), s, s_inv, rank=rank)
   return factors, _info(factors, int(retried), shift, failed)
@@ -173,8 +194,7 @@ def _jitter_cholesky(gram: jax.Array) -> tuple[jax.Array, ...]:
     eps = jnp.where(tries == 0, jnp.asarray(JITTER_START, _F32), 2 * eps)
     return tries + 1, eps, _cholesky(g + eps * eye)
 
-  start = (jnp.zeros((), jnp.int32), jnp.zeros((), _F32),
-           _cholesky(g))
+  start = (jnp.zeros((), jnp.int32), jnp.zeros((), _F32), _cholesky(g))
   tries, eps, l = jax.lax.while_loop(keep_trying, next_try, start)
   return l, jnp.linalg.inv(l), tries, eps, ~_all_finite(l)
 
@@ -194,15 +214,23 @@ def cholesky_shift(r: jax.Array) -> float:
   gram = jnp.matmul(r.T, r, precision=_HIGHEST)
   _, _, tries, eps, failed = _jitter_cholesky(gram)
   if bool(failed):
-    raise ValueError(f'cholesky_shift: the float32 Cholesky of RᵀR failed '
-                     f'for every jitter up to {float(eps):.3g}.')
+    raise ValueError(
+        f'cholesky_shift: the float32 Cholesky of RᵀR failed '
+        f'for every jitter up to {float(eps):.3g}.'
+    )
   return float(eps) if int(tries) > 0 else 0.0
 
 
-@registry.register(needs=('gram',), summary='SVD-LLM with float32 Cholesky and eps jitter')
-def svd_llm_eps(kernel: jax.Array, stats: stats_lib.LayerStats, *,
-                rank: int, mu: float = 0.0
-                ) -> tuple[solvers.Factors, SolveInfo]:
+@registry.register(
+    needs=('gram',), summary='SVD-LLM with float32 Cholesky and eps jitter'
+)
+def svd_llm_eps(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float = 0.0,
+) -> tuple[solvers.Factors, SolveInfo]:
   """SVD-LLM as common re-implementations run it: float32 Cholesky + jitter.
 
   The habit reproduced: Cholesky of the float32 Gram in the working
@@ -224,17 +252,24 @@ def svd_llm_eps(kernel: jax.Array, stats: stats_lib.LayerStats, *,
 def _v2_scaling(gram: jax.Array) -> tuple[jax.Array, ...]:
   """Float64 part of SVD-LLM V2; call inside `jax.enable_x64(True)`."""
   g = gram.astype(_F32).astype(_F64)
-  lam, u_s = _eigh(g)                                        # ascending λ
-  sqrt_lam = jnp.sqrt(lam)                                   # NaN if λ < 0
-  s = u_s * sqrt_lam                                         # U_s √Λ
-  s_inv = (1.0 / sqrt_lam)[:, None] * u_s.T                  # √Λ⁻¹ U_sᵀ
+  lam, u_s = _eigh(g)  # ascending λ
+  sqrt_lam = jnp.sqrt(lam)  # NaN if λ < 0
+  s = u_s * sqrt_lam  # U_s √Λ
+  s_inv = (1.0 / sqrt_lam)[:, None] * u_s.T  # √Λ⁻¹ U_sᵀ
   return (s.astype(_F32), s_inv.astype(_F32), ~_all_finite(lam, u_s))
 
 
-@registry.register(needs=('gram',), summary='SVD-LLM V2: eigh of the Gram, 1/sqrt(lambda) scaling')
-def svd_llm_v2(kernel: jax.Array, stats: stats_lib.LayerStats, *,
-               rank: int, mu: float = 0.0
-               ) -> tuple[solvers.Factors, SolveInfo]:
+@registry.register(
+    needs=('gram',),
+    summary='SVD-LLM V2: eigh of the Gram, 1/sqrt(lambda) scaling',
+)
+def svd_llm_v2(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float = 0.0,
+) -> tuple[solvers.Factors, SolveInfo]:
   """SVD-LLM V2's loss-optimised truncation: two SVDs instead of Cholesky.
 
   Wang et al. 2025, "SVD-LLM V2" (arXiv:2503.12340), §3.2: decompose
@@ -259,8 +294,9 @@ def svd_llm_v2(kernel: jax.Array, stats: stats_lib.LayerStats, *,
   return factors, _info(factors, failed=failed)
 
 
-def _svd_lowrank(a: jax.Array, key: jax.Array, *, q: int,
-                 niter: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _svd_lowrank(
+    a: jax.Array, key: jax.Array, *, q: int, niter: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`torch.svd_lowrank(a, q, niter)` (Halko et al. 2009, Alg. 5.1).
 
   Works on the tall orientation of `a`; Gaussian test matrix
@@ -273,7 +309,7 @@ def _svd_lowrank(a: jax.Array, key: jax.Array, *, q: int,
     a = a.T
   mm = functools.partial(jnp.matmul, precision=_HIGHEST)
   test = jax.random.normal(key, (a.shape[1], q), a.dtype)
-  basis = jnp.linalg.qr(mm(a, test))[0]                      # f[m, q]
+  basis = jnp.linalg.qr(mm(a, test))[0]  # f[m, q]
   for _ in range(niter):
     basis = jnp.linalg.qr(mm(a.T, basis))[0]
     basis = jnp.linalg.qr(mm(a, basis))[0]
@@ -293,48 +329,73 @@ def _exact_svd(a: jax.Array, *, q: int) -> tuple[jax.Array, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=('rank', 'svd'))
-def _asvd(kernel: jax.Array, stat: jax.Array, alpha: jax.Array, *,
-          rank: int, svd: str = 'randomized'
-          ) -> tuple[solvers.Factors, jax.Array]:
-  w = kernel.astype(_F32).T                                  # f32[d_out, d_in]
-  scale = stat.astype(_F32) ** alpha + ASVD_EPS              # f32[d_in]
+def _asvd(
+    kernel: jax.Array,
+    stat: jax.Array,
+    alpha: jax.Array,
+    *,
+    rank: int,
+    svd: str = 'randomized',
+) -> tuple[solvers.Factors, jax.Array]:
+  w = kernel.astype(_F32).T  # f32[d_out, d_in]
+  scale = stat.astype(_F32) ** alpha + ASVD_EPS  # f32[d_in]
   if svd == 'exact':
     u, s, v = _exact_svd(w * scale[None, :], q=rank)
   else:
-    u, s, v = _svd_lowrank(w * scale[None, :], jax.random.key(ASVD_SEED),
-                           q=rank, niter=ASVD_NITER)
-  broke = ~_all_finite(u, s, v)                              # their NaN check
-  v = v / scale[:, None]                                     # f32[d_in, rank]
-  a_weight = u * jnp.sqrt(s)                                 # ALinear, [out, r]
-  b_weight = v.T * jnp.sqrt(s)[:, None]                      # BLinear, [r, in]
-  return solvers.Factors(b_weight.T.astype(kernel.dtype),
-                         a_weight.T.astype(kernel.dtype), s), broke
+    u, s, v = _svd_lowrank(
+        w * scale[None, :], jax.random.key(ASVD_SEED), q=rank, niter=ASVD_NITER
+    )
+  broke = ~_all_finite(u, s, v)  # their NaN check
+  v = v / scale[:, None]  # f32[d_in, rank]
+  a_weight = u * jnp.sqrt(s)  # ALinear, [out, r]
+  b_weight = v.T * jnp.sqrt(s)[:, None]  # BLinear, [r, in]
+  return (
+      solvers.Factors(
+          b_weight.T.astype(kernel.dtype), a_weight.T.astype(kernel.dtype), s
+      ),
+      broke,
+  )
 
 
 def _check_asvd_options(options) -> None:
   if 'svd' in options and options['svd'] not in ASVD_SVDS:
-    raise ValueError(f"svd: expected one of {ASVD_SVDS} (asvd's SVD); got "
-                     f"{options['svd']!r}.")
+    raise ValueError(
+        f"svd: expected one of {ASVD_SVDS} (asvd's SVD); got "
+        f"{options['svd']!r}."
+    )
   if 'scale' in options and options['scale'] not in ASVD_SCALES:
-    raise ValueError(f'scale: expected one of {ASVD_SCALES} (the channel '
-                     f"statistic); got {options['scale']!r}.")
+    raise ValueError(
+        f'scale: expected one of {ASVD_SCALES} (the channel '
+        f"statistic); got {options['scale']!r}."
+    )
   if 'alpha' in options:
     alpha = options['alpha']
-    if isinstance(alpha, bool) or not isinstance(
-        alpha, (int, float, np.integer, np.floating)) or not (
-            np.isfinite(alpha) and alpha > 0):
-      raise ValueError(f'alpha: expected a finite number > 0; got '
-                       f'{alpha!r}.')
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float, np.integer, np.floating))
+        or not (np.isfinite(alpha) and alpha > 0)
+    ):
+      raise ValueError(
+          f'alpha: expected a finite number > 0; got ' f'{alpha!r}.'
+      )
 
 
-@registry.register(needs=('abs_sum',),
-                   options=dict(svd='randomized', scale='abs_mean',
-                                alpha=ASVD_ALPHA),
-                   check=_check_asvd_options,
-                   summary='ASVD: mean|x|^alpha channel scaling, randomized SVD')
-def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-         mu: float = 0.0, svd: str = 'randomized', scale: str = 'abs_mean',
-         alpha: float = ASVD_ALPHA) -> tuple[solvers.Factors, SolveInfo]:
+@registry.register(
+    needs=('abs_sum',),
+    options=dict(svd='randomized', scale='abs_mean', alpha=ASVD_ALPHA),
+    check=_check_asvd_options,
+    summary='ASVD: mean|x|^alpha channel scaling, randomized SVD',
+)
+def asvd(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float = 0.0,
+    svd: str = 'randomized',
+    scale: str = 'abs_mean',
+    alpha: float = ASVD_ALPHA,
+) -> tuple[solvers.Factors, SolveInfo]:
   """ASVD (activation-aware SVD), as hahnyuan/ASVD4LLM does it.
 
   Reproduces `act_aware_utils.py`, `calib_input_distribution` ("abs_mean")
@@ -371,8 +432,9 @@ def asvd(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
     stat = jnp.sqrt(jnp.sum(jnp.square(r), axis=0) / stats.count)
   else:
     stat = jnp.asarray(stats.abs_sum, _F32) / jnp.asarray(stats.count, _F32)
-  factors, broke = _asvd(jnp.asarray(kernel), stat,
-                         jnp.asarray(alpha, _F32), rank=rank, svd=svd)
+  factors, broke = _asvd(
+      jnp.asarray(kernel), stat, jnp.asarray(alpha, _F32), rank=rank, svd=svd
+  )
   return factors, _info(factors, failed=broke)
 
 
@@ -398,14 +460,22 @@ def _corda_damped_inverse(gram: jax.Array) -> tuple[jax.Array, ...]:
 
   damp = jnp.asarray(CORDA_DAMP_START, _F32)
   start = (jnp.zeros((), jnp.int32), damp) + attempt(damp)
-  doublings, damp, fixed, inv, err = jax.lax.while_loop(keep_trying, next_try,
-                                                        start)
+  doublings, damp, fixed, inv, err = jax.lax.while_loop(
+      keep_trying, next_try, start
+  )
   return fixed, inv, doublings, mean_diag * damp, ~(err < CORDA_INV_TOL)
 
 
-@registry.register(needs=('gram',), summary='CorDA: SVD of W C, damped explicit inverse')
-def corda(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-          mu: float = 0.0) -> tuple[solvers.Factors, SolveInfo]:
+@registry.register(
+    needs=('gram',), summary='CorDA: SVD of W C, damped explicit inverse'
+)
+def corda(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float = 0.0,
+) -> tuple[solvers.Factors, SolveInfo]:
   """CorDA context-oriented decomposition, as iboing/CorDA does it.
 
   Reproduces `cordalib/decomposition.py`, `decompose_to_adapter` /
@@ -431,6 +501,7 @@ def corda(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   (`damp · mean(diag C)`, absolute). Needs `stats.gram`.
   """
   fixed, inv, doublings, added, failed = _corda_damped_inverse(
-      jnp.asarray(stats.gram))
+      jnp.asarray(stats.gram)
+  )
   factors = _scaled_svd_factors(jnp.asarray(kernel), fixed, inv, rank=rank)
   return factors, _info(factors, doublings, added, failed)

@@ -14,6 +14,7 @@ nothing from it (its `count` says how many tokens it saw). Layers fed the
 *same* arrays (q/k/v of attention, gate/up of a SwiGLU MLP) are detected
 while tracing and share one set of statistics, computed once.
 """
+
 import contextlib
 import contextvars
 import functools
@@ -34,7 +35,7 @@ from ctxlr.linalg import tsqr
 _HIGHEST = jax.lax.Precision.HIGHEST
 _RECORDER = contextvars.ContextVar('ctxlr_calibration_recorder', default=None)
 
-Want = stats_lib.Want          # re-exported: what to accumulate besides R
+Want = stats_lib.Want  # re-exported: what to accumulate besides R
 
 
 class _Stat(nnx.Param):
@@ -47,9 +48,12 @@ class _Stat(nnx.Param):
 
 
 def _fields(want: Want) -> tuple[str, ...]:
-  return ((('r',) if want.r else ()) + ('count', 'ok') +
-          (('gram',) if want.gram else ()) +
-          (('abs_sum',) if want.abs_sum else ()))
+  return (
+      (('r',) if want.r else ())
+      + ('count', 'ok')
+      + (('gram',) if want.gram else ())
+      + (('abs_sum',) if want.abs_sum else ())
+  )
 
 
 class _Recorder:
@@ -60,21 +64,32 @@ class _Recorder:
   (names of taps), those taps fold their inputs into their statistics.
   """
 
-  def __init__(self, fold: frozenset[str] = frozenset(), mask=None,
-               mesh=None, axis: str = 'data'):
+  def __init__(
+      self,
+      fold: frozenset[str] = frozenset(),
+      mask=None,
+      mesh=None,
+      axis: str = 'data',
+  ):
     self.fold, self.mask, self.mesh, self.axis = fold, mask, mesh, axis
     self.calls: dict[str, list[tuple[tuple, jax.Array]]] = {}
-    self._keep = []                       # keeps ids unique during the trace
+    self._keep = []  # keeps ids unique during the trace
 
   def seen(self, tap: '_Tap', x: jax.Array) -> None:
-    xm = surgery.input_as_matrix(tap.view, x)               # f[tokens, d_in]
+    xm = surgery.input_as_matrix(tap.view, x)  # f[tokens, d_in]
     if self.fold:
       if tap.name in self.fold:
         _fold(tap, xm, self)
       return
     self._keep.append(x)
-    key = (id(x), tap.view.kind, tap.view.in_shape, tap.view.axis,
-           tap.view.einsum_str, tap.view.stack)
+    key = (
+        id(x),
+        tap.view.kind,
+        tap.view.in_shape,
+        tap.view.axis,
+        tap.view.einsum_str,
+        tap.view.stack,
+    )
     self.calls.setdefault(tap.name, []).append((key, xm))
 
   def signatures(self) -> dict[str, tuple]:
@@ -92,8 +107,10 @@ class _Recorder:
   @property
   def inputs(self) -> dict[str, jax.Array]:
     """{group: its inputs, every call's rows stacked, float[tokens, d]}."""
-    return {g: jnp.concatenate([x for _, x in self.calls[g]])
-            for g in set(self.group_of.values())}
+    return {
+        g: jnp.concatenate([x for _, x in self.calls[g]])
+        for g in set(self.group_of.values())
+    }
 
 
 class _Tap(nnx.Module):
@@ -147,8 +164,9 @@ def _placeholder(stack: tuple[int, ...], fields, sharding=None) -> nnx.Dict:
   return nnx.Dict({f: _Stat(z) for f in fields})
 
 
-def _modules_of(model: nnx.Module, names: Iterable[str]
-                ) -> dict[str, surgery.MatrixView]:
+def _modules_of(
+    model: nnx.Module, names: Iterable[str]
+) -> dict[str, surgery.MatrixView]:
   """{module path: view} of the layers `names` (stacked layers -> module)."""
   out = {}
   for name in names:
@@ -156,21 +174,29 @@ def _modules_of(model: nnx.Module, names: Iterable[str]
     if module not in out:
       out[module] = surgery.matrix_view(surgery.get_module(model, module))
     stack = out[module].stack
-    if len(index) != len(stack) or any(not 0 <= i < s
-                                       for i, s in zip(index, stack)):
-      raise ValueError(f'Layer {name!r}: {module!r} has stacked axes {stack}; '
-                       f'name its layers as '
-                       f'{surgery.stacked_names(module, stack)[0]!r}, ….')
+    if len(index) != len(stack) or any(
+        not 0 <= i < s for i, s in zip(index, stack)
+    ):
+      raise ValueError(
+          f'Layer {name!r}: {module!r} has stacked axes {stack}; '
+          f'name its layers as '
+          f'{surgery.stacked_names(module, stack)[0]!r}, ….'
+      )
   return out
 
 
 @contextlib.contextmanager
-def _tapped(model: nnx.Module, views: Mapping[str, surgery.MatrixView],
-            fields, sharding=None):
+def _tapped(
+    model: nnx.Module,
+    views: Mapping[str, surgery.MatrixView],
+    fields,
+    sharding=None,
+):
   originals = {n: surgery.get_module(model, n) for n in views}
   for n, m in originals.items():
-    surgery.replace_module(model, n, _Tap(
-        m, n, _placeholder(views[n].stack, fields, sharding)))
+    surgery.replace_module(
+        model, n, _Tap(m, n, _placeholder(views[n].stack, fields, sharding))
+    )
   try:
     yield {n: surgery.get_module(model, n) for n in views}
   finally:
@@ -190,32 +216,38 @@ def tapped(model: nnx.Module, names: Iterable[str]):
     yield
 
 
-def _init(view: surgery.MatrixView, want: Want, mesh, axis, dtype
-          ) -> dict[str, jax.Array]:
+def _init(
+    view: surgery.MatrixView, want: Want, mesh, axis, dtype
+) -> dict[str, jax.Array]:
   """Zero statistics of one tapped module: leading axes = its stack."""
   d, stack = view.d_in, view.stack
   s = dict(count=jnp.zeros(stack, jnp.int32), ok=jnp.ones(stack, jnp.bool_))
   if want.r and mesh is None:
     s['r'] = jnp.zeros(stack + (d, d), dtype)
-  elif want.r:                                   # [*stack, D, d, d]
+  elif want.r:  # [*stack, D, d, d]
     size = mesh.shape[axis]
     sharding = jax.sharding.NamedSharding(
-        mesh, jax.P(*([None] * len(stack)), axis))
-    s['r'] = jax.jit(lambda: jnp.zeros(stack + (size, d, d), dtype),
-                     out_shardings=sharding)()
+        mesh, jax.P(*([None] * len(stack)), axis)
+    )
+    s['r'] = jax.jit(
+        lambda: jnp.zeros(stack + (size, d, d), dtype), out_shardings=sharding
+    )()
   if want.gram:
     s['gram'] = jnp.zeros(stack + (d, d), dtype)
   if want.abs_sum:
     s['abs_sum'] = jnp.zeros(stack + (d,), dtype)
   if mesh is not None:
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
-    s = {k: v if k == 'r' else jax.device_put(v, replicated)
-         for k, v in s.items()}
+    s = {
+        k: v if k == 'r' else jax.device_put(v, replicated)
+        for k, v in s.items()
+    }
   return s
 
 
-def _update(s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None,
-            mesh, axis) -> dict[str, jax.Array]:
+def _update(
+    s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None, mesh, axis
+) -> dict[str, jax.Array]:
   """One block of every statistic: fold R, add XᵀX and Σ|x|.
 
   Accumulates in the statistics' dtype (float32, or float64). `rows`
@@ -224,9 +256,9 @@ def _update(s: dict[str, jax.Array], x: jax.Array, rows: jax.Array | None,
   rows into its own R (no communication). `ok` turns False on NaN/Inf.
   """
   dtype = next(s[k].dtype for k in ('r', 'gram', 'abs_sum') if k in s)
-  x = x.astype(dtype)                                           # f[b, d]
+  x = x.astype(dtype)  # f[b, d]
   if rows is not None:
-    x = jnp.where(rows[:, None], x, 0.)
+    x = jnp.where(rows[:, None], x, 0.0)
   count = s['count'] + (x.shape[0] if rows is None else rows.sum())
   out = dict(s, count=count.astype(jnp.int32))
   if 'r' not in s:
@@ -252,15 +284,18 @@ def _fold(tap: _Tap, x: jax.Array, recorder: _Recorder) -> None:
         f'Layer {tap.name!r} is stacked {tuple(tap.view.stack)} (its kernel '
         f'has leading axes {s["count"].shape}) but was called on its whole '
         'stack at once: call it through nnx.scan or nnx.vmap over its '
-        'leading axes (its statistics are sliced like its kernel).')
+        'leading axes (its statistics are sliced like its kernel).'
+    )
   rows = None
   if recorder.mask is not None:
     n, b = x.shape[0], recorder.mask.shape[0]
     if n % b:
-      raise ValueError(f'Layer {tap.name!r}: its input has {n} rows, not a '
-                       f'multiple of the batch size {b}: data-parallel '
-                       'calibration needs layer inputs whose leading axis is '
-                       'the batch.')
+      raise ValueError(
+          f'Layer {tap.name!r}: its input has {n} rows, not a '
+          f'multiple of the batch size {b}: data-parallel '
+          'calibration needs layer inputs whose leading axis is '
+          'the batch.'
+      )
     rows = jnp.repeat(recorder.mask, n // b)
   new = _update(s, x, rows, recorder.mesh, recorder.axis)
   for k, v in new.items():
@@ -276,13 +311,19 @@ def _shard_batch(batch: Any, mesh, axis: str) -> tuple[Any, jax.Array]:
   leaves = jax.tree.leaves(batch)
   n = np.shape(leaves[0])[0]
   if any(np.shape(l)[0] != n for l in leaves):
-    raise ValueError('Data-parallel calibration needs batches whose arrays '
-                     'share a leading batch axis.')
+    raise ValueError(
+        'Data-parallel calibration needs batches whose arrays '
+        'share a leading batch axis.'
+    )
   pad = -n % size
   sharding = jax.sharding.NamedSharding(mesh, jax.P(axis))
-  batch = jax.tree.map(lambda l: jax.device_put(np.pad(
-      np.asarray(l), [(0, pad)] + [(0, 0)] * (np.ndim(l) - 1)), sharding),
-                       batch)
+  batch = jax.tree.map(
+      lambda l: jax.device_put(
+          np.pad(np.asarray(l), [(0, pad)] + [(0, 0)] * (np.ndim(l) - 1)),
+          sharding,
+      ),
+      batch,
+  )
   mask = jax.device_put(np.arange(n + pad) < n, sharding)
   return batch, mask
 
@@ -307,14 +348,15 @@ class _Groups:
 
   def __init__(self, modules: list[str]):
     self.modules = modules
-    self.group_of: dict[str, str] = {}         # module -> group
+    self.group_of: dict[str, str] = {}  # module -> group
     self.stats: dict[str, dict[str, jax.Array]] = {}
 
   def members_of(self, gid: str) -> list[str]:
     return [m for m in self.modules if self.group_of.get(m) == gid]
 
-  def refine(self, signatures: Mapping[str, tuple], init: Callable
-             ) -> list[str]:
+  def refine(
+      self, signatures: Mapping[str, tuple], init: Callable
+  ) -> list[str]:
     """Refines by one batch's call signatures; returns the groups it folds."""
     buckets: dict[tuple, list[str]] = {}
     for m in self.modules:
@@ -324,13 +366,16 @@ class _Groups:
     folding, stats = [], {}
     for (old, sig), members in buckets.items():
       if old is None and sig is None:
-        continue                              # never called so far
+        continue  # never called so far
       gid = members[0]
       if old is None:
         stats[gid] = init(gid)
-      else:                                   # a part: its own copy
-        stats[gid] = (self.stats[old] if members == previous[old]
-                      else dict(self.stats[old]))
+      else:  # a part: its own copy
+        stats[gid] = (
+            self.stats[old]
+            if members == previous[old]
+            else dict(self.stats[old])
+        )
       for m in members:
         self.group_of[m] = gid
       if sig is not None:
@@ -339,11 +384,18 @@ class _Groups:
     return folding
 
 
-def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
-              *, want: Want = Want(), call: Callable = default_call,
-              mesh: jax.sharding.Mesh | None = None, axis: str = 'data',
-              dtype: Any = jnp.float32, desc: str = 'calibrate'
-              ) -> tuple[dict[str, stats_lib.LayerStats], dict[str, str]]:
+def calibrate(
+    model: nnx.Module,
+    batches: Iterable[Any],
+    layers: Iterable[str],
+    *,
+    want: Want = Want(),
+    call: Callable = default_call,
+    mesh: jax.sharding.Mesh | None = None,
+    axis: str = 'data',
+    dtype: Any = jnp.float32,
+    desc: str = 'calibrate',
+) -> tuple[dict[str, stats_lib.LayerStats], dict[str, str]]:
   """Streams `batches` through `model`, folding each layer's input.
 
   Args:
@@ -384,15 +436,20 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
   layers = list(layers)
   dtype = streaming.check_dtype(dtype)
   if mesh is not None and axis not in mesh.axis_names:
-    raise ValueError(f'mesh has axes {mesh.axis_names}; calibration is '
-                     f'data-parallel over axis={axis!r}: name that mesh '
-                     f'axis {axis!r} (or pass axis=).')
+    raise ValueError(
+        f'mesh has axes {mesh.axis_names}; calibration is '
+        f'data-parallel over axis={axis!r}: name that mesh '
+        f'axis {axis!r} (or pass axis=).'
+    )
   replicated = None
   if mesh is not None:
     # Auto axes: XLA propagates the batch sharding through any model, which
     # need not annotate its own ops (Explicit axes would require it).
-    mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(
-        jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    mesh = jax.sharding.Mesh(
+        mesh.devices,
+        mesh.axis_names,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names),
+    )
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
   views = _modules_of(model, layers)
   fields = _fields(want)
@@ -400,7 +457,7 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
   init = lambda m: _init(views[m], want, mesh, axis, dtype)
   with _tapped(model, views, fields, replicated) as taps:
     graphdef, stats_state, rest = nnx.split(model, _Stat, ...)
-    if mesh is not None:                      # replicate the model
+    if mesh is not None:  # replicate the model
       rest = jax.device_put(rest, replicated)
     empty = {m: {k: v[...] for k, v in taps[m].stats.items()} for m in taps}
 
@@ -410,17 +467,18 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
 
     def discover(stats_state, rest, batch):
       recorder = _Recorder()
-      jax.eval_shape(lambda s, r, b: run(s, r, b, recorder), stats_state,
-                     rest, batch)
+      jax.eval_shape(
+          lambda s, r, b: run(s, r, b, recorder), stats_state, rest, batch
+      )
       return recorder.signatures()
 
-    step = functools.partial(_step, graphdef=graphdef, call=call, mesh=mesh,
-                             axis=axis)
+    step = functools.partial(
+        _step, graphdef=graphdef, call=call, mesh=mesh, axis=axis
+    )
 
     plans, seen = {}, set()
     index = -1
-    for index, batch in enumerate(tqdm.tqdm(batches, desc=desc,
-                                            unit='batch')):
+    for index, batch in enumerate(tqdm.tqdm(batches, desc=desc, unit='batch')):
       mask = None
       if mesh is not None:
         batch, mask = _shard_batch(batch, mesh, axis)
@@ -435,8 +493,9 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
         for k, v in values.items():
           tap.stats[k].set_value(v)
       before = {g: groups.stats[g]['count'] for g in folding}
-      new = step(nnx.state(model, _Stat), rest, batch, mask,
-                 fold=frozenset(folding))
+      new = step(
+          nnx.state(model, _Stat), rest, batch, mask, fold=frozenset(folding)
+      )
       nnx.update(model, new)
       for g in folding:
         groups.stats[g] = {k: v[...] for k, v in taps[g].stats.items()}
@@ -445,15 +504,16 @@ def calibrate(model: nnx.Module, batches: Iterable[Any], layers: Iterable[str],
     raise ValueError('The calibration stream is empty: no batch to fold.')
   never = [n for n in layers if surgery.split_name(n)[0] not in seen]
   if never:
-    raise ValueError(f'Layers {never} were not called by the model during '
-                     'calibration.')
+    raise ValueError(
+        f'Layers {never} were not called by the model during ' 'calibration.'
+    )
   return _finalize(groups, views, layers, mesh, axis)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'call', 'fold',
-                                             'mesh', 'axis'))
-def _step(stats_state, rest, batch, mask, *, graphdef, call, fold, mesh,
-          axis):
+@functools.partial(
+    jax.jit, static_argnames=('graphdef', 'call', 'fold', 'mesh', 'axis')
+)
+def _step(stats_state, rest, batch, mask, *, graphdef, call, fold, mesh, axis):
   """One batch through the tapped model; the taps' new statistics.
 
   Module-level, with the model's structure static, so that calibrating the
@@ -467,14 +527,20 @@ def _step(stats_state, rest, batch, mask, *, graphdef, call, fold, mesh,
 
 def _check_step(groups: _Groups, folding, before, layers, index) -> None:
   """Raises on NaN/Inf, or on statistics a transform did not give back."""
-  got = jax.device_get({g: (groups.stats[g]['ok'], groups.stats[g]['count'],
-                            before[g]) for g in folding})
+  got = jax.device_get(
+      {
+          g: (groups.stats[g]['ok'], groups.stats[g]['count'], before[g])
+          for g in folding
+      }
+  )
   module_of = {n: surgery.split_name(n)[0] for n in layers}
   bad = [g for g, (ok, _, _) in got.items() if not np.all(ok)]
   if bad:
     sharers = [n for n in layers if groups.group_of[module_of[n]] in bad]
-    raise ValueError(f'NaN or Inf in the input of layer(s) {sharers} at '
-                     f'calibration batch {index}.')
+    raise ValueError(
+        f'NaN or Inf in the input of layer(s) {sharers} at '
+        f'calibration batch {index}.'
+    )
   lost = [g for g, (_, after, prev) in got.items() if np.any(after <= prev)]
   if lost:
     raise ValueError(
@@ -482,11 +548,13 @@ def _check_step(groups: _Groups, folding, before, layers, index) -> None:
         'statistics did not come back out of the transform around them: its '
         'state rules drop changes to their module (e.g. nnx.scan or nnx.vmap '
         'with the module broadcast, in_axes=None). Pass the module as '
-        'nnx.Carry, or scan its state (axis 0).')
+        'nnx.Carry, or scan its state (axis 0).'
+    )
 
 
-def _finalize(groups: _Groups, views, layers, mesh, axis
-              ) -> tuple[dict[str, stats_lib.LayerStats], dict[str, str]]:
+def _finalize(
+    groups: _Groups, views, layers, mesh, axis
+) -> tuple[dict[str, stats_lib.LayerStats], dict[str, str]]:
   """{group layer: LayerStats}, {layer: group layer} for the asked layers."""
   group_of, wanted = {}, {}
   for name in layers:
@@ -495,23 +563,29 @@ def _finalize(groups: _Groups, views, layers, mesh, axis
     group = f"{gid}[{','.join(map(str, index))}]" if index else gid
     group_of[name] = group
     wanted[group] = (gid, index)
-  rs = {g: groups.stats[gid]['r'][index] for g, (gid, index) in wanted.items()
-        if 'r' in groups.stats[gid]}
-  if mesh is not None and rs:                     # one tree reduction, every layer
+  rs = {
+      g: groups.stats[gid]['r'][index]
+      for g, (gid, index) in wanted.items()
+      if 'r' in groups.stats[gid]
+  }
+  if mesh is not None and rs:  # one tree reduction, every layer
     rs = tsqr.reduce_r(rs, mesh=mesh, axis=axis)
   out = {}
   for g, (gid, index) in wanted.items():
     s = groups.stats[gid]
     pick = lambda k: s[k][index] if k in s else None
-    out[g] = stats_lib.LayerStats(r=rs.get(g), gram=pick('gram'),
-                                  abs_sum=pick('abs_sum'),
-                                  count=int(s['count'][index]))
+    out[g] = stats_lib.LayerStats(
+        r=rs.get(g),
+        gram=pick('gram'),
+        abs_sum=pick('abs_sum'),
+        count=int(s['count'][index]),
+    )
   return out, group_of
 
 
-def layer_stats(model: nnx.Module, batches: Iterable[Any],
-                layers: Iterable[str], **kwargs
-                ) -> dict[str, stats_lib.LayerStats]:
+def layer_stats(
+    model: nnx.Module, batches: Iterable[Any], layers: Iterable[str], **kwargs
+) -> dict[str, stats_lib.LayerStats]:
   """`{layer: LayerStats}` of each layer's input, from one pass over `batches`.
 
   The same as `calibrate` (same arguments), with its groups expanded: layers

@@ -14,6 +14,7 @@ thing (before any JAX computation), then build the mesh and run the same
 
 On CPU the cross-process collectives are gloo's (TCP).
 """
+
 import os
 from typing import Any
 
@@ -21,7 +22,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-ENV_ADDRESS = 'CTXLR_COORDINATOR_ADDRESS'   # host:port of process 0
+ENV_ADDRESS = 'CTXLR_COORDINATOR_ADDRESS'  # host:port of process 0
 ENV_NUM_PROCESSES = 'CTXLR_NUM_PROCESSES'
 ENV_PROCESS_ID = 'CTXLR_PROCESS_ID'
 
@@ -33,15 +34,19 @@ def _from_env(name: str) -> int | None:
   try:
     return int(value)
   except ValueError as e:
-    raise ValueError(f'Environment variable {name}={value!r} is not an '
-                     'integer.') from e
+    raise ValueError(
+        f'Environment variable {name}={value!r} is not an ' 'integer.'
+    ) from e
 
 
-def initialize(coordinator_address: str | None = None,
-               num_processes: int | None = None,
-               process_id: int | None = None, *,
-               timeout_s: int = 300,
-               cpu_collectives: str = 'gloo') -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = 300,
+    cpu_collectives: str = 'gloo',
+) -> bool:
   """Joins this process to a multi-process JAX job, if one is configured.
 
   Arguments left as None are read from the environment
@@ -65,44 +70,57 @@ def initialize(coordinator_address: str | None = None,
     ValueError: if only some of the three settings are given, or they are
       out of range.
   """
-  address = (coordinator_address or os.environ.get(ENV_ADDRESS) or
-             os.environ.get('JAX_COORDINATOR_ADDRESS'))
+  address = (
+      coordinator_address
+      or os.environ.get(ENV_ADDRESS)
+      or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  )
   if num_processes is None:
     num_processes = _from_env(ENV_NUM_PROCESSES)
   if process_id is None:
     process_id = _from_env(ENV_PROCESS_ID)
-  given = {'coordinator_address': address, 'num_processes': num_processes,
-           'process_id': process_id}
+  given = {
+      'coordinator_address': address,
+      'num_processes': num_processes,
+      'process_id': process_id,
+  }
   if all(v is None for v in given.values()):
     return False
   missing = [k for k, v in given.items() if v is None]
   if missing:
-    raise ValueError(f'Multi-process setup is incomplete: {missing} not '
-                     f'given (arguments or {ENV_ADDRESS}, {ENV_NUM_PROCESSES},'
-                     f' {ENV_PROCESS_ID}).')
+    raise ValueError(
+        f'Multi-process setup is incomplete: {missing} not '
+        f'given (arguments or {ENV_ADDRESS}, {ENV_NUM_PROCESSES},'
+        f' {ENV_PROCESS_ID}).'
+    )
   if ':' not in address or not address.rsplit(':', 1)[1].isdigit():
-    raise ValueError(f"coordinator_address must be 'host:port'; got "
-                     f'{address!r}.')
+    raise ValueError(
+        f"coordinator_address must be 'host:port'; got " f'{address!r}.'
+    )
   if num_processes < 1:
     raise ValueError(f'num_processes must be >= 1; got {num_processes}.')
   if not 0 <= process_id < num_processes:
-    raise ValueError(f'process_id must be in [0, {num_processes}); got '
-                     f'{process_id}.')
+    raise ValueError(
+        f'process_id must be in [0, {num_processes}); got ' f'{process_id}.'
+    )
   if cpu_collectives not in ('gloo', 'mpi'):
-    raise ValueError("cpu_collectives must be 'gloo' or 'mpi'; got "
-                     f'{cpu_collectives!r}.')
+    raise ValueError(
+        "cpu_collectives must be 'gloo' or 'mpi'; got " f'{cpu_collectives!r}.'
+    )
   if num_processes == 1:
     return False
   jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
   jax.distributed.initialize(
-      coordinator_address=address, num_processes=num_processes,
-      process_id=process_id, initialization_timeout=timeout_s,
-      shutdown_timeout_seconds=timeout_s)
+      coordinator_address=address,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=timeout_s,
+      shutdown_timeout_seconds=timeout_s,
+  )
   return True
 
 
-def make_mesh(axis: str = 'rows', *,
-              devices: Any = None) -> jax.sharding.Mesh:
+def make_mesh(axis: str = 'rows', *, devices: Any = None) -> jax.sharding.Mesh:
   """A one-axis mesh over the devices of every process (default: all).
 
   Devices are in `jax.devices()` order: process 0's first. Axis type:
@@ -114,8 +132,9 @@ def make_mesh(axis: str = 'rows', *,
   return jax.make_mesh((len(devices),), (axis,), devices=devices)
 
 
-def shard_rows(x_local: Any, *, mesh: jax.sharding.Mesh,
-               axis: str = 'rows') -> jax.Array:
+def shard_rows(
+    x_local: Any, *, mesh: jax.sharding.Mesh, axis: str = 'rows'
+) -> jax.Array:
   """One global array of rows from each process's own rows.
 
   Every process passes its local rows (row counts may differ between
@@ -133,8 +152,10 @@ def shard_rows(x_local: Any, *, mesh: jax.sharding.Mesh,
     ceil(n_p / D_p) with D_p the devices of process p.
   """
   if axis not in mesh.axis_names or mesh.devices.size != mesh.shape[axis]:
-    raise ValueError(f'mesh {dict(mesh.shape)} must have one axis {axis!r} '
-                     'holding all its devices.')
+    raise ValueError(
+        f'mesh {dict(mesh.shape)} must have one axis {axis!r} '
+        'holding all its devices.'
+    )
   shape = np.shape(x_local)
   if len(shape) != 2:
     raise ValueError(f'x_local must be a matrix (rows, d); got shape {shape}.')
@@ -144,13 +165,20 @@ def shard_rows(x_local: Any, *, mesh: jax.sharding.Mesh,
     raise ValueError(f'mesh has no device of process {here}.')
   per_device = -(-shape[0] // n_local_devices)
   if jax.process_count() > 1:
-    per_device = int(np.max(multihost_utils.process_allgather(
-        np.int64(per_device))))
+    per_device = int(
+        np.max(multihost_utils.process_allgather(np.int64(per_device)))
+    )
   per_device = max(per_device, 1)
   x = np.asarray(x_local)
   x = np.concatenate(
-      [x, np.zeros((per_device * n_local_devices - shape[0], shape[1]),
-                   x.dtype)])
+      [
+          x,
+          np.zeros(
+              (per_device * n_local_devices - shape[0], shape[1]), x.dtype
+          ),
+      ]
+  )
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
   return jax.make_array_from_process_local_data(
-      sharding, x, (per_device * mesh.size, shape[1]))
+      sharding, x, (per_device * mesh.size, shape[1])
+  )

@@ -8,6 +8,7 @@ Perplexity is `exp(mean NLL)` over every position but the first of each
 sequence (non-overlapping windows: each window's first token has no context
 and is not scored). Sums are accumulated in float64 on the host.
 """
+
 import functools
 import time
 from typing import Any, NamedTuple, Sequence
@@ -20,32 +21,41 @@ import tqdm
 
 
 class Perplexity(NamedTuple):
-  perplexity: float         # exp(nll)
-  nll: float                # mean negative log-likelihood, nats per token
-  num_tokens: int           # scored tokens: num_sequences * (seq_len - 1)
+  perplexity: float  # exp(nll)
+  nll: float  # mean negative log-likelihood, nats per token
+  num_tokens: int  # scored tokens: num_sequences * (seq_len - 1)
   num_sequences: int
-  seconds: float            # forward passes, compilation excluded
+  seconds: float  # forward passes, compilation excluded
   tokens_per_second: float  # tokens fed to the model per second
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _nll_sum(graphdef: Any, state: Any, ids: jax.Array,
-             weights: jax.Array) -> jax.Array:
+def _nll_sum(
+    graphdef: Any, state: Any, ids: jax.Array, weights: jax.Array
+) -> jax.Array:
   """Sum over rows of weight * NLL of ids[:, 1:]; ids int32[b, L]."""
-  logits = nnx.merge(graphdef, state)(ids)[:, :-1]        # f32[b, L-1, V]
+  logits = nnx.merge(graphdef, state)(ids)[:, :-1]  # f32[b, L-1, V]
   target = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(logits, axis=-1) - target        # f32[b, L-1]
+  nll = jax.nn.logsumexp(logits, axis=-1) - target  # f32[b, L-1]
   return jnp.sum(nll.sum(axis=1) * weights)
 
 
 def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:
   if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-    raise ValueError(f'{name} holds token ids outside [0, {vocab_size}): '
-                     f'min {ids.min()}, max {ids.max()}.')
+    raise ValueError(
+        f'{name} holds token ids outside [0, {vocab_size}): '
+        f'min {ids.min()}, max {ids.max()}.'
+    )
 
 
-def perplexity(model: nnx.Module, sequences: Any, *, batch_size: int = 4,
-               progress: bool = True, desc: str = 'perplexity') -> Perplexity:
+def perplexity(
+    model: nnx.Module,
+    sequences: Any,
+    *,
+    batch_size: int = 4,
+    progress: bool = True,
+    desc: str = 'perplexity',
+) -> Perplexity:
   """Perplexity of `model` on packed token sequences.
 
   One compiled shape: the last batch is padded with zero-weight rows.
@@ -62,48 +72,71 @@ def perplexity(model: nnx.Module, sequences: Any, *, batch_size: int = 4,
     A `Perplexity`.
   """
   seqs = np.asarray(sequences)
-  if seqs.ndim != 2 or seqs.shape[1] < 2 or not np.issubdtype(
-      seqs.dtype, np.integer):
-    raise ValueError(f'sequences must be int[num_sequences, seq_len >= 2]; '
-                     f'got {seqs.dtype}{list(seqs.shape)}.')
+  if (
+      seqs.ndim != 2
+      or seqs.shape[1] < 2
+      or not np.issubdtype(seqs.dtype, np.integer)
+  ):
+    raise ValueError(
+        f'sequences must be int[num_sequences, seq_len >= 2]; '
+        f'got {seqs.dtype}{list(seqs.shape)}.'
+    )
   if not len(seqs):
     raise ValueError('sequences is empty.')
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
-      batch_size < 1):
+  if (
+      isinstance(batch_size, bool)
+      or not isinstance(batch_size, int)
+      or (batch_size < 1)
+  ):
     raise ValueError(f'batch_size must be an int >= 1; got {batch_size!r}.')
   _check_ids('sequences', seqs, model.config.vocab_size)
   n, seq_len = seqs.shape
   batch_size = min(batch_size, n)
   graphdef, state = nnx.split(model)
-  step = functools.partial(_nll_sum, graphdef)   # jit cache: one compile per
-  total, seconds = 0.0, 0.0                      # model structure and shape
-  bar = tqdm.tqdm(total=n * seq_len, desc=desc, unit='tok',
-                  disable=not progress)
+  step = functools.partial(_nll_sum, graphdef)  # jit cache: one compile per
+  total, seconds = 0.0, 0.0  # model structure and shape
+  bar = tqdm.tqdm(
+      total=n * seq_len, desc=desc, unit='tok', disable=not progress
+  )
   for start in range(0, n, batch_size):
-    rows = seqs[start:start + batch_size].astype(np.int32)
+    rows = seqs[start : start + batch_size].astype(np.int32)
     weights = np.ones(batch_size, np.float32)
-    weights[len(rows):] = 0.0
+    weights[len(rows) :] = 0.0
     if len(rows) < batch_size:
       rows = np.concatenate(
-          [rows, np.zeros((batch_size - len(rows), seq_len), np.int32)])
+          [rows, np.zeros((batch_size - len(rows), seq_len), np.int32)]
+      )
     t0 = time.perf_counter()
-    total += float(step(state, rows, weights))   # float() waits for it
+    total += float(step(state, rows, weights))  # float() waits for it
     seconds += time.perf_counter() - t0
     done = min(start + batch_size, n)
     bar.update(int(weights.sum()) * seq_len)
-    bar.set_postfix(ppl=f'{np.exp(total / (done * (seq_len - 1))):.3f}',
-                    tok_s=f'{done * seq_len / seconds:.0f}')
+    bar.set_postfix(
+        ppl=f'{np.exp(total / (done * (seq_len - 1))):.3f}',
+        tok_s=f'{done * seq_len / seconds:.0f}',
+    )
   bar.close()
   num_tokens = n * (seq_len - 1)
   nll = total / num_tokens
-  return Perplexity(perplexity=float(np.exp(nll)), nll=nll,
-                    num_tokens=num_tokens, num_sequences=n, seconds=seconds,
-                    tokens_per_second=n * seq_len / seconds)
+  return Perplexity(
+      perplexity=float(np.exp(nll)),
+      nll=nll,
+      num_tokens=num_tokens,
+      num_sequences=n,
+      seconds=seconds,
+      tokens_per_second=n * seq_len / seconds,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _greedy(graphdef: Any, state: Any, buf: jax.Array, start: jax.Array,
-            steps: int, stop_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _greedy(
+    graphdef: Any,
+    state: Any,
+    buf: jax.Array,
+    start: jax.Array,
+    steps: int,
+    stop_ids: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   """Fills buf[0, start:start+steps] greedily; stops after a stop id."""
   model = nnx.merge(graphdef, state)
 
@@ -114,9 +147,10 @@ def _greedy(graphdef: Any, state: Any, buf: jax.Array, start: jax.Array,
   def body(carry):
     i, buf, _ = carry
     pos = start + i
-    logits = model(buf)[0]                                 # f32[T, V]
-    token = jnp.argmax(jax.lax.dynamic_index_in_dim(logits, pos - 1, 0,
-                                                    keepdims=False))
+    logits = model(buf)[0]  # f32[T, V]
+    token = jnp.argmax(
+        jax.lax.dynamic_index_in_dim(logits, pos - 1, 0, keepdims=False)
+    )
     buf = buf.at[0, pos].set(token.astype(buf.dtype))
     return i + 1, buf, jnp.any(token == stop_ids)
 
@@ -124,9 +158,13 @@ def _greedy(graphdef: Any, state: Any, buf: jax.Array, start: jax.Array,
   return buf, i
 
 
-def generate(model: nnx.Module, prompt_ids: Sequence[int], *,
-             max_new_tokens: int = 32,
-             stop_ids: Sequence[int] = ()) -> list[int]:
+def generate(
+    model: nnx.Module,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int = 32,
+    stop_ids: Sequence[int] = (),
+) -> list[int]:
   """Greedy decoding, for sanity checks (no KV cache: one full forward pass
   per new token over a fixed-length buffer, so it compiles once).
 
@@ -142,17 +180,22 @@ def generate(model: nnx.Module, prompt_ids: Sequence[int], *,
   prompt = np.asarray(prompt_ids, np.int32).reshape(-1)
   if not prompt.size:
     raise ValueError('prompt_ids is empty.')
-  if isinstance(max_new_tokens, bool) or not isinstance(
-      max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f'max_new_tokens must be an int >= 1; got '
-                     f'{max_new_tokens!r}.')
+  if (
+      isinstance(max_new_tokens, bool)
+      or not isinstance(max_new_tokens, int)
+      or max_new_tokens < 1
+  ):
+    raise ValueError(
+        f'max_new_tokens must be an int >= 1; got ' f'{max_new_tokens!r}.'
+    )
   _check_ids('prompt_ids', prompt, model.config.vocab_size)
   length = prompt.size + max_new_tokens
-  length = -(-length // 32) * 32           # few distinct compiled shapes
+  length = -(-length // 32) * 32  # few distinct compiled shapes
   buf = np.zeros((1, length), np.int32)
-  buf[0, :prompt.size] = prompt
+  buf[0, : prompt.size] = prompt
   stops = np.asarray(list(stop_ids) or [-1], np.int32)
   graphdef, state = nnx.split(model)
-  out, count = _greedy(graphdef, state, buf, jnp.int32(prompt.size),
-                       max_new_tokens, stops)
-  return np.asarray(out)[0, prompt.size:prompt.size + int(count)].tolist()
+  out, count = _greedy(
+      graphdef, state, buf, jnp.int32(prompt.size), max_new_tokens, stops
+  )
+  return np.asarray(out)[0, prompt.size : prompt.size + int(count)].tolist()

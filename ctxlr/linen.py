@@ -22,6 +22,7 @@ and `promote_dtype`; the others run as before. `FactoredDense` is the same
 layer as a Linen module, for models that take a dense class to build with.
 For an `nnx.bridge.ToNNX` model, `compress_bridged` does all of it in place.
 """
+
 import contextlib
 import fnmatch
 import functools
@@ -66,36 +67,51 @@ def _node(params: Mapping[str, Any], path: tuple[str, ...]) -> Any:
   return node
 
 
-def _view(module: nn.Module, kernel_shape: tuple[int, ...]
-          ) -> surgery.MatrixView:
+def _view(
+    module: nn.Module, kernel_shape: tuple[int, ...]
+) -> surgery.MatrixView:
   """The matrix view of a Linen Dense / DenseGeneral with this kernel."""
   if isinstance(module, nn.Dense):
     n_in, n_out, kind, axis = 1, 1, 'linear', ()
   elif isinstance(module, nn.DenseGeneral):
     if _tuple(module.batch_dims):
-      raise ValueError(f'batch_dims {module.batch_dims} (one matrix per batch '
-                       'index)')
+      raise ValueError(
+          f'batch_dims {module.batch_dims} (one matrix per batch ' 'index)'
+      )
     axis = _tuple(module.axis)
-    n_in, n_out, kind = len(axis), len(_tuple(module.features)), (
-        'linear_general')
+    n_in, n_out, kind = (
+        len(axis),
+        len(_tuple(module.features)),
+        ('linear_general'),
+    )
   else:
-    raise ValueError(f'a {type(module).__name__}, not one of '
-                     f'{[t.__name__ for t in HANDLED]}')
+    raise ValueError(
+        f'a {type(module).__name__}, not one of '
+        f'{[t.__name__ for t in HANDLED]}'
+    )
   s = len(kernel_shape) - n_in - n_out
   if s < 0:
-    raise ValueError(f'kernel shape {kernel_shape} has fewer than {n_in + n_out}'
-                     ' axes')
-  return surgery.MatrixView(kind, tuple(kernel_shape[s:s + n_in]),
-                            tuple(kernel_shape[s + n_in:]),
-                            tuple(kernel_shape[:s]), axis=axis)
+    raise ValueError(
+        f'kernel shape {kernel_shape} has fewer than {n_in + n_out}' ' axes'
+    )
+  return surgery.MatrixView(
+      kind,
+      tuple(kernel_shape[s : s + n_in]),
+      tuple(kernel_shape[s + n_in :]),
+      tuple(kernel_shape[:s]),
+      axis=axis,
+  )
 
 
 def _params_of(variables: Mapping[str, Any]) -> Mapping[str, Any]:
   return meta.unbox(variables['params'])
 
 
-def kernel_matrix(variables: Mapping[str, Any], name: str,
-                  views: Mapping[str, surgery.MatrixView]) -> jax.Array:
+def kernel_matrix(
+    variables: Mapping[str, Any],
+    name: str,
+    views: Mapping[str, surgery.MatrixView],
+) -> jax.Array:
   """Layer `name`'s kernel as its matrix view, float[d_in, d_out]."""
   module, index = surgery.split_name(name)
   view = views[module]
@@ -106,6 +122,7 @@ def kernel_matrix(variables: Mapping[str, Any], name: str,
 
 # ---------------------------------------------------------- interception ---
 
+
 class _Trace:
   """What the Dense calls of one trace did (discovery) or must do (folding)."""
 
@@ -113,7 +130,7 @@ class _Trace:
     self.params, self.fold, self.host = params, fold, host
     self.views: dict[str, surgery.MatrixView] = {}
     self.calls: dict[str, list[tuple]] = {}
-    self.kinds: dict[str, str] = {}          # every module called: its type
+    self.kinds: dict[str, str] = {}  # every module called: its type
     self._keep = []
 
   def interceptor(self, next_fun, args, kwargs, context):
@@ -133,12 +150,17 @@ class _Trace:
           self.views[name] = None
       view = self.views[name]
       if view is not None:
-        call_view = surgery.MatrixView(view.kind, view.in_shape,
-                                       view.out_shape, (), view.axis)
+        call_view = surgery.MatrixView(
+            view.kind, view.in_shape, view.out_shape, (), view.axis
+        )
         if self.fold:
           if name in self.fold:
-            io_callback(functools.partial(self.host.receive, name), None,
-                        surgery.input_as_matrix(call_view, x), ordered=True)
+            io_callback(
+                functools.partial(self.host.receive, name),
+                None,
+                surgery.input_as_matrix(call_view, x),
+                ordered=True,
+            )
         else:
           self._keep.append(x)
           key = (id(x), view.kind, view.in_shape, view.axis, view.stack)
@@ -157,16 +179,23 @@ class _Host:
   L stacked kernels, calls j·T/L … (j+1)·T/L − 1 went to kernel j.
   """
 
-  def __init__(self, groups: calibration._Groups, views,  # pylint: disable=protected-access
-               want: stats_lib.Want):
+  def __init__(
+      self,
+      groups: calibration._Groups,
+      views,  # pylint: disable=protected-access
+      want: stats_lib.Want,
+  ):
     self.groups, self.views, self.want = groups, views, want
     self.buffer: dict[str, list[np.ndarray]] = {}
 
   def init(self, name: str) -> dict[str, np.ndarray]:
     view = self.views[name]
     d, stack = view.d_in, view.stack
-    s = dict(r=np.zeros(stack + (d, d)), count=np.zeros(stack, np.int64),
-             ok=np.ones(stack, bool))
+    s = dict(
+        r=np.zeros(stack + (d, d)),
+        count=np.zeros(stack, np.int64),
+        ok=np.ones(stack, bool),
+    )
     if self.want.gram:
       s['gram'] = np.zeros(stack + (d, d))
     if self.want.abs_sum:
@@ -182,20 +211,21 @@ class _Host:
       view = self.views[name]
       size = int(np.prod(view.stack))
       if len(xs) % size:
-        raise ValueError(f'Layer {name!r} is stacked {view.stack} but was '
-                         f'called {len(xs)} times in one step: not a multiple '
-                         f'of its {size} kernels (one scan over its stack '
-                         'expected).')
+        raise ValueError(
+            f'Layer {name!r} is stacked {view.stack} but was '
+            f'called {len(xs)} times in one step: not a multiple '
+            f'of its {size} kernels (one scan over its stack '
+            'expected).'
+        )
       per = len(xs) // size
       s = {k: v.copy() for k, v in self.groups.stats[name].items()}
       for j, x in enumerate(xs):
-        index = (np.unravel_index(j // per, view.stack) if view.stack
-                 else ())
+        index = np.unravel_index(j // per, view.stack) if view.stack else ()
         s['ok'][index] &= bool(np.isfinite(x).all())
-        x = np.where(np.isfinite(x), x, 0.)
+        x = np.where(np.isfinite(x), x, 0.0)
         r = np.linalg.qr(np.concatenate([x, s['r'][index]]), mode='r')
         r = np.pad(r, ((0, view.d_in - r.shape[0]), (0, 0)))
-        s['r'][index] = r * np.where(np.diag(r) < 0, -1., 1.)[:, None]
+        s['r'][index] = r * np.where(np.diag(r) < 0, -1.0, 1.0)[:, None]
         s['count'][index] += x.shape[0]
         if 'gram' in s:
           s['gram'][index] += x.T @ x
@@ -211,6 +241,7 @@ def _discover(apply: Callable, variables, batch) -> _Trace:
   def run(v, b):
     with nn.intercept_methods(trace.interceptor):
       apply(v, b)
+
   jax.eval_shape(run, variables, batch)
   return trace
 
@@ -220,8 +251,9 @@ def _abstract(batch: Any) -> tuple:
   return treedef, tuple((np.shape(l), jnp.result_type(l)) for l in leaves)
 
 
-def find_layers(apply: Callable, variables: Mapping[str, Any], example: Any
-                ) -> tuple[dict[str, surgery.MatrixView], dict[str, str]]:
+def find_layers(
+    apply: Callable, variables: Mapping[str, Any], example: Any
+) -> tuple[dict[str, surgery.MatrixView], dict[str, str]]:
   """The Dense layers one call `apply(variables, example)` reaches.
 
   Returns:
@@ -233,8 +265,11 @@ def find_layers(apply: Callable, variables: Mapping[str, Any], example: Any
   trace = _discover(apply, variables, example)
   params = _params_of(variables)
   handled = {n: v for n, v in trace.views.items() if v is not None}
-  unhandled = {n: f'{trace.kinds[n]}: cannot be seen as one matrix'
-               for n, v in trace.views.items() if v is None}
+  unhandled = {
+      n: f'{trace.kinds[n]}: cannot be seen as one matrix'
+      for n, v in trace.views.items()
+      if v is None
+  }
   for name, kind in trace.kinds.items():
     if name in trace.views or kind in {t.__name__ for t in _NOT_DENSE}:
       continue
@@ -242,17 +277,23 @@ def find_layers(apply: Callable, variables: Mapping[str, Any], example: Any
       node = _node(params, _path(name))
     except (KeyError, TypeError):
       continue
-    own = sorted(k for k, v in node.items()
-                 if not isinstance(v, Mapping) and np.ndim(v) >= 2)
+    own = sorted(
+        k
+        for k, v in node.items()
+        if not isinstance(v, Mapping) and np.ndim(v) >= 2
+    )
     if own:
       unhandled[name] = f'{kind}: params {", ".join(own)}'
   return handled, unhandled
 
 
-def select(apply: Callable, variables: Mapping[str, Any], example: Any,
-           include: Iterable[str] = surgery.DEFAULT_INCLUDE,
-           exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE
-           ) -> dict[str, tuple[int, int]]:
+def select(
+    apply: Callable,
+    variables: Mapping[str, Any],
+    example: Any,
+    include: Iterable[str] = surgery.DEFAULT_INCLUDE,
+    exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
+) -> dict[str, tuple[int, int]]:
   """`surgery.select_linears` for a Linen model: {layer: (d_in, d_out)}.
 
   Args:
@@ -267,39 +308,53 @@ def select(apply: Callable, variables: Mapping[str, Any], example: Any,
       modules of kinds not handled are named in one logged warning.
   """
   if isinstance(include, str) or isinstance(exclude, str):
-    raise ValueError('include and exclude must be sequences of patterns, '
-                     f'e.g. ({include!r},); got a string.')
+    raise ValueError(
+        'include and exclude must be sequences of patterns, '
+        f'e.g. ({include!r},); got a string.'
+    )
   include, exclude = tuple(include), tuple(exclude)
   handled, unhandled = find_layers(apply, variables, example)
   names_of = {m: surgery.stacked_names(m, v.stack) for m, v in handled.items()}
   every = [n for names in names_of.values() for n in names]
   for pattern in include:
-    if not any(fnmatch.fnmatchcase(n, pattern)
-               for n in list(names_of) + every):
-      raise ValueError(f'Pattern {pattern!r} matches no nn.Dense or '
-                       f'nn.DenseGeneral layer; layers are e.g. '
-                       f'{sorted(every)[:4]}.')
+    if not any(fnmatch.fnmatchcase(n, pattern) for n in list(names_of) + every):
+      raise ValueError(
+          f'Pattern {pattern!r} matches no nn.Dense or '
+          f'nn.DenseGeneral layer; layers are e.g. '
+          f'{sorted(every)[:4]}.'
+      )
   chosen = {}
   for module, names in surgery._choose(names_of, include, exclude).items():  # pylint: disable=protected-access
-    chosen.update({n: (handled[module].d_in, handled[module].d_out)
-                   for n in names})
+    chosen.update(
+        {n: (handled[module].d_in, handled[module].d_out) for n in names}
+    )
   if not chosen:
-    raise ValueError(f'No Dense layer matches include={include} and '
-                     f'exclude={exclude}.')
-  skipped = {n: why for n, why in unhandled.items()
-             if surgery._matches(n, include) and  # pylint: disable=protected-access
-             not surgery._matches(n, exclude)}  # pylint: disable=protected-access
+    raise ValueError(
+        f'No Dense layer matches include={include} and ' f'exclude={exclude}.'
+    )
+  skipped = {
+      n: why
+      for n, why in unhandled.items()
+      if surgery._matches(n, include)  # pylint: disable=protected-access
+      and not surgery._matches(n, exclude)
+  }  # pylint: disable=protected-access
   if skipped:
     surgery.warn_unhandled(skipped)
-  return dict(sorted(chosen.items(),
-                     key=lambda kv: surgery._order(kv[0])))  # pylint: disable=protected-access
+  return dict(
+      sorted(chosen.items(), key=lambda kv: surgery._order(kv[0]))
+  )  # pylint: disable=protected-access
 
 
-def calibrate(apply: Callable, variables: Mapping[str, Any],
-              batches: Iterable[Any], layers: Iterable[str], *,
-              want: stats_lib.Want = stats_lib.Want(),
-              dtype: Any = jnp.float32, desc: str = 'calibrate'
-              ) -> tuple[dict[str, stats_lib.LayerStats], dict[str, str]]:
+def calibrate(
+    apply: Callable,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    layers: Iterable[str],
+    *,
+    want: stats_lib.Want = stats_lib.Want(),
+    dtype: Any = jnp.float32,
+    desc: str = 'calibrate',
+) -> tuple[dict[str, stats_lib.LayerStats], dict[str, str]]:
   """`calibration.calibrate` for a Linen model: (group stats, group_of).
 
   Each layer's inputs are folded on the host in float64 (then given in
@@ -333,8 +388,7 @@ def calibrate(apply: Callable, variables: Mapping[str, Any],
     key = _abstract(batch)
     if key not in plans:
       trace = _discover(apply, variables, batch)
-      plans[key] = {m: s for m, s in trace.signatures().items()
-                    if m in modules}
+      plans[key] = {m: s for m, s in trace.signatures().items() if m in modules}
       views.update({m: trace.views[m] for m in plans[key]})
     signatures = plans[key]
     seen.update(signatures)
@@ -344,16 +398,20 @@ def calibrate(apply: Callable, variables: Mapping[str, Any],
     host.flush()
     bad = [g for g in folding if not np.all(groups.stats[g]['ok'])]
     if bad:
-      sharers = [n for n in layers
-                 if groups.group_of[surgery.split_name(n)[0]] in bad]
-      raise ValueError(f'NaN or Inf in the input of layer(s) {sharers} at '
-                       f'calibration batch {index}.')
+      sharers = [
+          n for n in layers if groups.group_of[surgery.split_name(n)[0]] in bad
+      ]
+      raise ValueError(
+          f'NaN or Inf in the input of layer(s) {sharers} at '
+          f'calibration batch {index}.'
+      )
   if index < 0:
     raise ValueError('The calibration stream is empty: no batch to fold.')
   never = [n for n in layers if surgery.split_name(n)[0] not in seen]
   if never:
-    raise ValueError(f'Layers {never} were not called by the model during '
-                     'calibration.')
+    raise ValueError(
+        f'Layers {never} were not called by the model during ' 'calibration.'
+    )
   out, group_of = {}, {}
   for name in layers:
     module, index = surgery.split_name(name)
@@ -364,26 +422,35 @@ def calibrate(apply: Callable, variables: Mapping[str, Any],
       s = groups.stats[gid]
       cast = lambda k: (jnp.asarray(s[k][index], dtype) if k in s else None)  # pylint: disable=cell-var-from-loop
       out[group] = stats_lib.LayerStats(
-          r=cast('r'), gram=cast('gram'), abs_sum=cast('abs_sum'),
-          count=int(s['count'][index]))
+          r=cast('r'),
+          gram=cast('gram'),
+          abs_sum=cast('abs_sum'),
+          count=int(s['count'][index]),
+      )
   return out, group_of
 
 
-def layer_stats(apply: Callable, variables: Mapping[str, Any],
-                batches: Iterable[Any], layers: Iterable[str],
-                **kwargs) -> dict[str, stats_lib.LayerStats]:
+def layer_stats(
+    apply: Callable,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    layers: Iterable[str],
+    **kwargs,
+) -> dict[str, stats_lib.LayerStats]:
   """{layer: LayerStats}: `calibrate` with its groups expanded."""
   layers = list(layers)
-  group_stats, group_of = calibrate(apply, variables, batches, layers,
-                                    **kwargs)
+  group_stats, group_of = calibrate(apply, variables, batches, layers, **kwargs)
   return {n: group_stats[group_of[n]] for n in layers}
 
 
 # ----------------------------------------------------------------- surgery ---
 
-def factor_params(params: Mapping[str, Any],
-                  factors: Mapping[str, Any],
-                  views: Mapping[str, surgery.MatrixView]) -> dict[str, Any]:
+
+def factor_params(
+    params: Mapping[str, Any],
+    factors: Mapping[str, Any],
+    views: Mapping[str, surgery.MatrixView],
+) -> dict[str, Any]:
   """A copy of `params` in which each factored layer holds `a`, `b`.
 
   Args:
@@ -430,21 +497,27 @@ def _factored_call(module: nn.Module, x: jax.Array) -> jax.Array:
     dot = module.dot_general_cls()
   else:
     dot = module.dot_general or jax.lax.dot_general
-  if not isinstance(module, nn.DenseGeneral):       # Dense, FactoredDense
+  if not isinstance(module, nn.DenseGeneral):  # Dense, FactoredDense
     view = surgery.MatrixView('linear', (a.shape[-2],), (module.features,))
   else:
     axis = _tuple(module.axis)
     in_shape = tuple(x.shape[ax] for ax in sorted(a % x.ndim for a in axis))
-    view = surgery.MatrixView('linear_general', in_shape,
-                              _tuple(module.features), axis=axis)
-  return surgery.contract(view, x, a, b, bias, dot_general=dot,
-                          precision=module.precision)
+    view = surgery.MatrixView(
+        'linear_general', in_shape, _tuple(module.features), axis=axis
+    )
+  return surgery.contract(
+      view, x, a, b, bias, dot_general=dot, precision=module.precision
+  )
 
 
 def _factored_interceptor(next_fun, args, kwargs, context):
   module = context.module
-  if (context.method_name == '__call__' and isinstance(module, HANDLED) and
-      module.scope is not None and module.has_variable('params', 'a')):
+  if (
+      context.method_name == '__call__'
+      and isinstance(module, HANDLED)
+      and module.scope is not None
+      and module.has_variable('params', 'a')
+  ):
     return _factored_call(module, args[0])
   return next_fun(*args, **kwargs)
 
@@ -464,6 +537,7 @@ class FactoredDense(nn.Module):
   [rank, features], `bias`), for models that take the dense class they
   build with.
   """
+
   features: int
   rank: int
   use_bias: bool = True
@@ -480,8 +554,9 @@ class FactoredDense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     d_in = x.shape[-1]
     self.param('a', self.kernel_init, (d_in, self.rank), self.param_dtype)
-    self.param('b', self.kernel_init, (self.rank, self.features),
-               self.param_dtype)
+    self.param(
+        'b', self.kernel_init, (self.rank, self.features), self.param_dtype
+    )
     if self.use_bias:
       self.param('bias', self.bias_init, (self.features,), self.param_dtype)
     return _factored_call(self, x)
@@ -489,6 +564,7 @@ class FactoredDense(nn.Module):
 
 class _WithFactors(nn.Module):
   """`inner` on the same params, run under `factored()`."""
+
   inner: nn.Module
 
   def setup(self):
@@ -501,14 +577,20 @@ class _WithFactors(nn.Module):
 
 # ------------------------------------------------------------------- runs ---
 
-def compress(apply: Callable, params: Mapping[str, Any],
-             batches: Iterable[Any], *, ratio: float, method: str = 'coala',
-             allocation: str = 'uniform',
-             include: Iterable[str] = surgery.DEFAULT_INCLUDE,
-             exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
-             variables: Mapping[str, Any] | None = None,
-             stats_dtype: Any = jnp.float32
-             ) -> tuple[dict[str, Any], dict[str, Any]]:
+
+def compress(
+    apply: Callable,
+    params: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    ratio: float,
+    method: str = 'coala',
+    allocation: str = 'uniform',
+    include: Iterable[str] = surgery.DEFAULT_INCLUDE,
+    exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
+    variables: Mapping[str, Any] | None = None,
+    stats_dtype: Any = jnp.float32,
+) -> tuple[dict[str, Any], dict[str, Any]]:
   """Compresses a Linen model's Dense layers: new params and a report.
 
   Args:
@@ -525,42 +607,69 @@ def compress(apply: Callable, params: Mapping[str, Any],
     with `unhandled` (chosen modules of kinds not factored).
   """
   from ctxlr import pipeline  # pylint: disable=g-import-not-at-top
+
   batches = list(batches)
   if not batches:
     raise ValueError('The calibration stream is empty: no batch to fold.')
-  pipeline.check_options(ratio=ratio, method=method, mu=0., mu_rule='energy',
-                         allocation=allocation, mode='one_shot')
+  pipeline.check_options(
+      ratio=ratio,
+      method=method,
+      mu=0.0,
+      mu_rule='energy',
+      allocation=allocation,
+      mode='one_shot',
+  )
   variables = dict(variables or {}, params=params)
   handled, unhandled = find_layers(apply, variables, batches[0])
   shapes = select(apply, variables, batches[0], include, exclude)
   from ctxlr import registry  # pylint: disable=g-import-not-at-top
-  stats = layer_stats(apply, variables, batches, shapes,
-                      want=registry.get(method).want, dtype=stats_dtype)
+
+  stats = layer_stats(
+      apply,
+      variables,
+      batches,
+      shapes,
+      want=registry.get(method).want,
+      dtype=stats_dtype,
+  )
   kernels = {n: kernel_matrix(variables, n, handled) for n in shapes}
-  ranks = pipeline.assign_ranks(shapes, kernels, stats, ratio=ratio,
-                                allocation=allocation)
+  ranks = pipeline.assign_ranks(
+      shapes, kernels, stats, ratio=ratio, allocation=allocation
+  )
   solved = pipeline.factorize_layers(kernels, stats, ranks, method=method)
   new = factor_params(params, solved, handled)
   size = lambda tree: sum(int(np.size(x)) for x in jax.tree.leaves(tree))
-  report = pipeline.make_report(shapes, ranks, solved, seconds={},
-                                params_before=size(params),
-                                params_after=size(new))
-  report['unhandled'] = {n: w for n, w in unhandled.items()
-                         if surgery._matches(n, tuple(include)) and  # pylint: disable=protected-access
-                         not surgery._matches(n, tuple(exclude))}  # pylint: disable=protected-access
+  report = pipeline.make_report(
+      shapes,
+      ranks,
+      solved,
+      seconds={},
+      params_before=size(params),
+      params_after=size(new),
+  )
+  report['unhandled'] = {
+      n: w
+      for n, w in unhandled.items()
+      if surgery._matches(n, tuple(include))  # pylint: disable=protected-access
+      and not surgery._matches(n, tuple(exclude))
+  }  # pylint: disable=protected-access
   return new, report
 
 
 def _bridged(model: nnx.bridge.ToNNX) -> tuple[Callable, dict[str, Any]]:
-  attrs = {k: v for k, v in vars(model).items()
-           if not k.startswith('to_nnx__') and not k.startswith('_pytree__')}
+  attrs = {
+      k: v
+      for k, v in vars(model).items()
+      if not k.startswith('to_nnx__') and not k.startswith('_pytree__')
+  }
   variables = bridge_variables.nnx_attrs_to_linen_vars(attrs)
   linen_module = model.to_nnx__module
   return (lambda v, b: linen_module.apply(v, b)), variables
 
 
-def compress_bridged(model: nnx.bridge.ToNNX, batches: Iterable[Any], *,
-                     ratio: float, **kwargs) -> dict[str, Any]:
+def compress_bridged(
+    model: nnx.bridge.ToNNX, batches: Iterable[Any], *, ratio: float, **kwargs
+) -> dict[str, Any]:
   """`compress` for a Linen model wrapped by `nnx.bridge.ToNNX`, in place.
 
   The wrapper's params become the factored ones and its Linen module runs
@@ -571,16 +680,22 @@ def compress_bridged(model: nnx.bridge.ToNNX, batches: Iterable[Any], *,
     The report.
   """
   if not isinstance(model, nnx.bridge.ToNNX):
-    raise ValueError(f'model must be an nnx.bridge.ToNNX; got '
-                     f'{type(model).__name__}.')
+    raise ValueError(
+        f'model must be an nnx.bridge.ToNNX; got ' f'{type(model).__name__}.'
+    )
   apply, variables = _bridged(model)
   params = variables.pop('params')
-  new, report = compress(apply, params, batches, ratio=ratio,
-                         variables=variables, **kwargs)
+  new, report = compress(
+      apply, params, batches, ratio=ratio, variables=variables, **kwargs
+  )
   attrs = bridge_variables.linen_vars_to_nnx_attrs({'params': new})
   for key in list(vars(model)):
-    if (not key.startswith('to_nnx__') and not key.startswith('_pytree__')
-        and key not in attrs and isinstance(getattr(model, key), nnx.Param)):
+    if (
+        not key.startswith('to_nnx__')
+        and not key.startswith('_pytree__')
+        and key not in attrs
+        and isinstance(getattr(model, key), nnx.Param)
+    ):
       delattr(model, key)
   for key, value in attrs.items():
     setattr(model, key, nnx.data(value) if isinstance(value, dict) else value)

@@ -9,6 +9,7 @@ right projection `K V_r V_rᵀ` with V the right singular vectors of
 of `Σ_R^{2p} V_Rᵀ K` (`R = U_R Σ_R V_Rᵀ`). p = ½ is `R K`, the exact
 minimiser of (P); p = 1 is `XᵀX K = Rᵀ(R K)`, CorDA's weighting.
 """
+
 import functools
 import math
 from typing import Any, Mapping
@@ -24,18 +25,21 @@ from ctxlr.linalg import kstar
 from ctxlr.linalg import qr
 from ctxlr.linalg import solvers
 
-
-EXACT_POWER = 0.5    # the weighting power of the objective (P) itself
+EXACT_POWER = 0.5  # the weighting power of the objective (P) itself
 
 
 def check_power(power: Any) -> None:
   """Raises ValueError unless `power` is a finite number > 0."""
-  if isinstance(power, (bool, np.bool_)) or not isinstance(
-      power, (int, float, np.integer, np.floating)) or not (
-          math.isfinite(power) and power > 0):
-    raise ValueError(f'power: the weighting power must be a finite number '
-                     f'> 0 (0.5: the exact objective, 1: CorDA); got '
-                     f'{power!r}.')
+  if (
+      isinstance(power, (bool, np.bool_))
+      or not isinstance(power, (int, float, np.integer, np.floating))
+      or not (math.isfinite(power) and power > 0)
+  ):
+    raise ValueError(
+        f'power: the weighting power must be a finite number '
+        f'> 0 (0.5: the exact objective, 1: CorDA); got '
+        f'{power!r}.'
+    )
 
 
 def _check_coala_options(options: Mapping[str, Any]) -> None:
@@ -44,25 +48,29 @@ def _check_coala_options(options: Mapping[str, Any]) -> None:
 
 
 @functools.partial(jax.jit, static_argnames='rank')
-def _power_factors(kernel: jax.Array, r: jax.Array, power: jax.Array, *,
-                   rank: int) -> tuple[solvers.Factors, jax.Array]:
+def _power_factors(
+    kernel: jax.Array, r: jax.Array, power: jax.Array, *, rank: int
+) -> tuple[solvers.Factors, jax.Array]:
   hi = jax.lax.Precision.HIGHEST
   dtype = checks.compute_dtype(kernel.dtype, r.dtype)
   k = kernel.astype(dtype)
   _, s_r, vt_r = jnp.linalg.svd(r.astype(dtype), full_matrices=False)
-  scale = jnp.power(s_r, 2 * power.astype(dtype))            # Σ_R^{2p}
-  m = scale[:, None] * jnp.matmul(vt_r, k, precision=hi)     # f[p, d_out]
+  scale = jnp.power(s_r, 2 * power.astype(dtype))  # Σ_R^{2p}
+  m = scale[:, None] * jnp.matmul(vt_r, k, precision=hi)  # f[p, d_out]
   _, sigma, vt = jnp.linalg.svd(m, full_matrices=False)
-  v = vt[:rank]                                              # f[rank, d_out]
+  v = vt[:rank]  # f[rank, d_out]
   rk = jnp.matmul(r.astype(dtype), k, precision=hi)
   gains = jnp.sum(jnp.square(jnp.matmul(rk, vt.T, precision=hi)), axis=0)
   a = jnp.matmul(k, v.T, precision=hi)
-  return solvers.Factors(a.astype(kernel.dtype), v.astype(kernel.dtype),
-                         sigma), gains
+  return (
+      solvers.Factors(a.astype(kernel.dtype), v.astype(kernel.dtype), sigma),
+      gains,
+  )
 
 
-def power_factors(kernel: jax.Array, r: jax.Array, *, rank: int,
-                  power: float) -> solvers.Factors:
+def power_factors(
+    kernel: jax.Array, r: jax.Array, *, rank: int, power: float
+) -> solvers.Factors:
   """Rank-`rank` projection of K weighted by `(XᵀX)^power`, from R.
 
   V are the right singular vectors of `Σ_R^{2p} V_Rᵀ K` (the same as those
@@ -82,8 +90,9 @@ def power_factors(kernel: jax.Array, r: jax.Array, *, rank: int,
   return power_gains(kernel, r, rank=rank, power=power)[0]
 
 
-def power_gains(kernel: jax.Array, r: jax.Array, *, rank: int,
-                power: float) -> tuple[solvers.Factors, jax.Array]:
+def power_gains(
+    kernel: jax.Array, r: jax.Array, *, rank: int, power: float
+) -> tuple[solvers.Factors, jax.Array]:
   """`power_factors` and the exact error curve of its directions in (P).
 
   `gains[i] = ||R K v_i||²`: the squared weighted error `||X(K − K_k)||²`
@@ -97,16 +106,29 @@ def power_gains(kernel: jax.Array, r: jax.Array, *, rank: int,
   checks.check_finite('kernel', kernel)
   checks.check_finite('r', r)
   check_power(power)
-  return _power_factors(jnp.asarray(kernel), jnp.asarray(r),
-                        jnp.asarray(power, jnp.float32), rank=rank)
+  return _power_factors(
+      jnp.asarray(kernel),
+      jnp.asarray(r),
+      jnp.asarray(power, jnp.float32),
+      rank=rank,
+  )
 
 
-@registry.register(needs=('r',), takes_mu=True,
-                   options=dict(power=EXACT_POWER), check=_check_coala_options,
-                   summary='inversion-free: SVD of R K (QR of X), ridge μ')
-def coala(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-          mu: float = 0.0, power: float = EXACT_POWER
-          ) -> tuple[solvers.Factors, registry.SolveInfo]:
+@registry.register(
+    needs=('r',),
+    takes_mu=True,
+    options=dict(power=EXACT_POWER),
+    check=_check_coala_options,
+    summary='inversion-free: SVD of R K (QR of X), ridge μ',
+)
+def coala(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float = 0.0,
+    power: float = EXACT_POWER,
+) -> tuple[solvers.Factors, registry.SolveInfo]:
   """The inversion-free solver: `regularize_r` if μ > 0, then `ctx_factors`.
 
   Minimises `||X(K − K')||² + μ||K − K'||²` over rank-`rank` K' from R alone
@@ -127,10 +149,18 @@ def coala(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   return factors, registry.solve_info(factors)
 
 
-@registry.register(needs=('r',), float64=True,
-                   summary='reference K_*: the minimiser closest to K, float64')
-def k_star(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
-           mu: float = 0.0) -> tuple[solvers.Factors, registry.SolveInfo]:
+@registry.register(
+    needs=('r',),
+    float64=True,
+    summary='reference K_*: the minimiser closest to K, float64',
+)
+def k_star(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float = 0.0,
+) -> tuple[solvers.Factors, registry.SolveInfo]:
   """The reference K_* (`ctxlr.linalg.kstar.k_star`), in float64 from R.
 
   The limit of the regularized solve as μ → 0 (docs/method.md §5): the
@@ -138,12 +168,15 @@ def k_star(kernel: jax.Array, stats: stats_lib.LayerStats, *, rank: int,
   one would ship (float64 SVDs); give it float64 statistics
   (`compress(stats_dtype=jnp.float64)`) where spectra are nearly tied.
   """
-  del mu                                   # takes_mu=False: checked to be 0
+  del mu  # takes_mu=False: checked to be 0
   with jax.enable_x64(True):
-    f = kstar.k_star(np.asarray(kernel, np.float64), np.asarray(stats.r),
-                     rank=rank)
+    f = kstar.k_star(
+        np.asarray(kernel, np.float64), np.asarray(stats.r), rank=rank
+    )
     a, b = np.asarray(f.a), np.asarray(f.b)
-  factors = solvers.Factors(jnp.asarray(a, kernel.dtype),
-                            jnp.asarray(b, kernel.dtype),
-                            jnp.asarray(np.asarray(f.sigma), jnp.float32))
+  factors = solvers.Factors(
+      jnp.asarray(a, kernel.dtype),
+      jnp.asarray(b, kernel.dtype),
+      jnp.asarray(np.asarray(f.sigma), jnp.float32),
+  )
   return factors, registry.solve_info(factors)

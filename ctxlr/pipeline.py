@@ -11,6 +11,7 @@ computed, e.g. one calibration for a sweep over methods), and the
 functional core `factorize_layers` (kernels + statistics -> factors, for
 parameters held in a plain pytree, e.g. Linen).
 """
+
 import functools
 import logging
 import time
@@ -42,8 +43,15 @@ from ctxlr.linalg import streaming
 # Two controls that take 'fisher' apart: 'fisher_factored' (no layer may stay
 # dense) and 'global_dense' (global's relative-error weights, with the step
 # to a dense layer that 'fisher' has).
-ALLOCATIONS = ('uniform', 'global', 'fisher', 'svd_llm_v2', 'coala_hetero',
-               'fisher_factored', 'global_dense')
+ALLOCATIONS = (
+    'uniform',
+    'global',
+    'fisher',
+    'svd_llm_v2',
+    'coala_hetero',
+    'fisher_factored',
+    'global_dense',
+)
 NEEDS_SENSITIVITY = ('fisher', 'fisher_factored')
 MODES = ('one_shot', 'sequential')
 # Per-layer μ rules: `solvers.layer_mu`'s, and 'cholesky' (μ = μ₀ times the
@@ -51,10 +59,18 @@ MODES = ('one_shot', 'sequential')
 MU_RULES = solvers.MU_RULES + ('cholesky',)
 
 
-def check_options(*, ratio: float, method: str, mu: float,
-                  allocation: str, mu_rule: str, mode: str,
-                  auto_mu: float = 0.0, auto_mu_rule: str = 'energy',
-                  method_options: Mapping[str, Any] | None = None) -> None:
+def check_options(
+    *,
+    ratio: float,
+    method: str,
+    mu: float,
+    allocation: str,
+    mu_rule: str,
+    mode: str,
+    auto_mu: float = 0.0,
+    auto_mu_rule: str = 'energy',
+    method_options: Mapping[str, Any] | None = None,
+) -> None:
   """Raises before any long work if an option is out of range."""
   if isinstance(ratio, bool) or not 0 < ratio <= 1:
     raise ValueError(f'ratio must be in (0, 1]; got {ratio}.')
@@ -67,29 +83,35 @@ def check_options(*, ratio: float, method: str, mu: float,
   if (mu > 0 or auto_mu > 0) and not record.takes_mu:
     raise ValueError(
         f'mu > 0 / auto_mu > 0 (regularization): method {method!r} has no '
-        f'ridge term; methods with one: {registry.names(takes_mu=True)}.')
+        f'ridge term; methods with one: {registry.names(takes_mu=True)}.'
+    )
   if allocation not in ALLOCATIONS:
-    raise ValueError(f'allocation must be one of {ALLOCATIONS}; got '
-                     f'{allocation!r}.')
+    raise ValueError(
+        f'allocation must be one of {ALLOCATIONS}; got ' f'{allocation!r}.'
+    )
   if mode not in MODES:
     raise ValueError(f'mode must be one of {MODES}; got {mode!r}.')
   if mu_rule not in MU_RULES:
     raise ValueError(f'mu_rule must be one of {MU_RULES}; got {mu_rule!r}.')
   if auto_mu_rule not in MU_RULES:
-    raise ValueError(f'auto_mu_rule must be one of {MU_RULES}; got '
-                     f'{auto_mu_rule!r}.')
+    raise ValueError(
+        f'auto_mu_rule must be one of {MU_RULES}; got ' f'{auto_mu_rule!r}.'
+    )
 
 
-def relative_error(kernel: jax.Array, r: jax.Array, a: jax.Array,
-                   b: jax.Array) -> float:
+def relative_error(
+    kernel: jax.Array, r: jax.Array, a: jax.Array, b: jax.Array
+) -> float:
   """`||X(K − a b)||_F / ||X K||_F`, exactly, from R (never X)."""
   hi = jax.lax.Precision.HIGHEST
   k = jnp.asarray(kernel, jnp.float32)
   rk = jnp.matmul(r, k, precision=hi)
-  approx = jnp.matmul(r, jnp.matmul(a.astype(jnp.float32),
-                                    b.astype(jnp.float32), precision=hi),
-                      precision=hi)
-  return checks.relative_norm(rk - approx, rk)      # no float32 overflow
+  approx = jnp.matmul(
+      r,
+      jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=hi),
+      precision=hi,
+  )
+  return checks.relative_norm(rk - approx, rk)  # no float32 overflow
 
 
 def numerical_rank(r: jax.Array) -> int:
@@ -99,22 +121,28 @@ def numerical_rank(r: jax.Array) -> int:
   return int((s > tol).sum())
 
 
-def layer_weights(sensitivity: Mapping[str, Any],
-                  names: Iterable[str]) -> dict[str, float]:
+def layer_weights(
+    sensitivity: Mapping[str, Any], names: Iterable[str]
+) -> dict[str, float]:
   """{layer: scalar loss weight} from `sensitivity` ({layer: Energy or float})."""
   out = {}
   for name in names:
     if name not in sensitivity:
       raise ValueError(f'sensitivity has no entry for layer {name!r}.')
     value = sensitivity[name]
-    out[name] = float(value.mean if isinstance(value, sensitivity_lib.Energy)
-                      else value)
+    out[name] = float(
+        value.mean if isinstance(value, sensitivity_lib.Energy) else value
+    )
   return out
 
 
-def error_gains(kernel: jax.Array, r: jax.Array, *, method: str = 'coala',
-                method_options: Mapping[str, Any] | None = None
-                ) -> np.ndarray:
+def error_gains(
+    kernel: jax.Array,
+    r: jax.Array,
+    *,
+    method: str = 'coala',
+    method_options: Mapping[str, Any] | None = None,
+) -> np.ndarray:
   """The exact squared-error decrement of each direction the method keeps.
 
   `gains[i]` is what the (i+1)-th direction removes from `||X(K − K')||²`.
@@ -132,13 +160,17 @@ def error_gains(kernel: jax.Array, r: jax.Array, *, method: str = 'coala',
   return np.square(sigma)
 
 
-def assign_ranks(shapes: Mapping[str, tuple[int, int]],
-                 kernels: Mapping[str, jax.Array],
-                 stats: Mapping[str, stats_lib.LayerStats], *, ratio: float,
-                 allocation: str = 'uniform', method: str = 'coala',
-                 method_options: Mapping[str, Any] | None = None,
-                 sensitivity: Mapping[str, Any] | None = None
-                 ) -> dict[str, int | None]:
+def assign_ranks(
+    shapes: Mapping[str, tuple[int, int]],
+    kernels: Mapping[str, jax.Array],
+    stats: Mapping[str, stats_lib.LayerStats],
+    *,
+    ratio: float,
+    allocation: str = 'uniform',
+    method: str = 'coala',
+    method_options: Mapping[str, Any] | None = None,
+    sensitivity: Mapping[str, Any] | None = None,
+) -> dict[str, int | None]:
   """Per-layer ranks for a kept ratio, by the rule `allocation`.
 
   'uniform' reads nothing; 'global', 'svd_llm_v2' and 'coala_hetero' read
@@ -150,15 +182,20 @@ def assign_ranks(shapes: Mapping[str, tuple[int, int]],
   if allocation == 'uniform':
     return allocation_lib.uniform_ranks(shapes, ratio)
   if allocation in NEEDS_SENSITIVITY and sensitivity is None:
-    raise ValueError(f'allocation={allocation!r} needs the layers\' '
-                     'sensitivity (sensitivity.output_gradient_energy).')
+    raise ValueError(
+        f"allocation={allocation!r} needs the layers' "
+        'sensitivity (sensitivity.output_gradient_energy).'
+    )
   gains = {}
   for name in tqdm.tqdm(shapes, desc='spectra', unit='layer'):
     gains[name] = error_gains(
-        kernels[name], stats[name].r,
+        kernels[name],
+        stats[name].r,
         method=method if allocation in NEEDS_SENSITIVITY else 'coala',
-        method_options=method_options if allocation in NEEDS_SENSITIVITY
-        else None)
+        method_options=method_options
+        if allocation in NEEDS_SENSITIVITY
+        else None,
+    )
   sigmas = {n: np.sqrt(g) for n, g in gains.items()}
   if allocation == 'global':
     return allocation_lib.global_ranks(shapes, sigmas, ratio)
@@ -167,35 +204,48 @@ def assign_ranks(shapes: Mapping[str, tuple[int, int]],
   if allocation == 'coala_hetero':
     return allocation_lib.coala_hetero_ranks(shapes, sigmas, ratio)
   if allocation == 'global_dense':
-    caps = {n: max(1, allocation_lib.max_saving_rank(*shapes[n]))
-            for n in shapes}
-    weights = {n: 1. / (g[:caps[n]].sum() if g[:caps[n]].sum() > 0 else 1.)
-               for n, g in gains.items()}
+    caps = {
+        n: max(1, allocation_lib.max_saving_rank(*shapes[n])) for n in shapes
+    }
+    weights = {
+        n: 1.0 / (g[: caps[n]].sum() if g[: caps[n]].sum() > 0 else 1.0)
+        for n, g in gains.items()
+    }
     return allocation_lib.fisher_ranks(shapes, gains, weights, ratio)
   return allocation_lib.fisher_ranks(
-      shapes, gains, layer_weights(sensitivity, shapes), ratio,
-      allow_dense=allocation == 'fisher')
+      shapes,
+      gains,
+      layer_weights(sensitivity, shapes),
+      ratio,
+      allow_dense=allocation == 'fisher',
+  )
 
 
-def layer_mu(kernel: jax.Array, r: jax.Array, mu0: float, *, rank: int,
-             rule: str) -> float:
+def layer_mu(
+    kernel: jax.Array, r: jax.Array, mu0: float, *, rank: int, rule: str
+) -> float:
   """μ of one layer from μ₀ by `rule` (`MU_RULES`, docs/method.md §4)."""
   if mu0 == 0:
-    return 0.
+    return 0.0
   r = jnp.asarray(r, jnp.float32)
   if rule == 'cholesky':
     return float(mu0 * baselines.cholesky_shift(r))
   return float(solvers.layer_mu(kernel, r, mu0, rank=rank, rule=rule))
 
 
-def factorize_layers(kernels: Mapping[str, jax.Array],
-                     stats: Mapping[str, stats_lib.LayerStats],
-                     ranks: Mapping[str, int | None], *, method: str = 'coala',
-                     mu: float = 0.0, mu_rule: str = 'energy',
-                     auto_mu: float = 0.0, auto_mu_rule: str = 'energy',
-                     method_options: Mapping[str, Any] | None = None,
-                     store: store_lib.RunStore | None = None
-                     ) -> dict[str, dict[str, Any]]:
+def factorize_layers(
+    kernels: Mapping[str, jax.Array],
+    stats: Mapping[str, stats_lib.LayerStats],
+    ranks: Mapping[str, int | None],
+    *,
+    method: str = 'coala',
+    mu: float = 0.0,
+    mu_rule: str = 'energy',
+    auto_mu: float = 0.0,
+    auto_mu_rule: str = 'energy',
+    method_options: Mapping[str, Any] | None = None,
+    store: store_lib.RunStore | None = None,
+) -> dict[str, dict[str, Any]]:
   """The functional core: kernels + statistics -> factors and a report.
 
   Args:
@@ -226,37 +276,51 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
   """
   record = registry.get(method)
   done = set(store.finished_layers()) if store is not None else set()
-  out = {n: dict(store.load_layer(n), resumed=True)
-         for n in kernels if n in done}
+  out = {
+      n: dict(store.load_layer(n), resumed=True) for n in kernels if n in done
+  }
   if out:
-    logging.warning('Resumed: %d of %d layers loaded from %s, %d to solve.',
-                    len(out), len(kernels), store.directory,
-                    sum(ranks[n] is not None for n in kernels) - len(out))
+    logging.warning(
+        'Resumed: %d of %d layers loaded from %s, %d to solve.',
+        len(out),
+        len(kernels),
+        store.directory,
+        sum(ranks[n] is not None for n in kernels) - len(out),
+    )
   todo = [n for n in kernels if ranks[n] is not None and n not in done]
-  data_ranks = {}                   # per shared input (q/k/v share one R)
+  data_ranks = {}  # per shared input (q/k/v share one R)
   for name in tqdm.tqdm(todo, desc=f'solve ({method})', unit='layer'):
     kernel, layer_stats, rank = kernels[name], stats[name], ranks[name]
     if id(layer_stats.r) not in data_ranks:
       data_ranks[id(layer_stats.r)] = numerical_rank(layer_stats.r)
     mu0, rule = mu, mu_rule
-    auto = bool(mu == 0 and auto_mu > 0 and
-                data_ranks[id(layer_stats.r)] < rank)
+    auto = bool(
+        mu == 0 and auto_mu > 0 and data_ranks[id(layer_stats.r)] < rank
+    )
     if auto:
       mu0, rule = auto_mu, auto_mu_rule
     this_mu = layer_mu(kernel, layer_stats.r, mu0, rank=rank, rule=rule)
     try:
       factors, info = record.fn(
-          kernel, layer_stats if record.float64 else
-          stats_lib.as_float32(layer_stats), rank=rank, mu=this_mu,
-          **dict(method_options or {}))
+          kernel,
+          layer_stats if record.float64 else stats_lib.as_float32(layer_stats),
+          rank=rank,
+          mu=this_mu,
+          **dict(method_options or {}),
+      )
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from e
     result = dict(
-        a=factors.a, b=factors.b, rank=rank, mu=this_mu, auto_mu=auto,
+        a=factors.a,
+        b=factors.b,
+        rank=rank,
+        mu=this_mu,
+        auto_mu=auto,
         rel_err=relative_error(kernel, layer_stats.r, factors.a, factors.b),
         data_rank=data_ranks[id(layer_stats.r)],
         tokens=layer_stats.count,
-        **info._asdict())
+        **info._asdict(),
+    )
     out[name] = result
     if store is not None:
       store.save_layer(name, result)
@@ -264,24 +328,34 @@ def factorize_layers(kernels: Mapping[str, jax.Array],
 
 
 def count_params(model: nnx.Module) -> int:
-  return sum(int(np.prod(x.shape)) for x in
-             jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return sum(
+      int(np.prod(x.shape))
+      for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+  )
 
 
-def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
-             method: str = 'coala', mu: float = 0.0, mu_rule: str = 'energy',
-             auto_mu: float = 0.0, allocation: str = 'uniform',
-             mode: str = 'one_shot',
-             method_options: Mapping[str, Any] | None = None,
-             auto_mu_rule: str = 'energy',
-             sensitivity: Mapping[str, Any] | None = None,
-             include: Iterable[str] = surgery.DEFAULT_INCLUDE,
-             exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
-             call: Callable = calibration.default_call,
-             mesh: jax.sharding.Mesh | None = None,
-             stats_dtype: Any = jnp.float32,
-             checkpoint_dir: str | None = None,
-             data_id: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def compress(
+    model: nnx.Module,
+    batches: Iterable[Any],
+    *,
+    ratio: float,
+    method: str = 'coala',
+    mu: float = 0.0,
+    mu_rule: str = 'energy',
+    auto_mu: float = 0.0,
+    allocation: str = 'uniform',
+    mode: str = 'one_shot',
+    method_options: Mapping[str, Any] | None = None,
+    auto_mu_rule: str = 'energy',
+    sensitivity: Mapping[str, Any] | None = None,
+    include: Iterable[str] = surgery.DEFAULT_INCLUDE,
+    exclude: Iterable[str] = surgery.DEFAULT_EXCLUDE,
+    call: Callable = calibration.default_call,
+    mesh: jax.sharding.Mesh | None = None,
+    stats_dtype: Any = jnp.float32,
+    checkpoint_dir: str | None = None,
+    data_id: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Compresses the chosen `nnx.Linear` layers of `model` in place.
 
   Args:
@@ -340,95 +414,159 @@ def compress(model: nnx.Module, batches: Iterable[Any], *, ratio: float,
     the calibration inputs), tokens, and the method's
     retries/eps/failed/nonfinite.
   """
-  check_options(ratio=ratio, method=method, mu=mu, auto_mu=auto_mu,
-                allocation=allocation, mu_rule=mu_rule, mode=mode,
-                auto_mu_rule=auto_mu_rule, method_options=method_options)
+  check_options(
+      ratio=ratio,
+      method=method,
+      mu=mu,
+      auto_mu=auto_mu,
+      allocation=allocation,
+      mu_rule=mu_rule,
+      mode=mode,
+      auto_mu_rule=auto_mu_rule,
+      method_options=method_options,
+  )
   stats_dtype = streaming.check_dtype(stats_dtype)
   shapes = surgery.select_linears(model, include, exclude)
   measure = allocation in NEEDS_SENSITIVITY and sensitivity is None
   if mode == 'sequential':
     _check_sequential(model, shapes)
   if mode == 'sequential' or measure:
-    batches = list(batches)                   # read twice: keep them
+    batches = list(batches)  # read twice: keep them
   unhandled = surgery.unhandled_layers(model, include, exclude)
   kernels = {n: surgery.kernel_matrix(model, n) for n in shapes}
   params_before = count_params(model)
   store = None
   if checkpoint_dir is not None:
-    store = store_lib.RunStore(checkpoint_dir, dict(
-        kernels=store_lib.fingerprint_arrays(kernels), method=method,
-        ratio=ratio, mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
-        allocation=allocation, mode=mode, data=data_id,
-        method_options=dict(method_options or {}),
-        auto_mu_rule=auto_mu_rule, stats_dtype=stats_dtype.name))
+    store = store_lib.RunStore(
+        checkpoint_dir,
+        dict(
+            kernels=store_lib.fingerprint_arrays(kernels),
+            method=method,
+            ratio=ratio,
+            mu=mu,
+            mu_rule=mu_rule,
+            auto_mu=auto_mu,
+            allocation=allocation,
+            mode=mode,
+            data=data_id,
+            method_options=dict(method_options or {}),
+            auto_mu_rule=auto_mu_rule,
+            stats_dtype=stats_dtype.name,
+        ),
+    )
   bind = lambda: None
   if store is not None and data_id is None:  # the data's own fingerprint
     reiterable = iter(batches) is not batches
     batches = store_lib.fingerprinted(batches)
     bind = lambda: store.bind_data(batches.hexdigest())
-    if reiterable or store.has_stats():      # checked before anything loads
+    if reiterable or store.has_stats():  # checked before anything loads
       bind()
   want = registry.get(method).want
   seconds, resumed = {}, dict(stats=False)
   t = time.perf_counter()
   stats = None
   if mode == 'one_shot' or allocation != 'uniform':
-    stats = _one_shot_stats(model, batches, shapes, call=call, store=store,
-                            mesh=mesh, dtype=stats_dtype, resumed=resumed,
-                            bind=bind,
-                            want=want if mode == 'one_shot' else
-                            stats_lib.Want())
+    stats = _one_shot_stats(
+        model,
+        batches,
+        shapes,
+        call=call,
+        store=store,
+        mesh=mesh,
+        dtype=stats_dtype,
+        resumed=resumed,
+        bind=bind,
+        want=want if mode == 'one_shot' else stats_lib.Want(),
+    )
   seconds['calibrate'] = time.perf_counter() - t
   if measure:
     t = time.perf_counter()
-    sensitivity = sensitivity_lib.output_gradient_energy(model, batches,
-                                                         shapes)
+    sensitivity = sensitivity_lib.output_gradient_energy(model, batches, shapes)
     seconds['sensitivity'] = time.perf_counter() - t
   if mode == 'one_shot':
-    report = compress_from_stats(model, stats, ratio=ratio, method=method,
-                                 mu=mu, mu_rule=mu_rule, auto_mu=auto_mu,
-                                 allocation=allocation, store=store,
-                                 method_options=method_options,
-                                 auto_mu_rule=auto_mu_rule,
-                                 sensitivity=sensitivity)
+    report = compress_from_stats(
+        model,
+        stats,
+        ratio=ratio,
+        method=method,
+        mu=mu,
+        mu_rule=mu_rule,
+        auto_mu=auto_mu,
+        allocation=allocation,
+        store=store,
+        method_options=method_options,
+        auto_mu_rule=auto_mu_rule,
+        sensitivity=sensitivity,
+    )
     report['seconds'] = dict(seconds, **report['seconds'])
     report['stats_resumed'] = resumed['stats']
     report['unhandled'] = unhandled
     return report
   t = time.perf_counter()
-  ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
-                       allocation=allocation, method=method,
-                       method_options=method_options,
-                       sensitivity=sensitivity)
+  ranks = assign_ranks(
+      shapes,
+      kernels,
+      stats,
+      ratio=ratio,
+      allocation=allocation,
+      method=method,
+      method_options=method_options,
+      sensitivity=sensitivity,
+  )
   seconds['allocate'] = time.perf_counter() - t
   t = time.perf_counter()
-  solve = functools.partial(factorize_layers, method=method, mu=mu,
-                            mu_rule=mu_rule, auto_mu=auto_mu,
-                            auto_mu_rule=auto_mu_rule,
-                            method_options=method_options, store=store)
-  solved = _sequential(model, batches, kernels, ranks, solve=solve,
-                       want=want, seconds=seconds, mesh=mesh,
-                       dtype=stats_dtype)
-  seconds['solve'] = time.perf_counter() - t - seconds.get(
-      'calibrate_sequential', 0.)
-  report = make_report(shapes, ranks, solved, seconds=seconds,
-                       params_before=params_before,
-                       params_after=count_params(model))
+  solve = functools.partial(
+      factorize_layers,
+      method=method,
+      mu=mu,
+      mu_rule=mu_rule,
+      auto_mu=auto_mu,
+      auto_mu_rule=auto_mu_rule,
+      method_options=method_options,
+      store=store,
+  )
+  solved = _sequential(
+      model,
+      batches,
+      kernels,
+      ranks,
+      solve=solve,
+      want=want,
+      seconds=seconds,
+      mesh=mesh,
+      dtype=stats_dtype,
+  )
+  seconds['solve'] = (
+      time.perf_counter() - t - seconds.get('calibrate_sequential', 0.0)
+  )
+  report = make_report(
+      shapes,
+      ranks,
+      solved,
+      seconds=seconds,
+      params_before=params_before,
+      params_after=count_params(model),
+  )
   report['stats_resumed'] = resumed['stats']
   report['unhandled'] = unhandled
   return report
 
 
-def compress_from_stats(model: nnx.Module,
-                        stats: Mapping[str, stats_lib.LayerStats], *,
-                        ratio: float, method: str = 'coala', mu: float = 0.0,
-                        mu_rule: str = 'energy', auto_mu: float = 0.0,
-                        allocation: str = 'uniform',
-                        store: store_lib.RunStore | None = None,
-                        method_options: Mapping[str, Any] | None = None,
-                        auto_mu_rule: str = 'energy',
-                        sensitivity: Mapping[str, Any] | None = None
-                        ) -> dict[str, Any]:
+def compress_from_stats(
+    model: nnx.Module,
+    stats: Mapping[str, stats_lib.LayerStats],
+    *,
+    ratio: float,
+    method: str = 'coala',
+    mu: float = 0.0,
+    mu_rule: str = 'energy',
+    auto_mu: float = 0.0,
+    allocation: str = 'uniform',
+    store: store_lib.RunStore | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    auto_mu_rule: str = 'energy',
+    sensitivity: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Compresses the layers named in `stats` in place, from their statistics.
 
   The one-shot pipeline after calibration: allocate ranks, solve, swap in
@@ -453,33 +591,71 @@ def compress_from_stats(model: nnx.Module,
   Returns:
     The report `compress` returns (seconds: allocate, solve).
   """
-  check_options(ratio=ratio, method=method, mu=mu, auto_mu=auto_mu,
-                allocation=allocation, mu_rule=mu_rule, mode='one_shot',
-                auto_mu_rule=auto_mu_rule, method_options=method_options)
+  check_options(
+      ratio=ratio,
+      method=method,
+      mu=mu,
+      auto_mu=auto_mu,
+      allocation=allocation,
+      mu_rule=mu_rule,
+      mode='one_shot',
+      auto_mu_rule=auto_mu_rule,
+      method_options=method_options,
+  )
   kernels = {n: surgery.kernel_matrix(model, n) for n in stats}
   shapes = {n: tuple(k.shape) for n, k in kernels.items()}
   params_before = count_params(model)
   seconds = {}
   t = time.perf_counter()
-  ranks = assign_ranks(shapes, kernels, stats, ratio=ratio,
-                       allocation=allocation, method=method,
-                       method_options=method_options,
-                       sensitivity=sensitivity)
+  ranks = assign_ranks(
+      shapes,
+      kernels,
+      stats,
+      ratio=ratio,
+      allocation=allocation,
+      method=method,
+      method_options=method_options,
+      sensitivity=sensitivity,
+  )
   seconds['allocate'] = time.perf_counter() - t
   t = time.perf_counter()
-  solved = factorize_layers(kernels, stats, ranks, method=method, mu=mu,
-                            mu_rule=mu_rule, auto_mu=auto_mu,
-                            auto_mu_rule=auto_mu_rule,
-                            method_options=method_options, store=store)
+  solved = factorize_layers(
+      kernels,
+      stats,
+      ranks,
+      method=method,
+      mu=mu,
+      mu_rule=mu_rule,
+      auto_mu=auto_mu,
+      auto_mu_rule=auto_mu_rule,
+      method_options=method_options,
+      store=store,
+  )
   apply_factors(model, solved)
   seconds['solve'] = time.perf_counter() - t
-  return make_report(shapes, ranks, solved, seconds=seconds,
-                     params_before=params_before,
-                     params_after=count_params(model))
+  return make_report(
+      shapes,
+      ranks,
+      solved,
+      seconds=seconds,
+      params_before=params_before,
+      params_after=count_params(model),
+  )
 
 
-def _one_shot_stats(model, batches, shapes, *, call, store, want, mesh,
-                    dtype, resumed, bind=lambda: None):
+def _one_shot_stats(
+    model,
+    batches,
+    shapes,
+    *,
+    call,
+    store,
+    want,
+    mesh,
+    dtype,
+    resumed,
+    bind=lambda: None,
+):
   """Every layer's statistics from one pass over the dense model.
 
   `bind()` ties the store to the data once they have been read (a one-pass
@@ -488,11 +664,15 @@ def _one_shot_stats(model, batches, shapes, *, call, store, want, mesh,
   if store is not None and store.has_stats():
     group_stats, group_of = store.load_stats()
     resumed['stats'] = True
-    logging.warning('Resumed: calibration statistics of %d layers loaded '
-                    'from %s.', len(shapes), store.directory)
+    logging.warning(
+        'Resumed: calibration statistics of %d layers loaded ' 'from %s.',
+        len(shapes),
+        store.directory,
+    )
   else:
     group_stats, group_of = calibration.calibrate(
-        model, batches, shapes, want=want, call=call, mesh=mesh, dtype=dtype)
+        model, batches, shapes, want=want, call=call, mesh=mesh, dtype=dtype
+    )
     if store is not None:
       bind()
       store.save_stats(group_stats, group_of)
@@ -500,15 +680,21 @@ def _one_shot_stats(model, batches, shapes, *, call, store, want, mesh,
 
 
 def _check_sequential(model: nnx.Module, shapes) -> None:
-  if not (callable(getattr(model, 'embed', None)) and
-          isinstance(getattr(model, 'layers', None), (list, nnx.List))):
-    raise ValueError("mode='sequential' needs model.embed(batch) and a list "
-                     f'model.layers of blocks; {type(model).__name__} has '
-                     'not both. Use the default one_shot mode.')
+  if not (
+      callable(getattr(model, 'embed', None))
+      and isinstance(getattr(model, 'layers', None), (list, nnx.List))
+  ):
+    raise ValueError(
+        "mode='sequential' needs model.embed(batch) and a list "
+        f'model.layers of blocks; {type(model).__name__} has '
+        'not both. Use the default one_shot mode.'
+    )
   outside = [n for n in shapes if not n.startswith('layers.')]
   if outside:
-    raise ValueError(f"mode='sequential' compresses layers inside "
-                     f'model.layers only; also selected: {outside[:3]}.')
+    raise ValueError(
+        f"mode='sequential' compresses layers inside "
+        f'model.layers only; also selected: {outside[:3]}.'
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -516,24 +702,31 @@ def _run_block(graphdef, state, h):
   return nnx.merge(graphdef, state)(h)
 
 
-def _sequential(model, batches, kernels, ranks, *, solve, want, seconds,
-                mesh, dtype):
+def _sequential(
+    model, batches, kernels, ranks, *, solve, want, seconds, mesh, dtype
+):
   """Block by block: calibrate on compressed predecessors, solve, swap."""
   if not batches:
     raise ValueError('The calibration stream is empty: no batch to fold.')
-  hs = [model.embed(b) for b in batches]       # float32[batch, seq, hidden]
-  solved, spent = {}, 0.
+  hs = [model.embed(b) for b in batches]  # float32[batch, seq, hidden]
+  solved, spent = {}, 0.0
   for i, block in enumerate(model.layers):
     prefix = f'layers.{i}.'
     names = [n for n in kernels if n.startswith(prefix)]
     if names:
       t = time.perf_counter()
       group_stats, group_of = calibration.calibrate(
-          block, hs, [n[len(prefix):] for n in names], want=want,
-          call=lambda m, h: m(h), mesh=mesh, dtype=dtype,
-          desc=f'calibrate block {i}')
+          block,
+          hs,
+          [n[len(prefix) :] for n in names],
+          want=want,
+          call=lambda m, h: m(h),
+          mesh=mesh,
+          dtype=dtype,
+          desc=f'calibrate block {i}',
+      )
       spent += time.perf_counter() - t
-      stats = {n: group_stats[group_of[n[len(prefix):]]] for n in names}
+      stats = {n: group_stats[group_of[n[len(prefix) :]]] for n in names}
       done = solve({n: kernels[n] for n in names}, stats, ranks)
       apply_factors(model, done)
       solved.update(done)
@@ -548,8 +741,9 @@ def apply_factors(model: nnx.Module, solved: Mapping[str, dict]) -> None:
   surgery.apply_factors(model, solved)
 
 
-def make_report(shapes, ranks, solved, *, seconds, params_before,
-                params_after) -> dict[str, Any]:
+def make_report(
+    shapes, ranks, solved, *, seconds, params_before, params_after
+) -> dict[str, Any]:
   """The report `compress` returns; warns once about undetermined layers."""
   layers, short = {}, []
   for name, (d_in, d_out) in shapes.items():
@@ -564,19 +758,32 @@ def make_report(shapes, ranks, solved, *, seconds, params_before,
     remedied = all(layers[n.split(' ')[0]].get('auto_mu') for n in short)
     logging.warning(
         '%d layer(s) have calibration inputs of numerical rank below their '
-        'rank, so the data cannot determine them: %s%s. %s', len(short),
-        ', '.join(short[:5]), ', …' if len(short) > 5 else '',
-        'They were regularized (auto_mu).' if remedied else
-        'Use more calibration tokens, or a method with a ridge term '
+        'rank, so the data cannot determine them: %s%s. %s',
+        len(short),
+        ', '.join(short[:5]),
+        ', …' if len(short) > 5 else '',
+        'They were regularized (auto_mu).'
+        if remedied
+        else 'Use more calibration tokens, or a method with a ridge term '
         f'({", ".join(registry.names(takes_mu=True))}) with mu > 0 or '
-        'auto_mu > 0.')
-  unknown = [n for n, l in layers.items()
-             if 'rel_err' in l and not np.isfinite(l['rel_err'])]
+        'auto_mu > 0.',
+    )
+  unknown = [
+      n
+      for n, l in layers.items()
+      if 'rel_err' in l and not np.isfinite(l['rel_err'])
+  ]
   if unknown:
     logging.warning(
         '%d layer(s) have a non-finite relative error (non-finite factors or '
-        'statistics): %s%s.', len(unknown), ', '.join(unknown[:5]),
-        ', …' if len(unknown) > 5 else '')
-  return dict(kept_ratio=allocation_lib.kept_ratio(shapes, ranks),
-              model_ratio=params_after / params_before, seconds=seconds,
-              layers=layers)
+        'statistics): %s%s.',
+        len(unknown),
+        ', '.join(unknown[:5]),
+        ', …' if len(unknown) > 5 else '',
+    )
+  return dict(
+      kept_ratio=allocation_lib.kept_ratio(shapes, ranks),
+      model_ratio=params_after / params_before,
+      seconds=seconds,
+      layers=layers,
+  )

@@ -3,13 +3,15 @@
 Plain NumPy in float64, independent of the JAX solvers: tests and experiments
 measure the solvers against these. Nothing in the solvers imports this file.
 """
+
 import math
 
 import numpy as np
 
 
-def matrix_with_singular_values(rng: np.random.Generator, n: int,
-                                sigma: np.ndarray) -> np.ndarray:
+def matrix_with_singular_values(
+    rng: np.random.Generator, n: int, sigma: np.ndarray
+) -> np.ndarray:
   """float64[n, d] with exactly the singular values `sigma` (length d)."""
   d = len(sigma)
   u, _ = np.linalg.qr(rng.standard_normal((n, d)))
@@ -17,8 +19,14 @@ def matrix_with_singular_values(rng: np.random.Generator, n: int,
   return (u * sigma) @ v.T
 
 
-def activations(rng: np.random.Generator, n: int, d: int, *, cond: float = 1.,
-                rank: int | None = None) -> np.ndarray:
+def activations(
+    rng: np.random.Generator,
+    n: int,
+    d: int,
+    *,
+    cond: float = 1.0,
+    rank: int | None = None,
+) -> np.ndarray:
   """float64[n, d] with log-spaced singular values 1 … 1/cond (for n >= d).
 
   With `rank`, only the first `rank` singular values are non-zero (exactly
@@ -32,7 +40,7 @@ def activations(rng: np.random.Generator, n: int, d: int, *, cond: float = 1.,
   sigma = np.zeros(d)
   sigma[:k] = np.logspace(0, -np.log10(cond), k)
   if rank is not None:
-    sigma[rank:] = 0.
+    sigma[rank:] = 0.0
   x = matrix_with_singular_values(rng, max(n, d), sigma)
   return x[:n]
 
@@ -42,23 +50,27 @@ def r_factor(x: np.ndarray) -> np.ndarray:
   n, d = x.shape
   r = np.linalg.qr(np.asarray(x, np.float64), mode='r')
   r = np.pad(r, ((0, d - r.shape[0]), (0, 0)))
-  signs = np.where(np.diag(r) < 0, -1., 1.)
+  signs = np.where(np.diag(r) < 0, -1.0, 1.0)
   return r * signs[:, None]
 
 
 def r_error(r, x: np.ndarray) -> float:
   """||R − R_ref||_F / ||R_ref||_F against the float64 R of x (signs fixed)."""
   expected = r_factor(x)
-  return float(np.linalg.norm(np.asarray(r, np.float64) - expected) /
-               np.linalg.norm(expected))
+  return float(
+      np.linalg.norm(np.asarray(r, np.float64) - expected)
+      / np.linalg.norm(expected)
+  )
 
 
 def optimal_errors(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
   """opt[k] = min_{rank ≤ k} ||X(K − K')||_F = sqrt(Σ_{i>k} σ_i(XK)²)."""
-  s = np.linalg.svd(np.asarray(x, np.float64) @ np.asarray(kernel, np.float64),
-                    compute_uv=False)
+  s = np.linalg.svd(
+      np.asarray(x, np.float64) @ np.asarray(kernel, np.float64),
+      compute_uv=False,
+  )
   tail = np.cumsum((s**2)[::-1])[::-1]
-  return np.sqrt(np.concatenate([tail, [0.]]))
+  return np.sqrt(np.concatenate([tail, [0.0]]))
 
 
 def weighted_error(x, kernel, a, b) -> float:
@@ -71,10 +83,17 @@ def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
   return np.linalg.qr(rng.standard_normal((rows, cols)))[0]
 
 
-def make_problem(rng: np.random.Generator, *, d_in: int, d_out: int, n: int,
-                 rank: int, cond: float = 10., x_rank: int | None = None,
-                 tie: tuple[int, int] | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def make_problem(
+    rng: np.random.Generator,
+    *,
+    d_in: int,
+    d_out: int,
+    n: int,
+    rank: int,
+    cond: float = 10.0,
+    x_rank: int | None = None,
+    tie: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """(X float64[n, d_in], K float64[d_in, d_out]) for one K_μ → K_* setting.
 
   X has log-spaced singular values (ratio `cond`; `x_rank`: exactly that many
@@ -99,8 +118,8 @@ def make_problem(rng: np.random.Generator, *, d_in: int, d_out: int, n: int,
     raise ValueError(f'tie={tie} does not fit {p} singular values.')
   s_x = np.logspace(0, -math.log10(cond), d_in)
   v_x = _orthonormal(rng, d_in, d_in)
-  x = (_orthonormal(rng, n, d_in) * s_x) @ v_x.T            # U diag(s) Vᵀ
-  s_b = np.sort(rng.uniform(0.2, 1., p))[::-1]
-  s_b[a:a + t] = s_b[a]                                     # the exact tie
+  x = (_orthonormal(rng, n, d_in) * s_x) @ v_x.T  # U diag(s) Vᵀ
+  s_b = np.sort(rng.uniform(0.2, 1.0, p))[::-1]
+  s_b[a : a + t] = s_b[a]  # the exact tie
   b = (_orthonormal(rng, d_in, p) * s_b) @ _orthonormal(rng, d_out, p).T
-  return unit(x), v_x @ (b / s_x[:, None])            # XK = U B · const
+  return unit(x), v_x @ (b / s_x[:, None])  # XK = U B · const

@@ -15,6 +15,7 @@ registers `'my_method'` (docs/adding_a_method.md). The registered function
 checks its arguments (shapes, finiteness, the statistics it needs) before
 running, so a direct call is as safe as one through the pipeline.
 """
+
 import contextlib
 import dataclasses
 import functools
@@ -32,10 +33,11 @@ STATISTICS = ('r', 'gram', 'abs_sum')
 
 class SolveInfo(NamedTuple):
   """How a method fared; filled by every method, all zero/False if easy."""
-  retries: int        # how many times a factorisation was retried
-  eps: float          # final jitter / shift / damping added (0.0 if none)
-  failed: bool        # gave up (raised internally or exhausted retries)
-  nonfinite: bool     # factors contain NaN/Inf
+
+  retries: int  # how many times a factorisation was retried
+  eps: float  # final jitter / shift / damping added (0.0 if none)
+  failed: bool  # gave up (raised internally or exhausted retries)
+  nonfinite: bool  # factors contain NaN/Inf
 
 
 def all_finite(*arrays: jax.Array) -> jax.Array:
@@ -43,11 +45,16 @@ def all_finite(*arrays: jax.Array) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
 
 
-def solve_info(factors: Any, retries: Any = 0, eps: Any = 0.0,
-               failed: Any = False) -> SolveInfo:
+def solve_info(
+    factors: Any, retries: Any = 0, eps: Any = 0.0, failed: Any = False
+) -> SolveInfo:
   """A method's SolveInfo; `nonfinite` is read off the factors."""
-  return SolveInfo(int(retries), float(eps), bool(failed),
-                   not bool(all_finite(factors.a, factors.b)))
+  return SolveInfo(
+      int(retries),
+      float(eps),
+      bool(failed),
+      not bool(all_finite(factors.a, factors.b)),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +78,7 @@ class Method:
     check: `check(options) -> None`, raises ValueError for a bad option value
       (run by `check_options` before any long work), or None.
   """
+
   name: str
   fn: Callable[..., Any]
   needs: tuple[str, ...]
@@ -83,8 +91,9 @@ class Method:
   @property
   def want(self) -> stats_lib.Want:
     """The calibration statistics to accumulate for this method."""
-    return stats_lib.Want(gram='gram' in self.needs,
-                          abs_sum='abs_sum' in self.needs)
+    return stats_lib.Want(
+        gram='gram' in self.needs, abs_sum='abs_sum' in self.needs
+    )
 
   @property
   def context_aware(self) -> bool:
@@ -101,12 +110,16 @@ def _load_builtins() -> None:
   from ctxlr import methods  # pylint: disable=g-import-not-at-top,unused-import
 
 
-def register(*, needs: tuple[str, ...], takes_mu: bool = False,
-             float64: bool = False, summary: str = '',
-             name: str | None = None,
-             options: Mapping[str, Any] | None = None,
-             check: Callable[[Mapping[str, Any]], None] | None = None
-             ) -> Callable[[Callable], Callable]:
+def register(
+    *,
+    needs: tuple[str, ...],
+    takes_mu: bool = False,
+    float64: bool = False,
+    summary: str = '',
+    name: str | None = None,
+    options: Mapping[str, Any] | None = None,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
+) -> Callable[[Callable], Callable]:
   """Decorator: registers `fn` under `name` (default: its `__name__`).
 
   The returned function is `fn` behind the shared argument checks
@@ -116,8 +129,9 @@ def register(*, needs: tuple[str, ...], takes_mu: bool = False,
   """
   unknown = set(needs) - set(STATISTICS)
   if unknown:
-    raise ValueError(f'needs must be a subset of {STATISTICS}; got '
-                     f'{sorted(unknown)}.')
+    raise ValueError(
+        f'needs must be a subset of {STATISTICS}; got ' f'{sorted(unknown)}.'
+    )
 
   def decorate(fn: Callable) -> Callable:
     key = name or fn.__name__
@@ -130,8 +144,16 @@ def register(*, needs: tuple[str, ...], takes_mu: bool = False,
       check_options(key, kwargs)
       return fn(kernel, stats, rank=rank, mu=mu, **kwargs)
 
-    _METHODS[key] = Method(key, checked, tuple(needs), takes_mu, float64,
-                           summary, dict(options or {}), check)
+    _METHODS[key] = Method(
+        key,
+        checked,
+        tuple(needs),
+        takes_mu,
+        float64,
+        summary,
+        dict(options or {}),
+        check,
+    )
     return checked
 
   return decorate
@@ -161,19 +183,32 @@ def get(name: str) -> Method:
   return _METHODS[name]
 
 
-def names(*, takes_mu: bool | None = None, needs: str | None = None,
-          float64: bool | None = None) -> list[str]:
+def names(
+    *,
+    takes_mu: bool | None = None,
+    needs: str | None = None,
+    float64: bool | None = None,
+) -> list[str]:
   """Registered names, sorted, optionally filtered by record fields."""
   _load_builtins()
   return sorted(
-      m.name for m in _METHODS.values()
-      if (takes_mu is None or m.takes_mu == takes_mu) and
-      (needs is None or needs in m.needs) and
-      (float64 is None or m.float64 == float64))
+      m.name
+      for m in _METHODS.values()
+      if (takes_mu is None or m.takes_mu == takes_mu)
+      and (needs is None or needs in m.needs)
+      and (float64 is None or m.float64 == float64)
+  )
 
 
-def solve(name: str, kernel: Any, stats: stats_lib.LayerStats, *, rank: int,
-          mu: float = 0.0, **options) -> tuple[Any, Any]:
+def solve(
+    name: str,
+    kernel: Any,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float = 0.0,
+    **options,
+) -> tuple[Any, Any]:
   """Rank-`rank` factors of K by the method `name`, the same call for all.
 
   >>> x = jax.random.normal(jax.random.key(0), (256, 16))
@@ -207,13 +242,15 @@ def check_options(name: str, options: Mapping[str, Any] | None) -> None:
   if unknown:
     raise ValueError(
         f'method_options: {name!r} takes '
-        f'{sorted(method.options) or "no options"}; got {unknown}.')
+        f'{sorted(method.options) or "no options"}; got {unknown}.'
+    )
   if method.check is not None and options:
     method.check(options)
 
 
-def check_inputs(method: Method, kernel: Any, stats: Any, rank: Any,
-                 mu: Any) -> None:
+def check_inputs(
+    method: Method, kernel: Any, stats: Any, rank: Any, mu: Any
+) -> None:
   """Raises ValueError for bad arguments, naming the method and argument."""
   name = method.name
   checks.check_matrix('kernel', kernel)
@@ -221,19 +258,24 @@ def check_inputs(method: Method, kernel: Any, stats: Any, rank: Any,
   checks.check_rank(rank, d_in, d_out)
   checks.check_finite('kernel', kernel)
   if not isinstance(stats, stats_lib.LayerStats):
-    raise ValueError(f'{name}: stats must be a LayerStats (see '
-                     f'ctxlr.stats.stats_from_x); got {type(stats).__name__}.')
+    raise ValueError(
+        f'{name}: stats must be a LayerStats (see '
+        f'ctxlr.stats.stats_from_x); got {type(stats).__name__}.'
+    )
   if jnp.ndim(mu) != 0:
     raise ValueError(f'mu must be a scalar; got shape {jnp.shape(mu)}.')
   checks.check_nonnegative('mu', mu)
   if not method.takes_mu and float(mu) != 0.0:
     raise ValueError(
         f'{name}: mu={float(mu)} but {name} has no ridge term; methods with '
-        f'one: {names(takes_mu=True)} (docs/method.md §4).')
+        f'one: {names(takes_mu=True)} (docs/method.md §4).'
+    )
   for field in method.needs:
     if getattr(stats, field) is None:
-      raise ValueError(f'{name} needs stats.{field}, which is None; compute '
-                       f'it with stats_from_x(x, {field}=True).')
+      raise ValueError(
+          f'{name} needs stats.{field}, which is None; compute '
+          f'it with stats_from_x(x, {field}=True).'
+      )
   if 'r' in method.needs:
     checks.check_matrix('stats.r', stats.r, cols=d_in)
     checks.check_finite('stats.r', stats.r)
@@ -242,14 +284,21 @@ def check_inputs(method: Method, kernel: Any, stats: Any, rank: Any,
     checks.check_finite('stats.gram', stats.gram)
   if 'abs_sum' in method.needs:
     if jnp.shape(stats.abs_sum) != (d_in,):
-      raise ValueError(f'stats.abs_sum has shape {jnp.shape(stats.abs_sum)}; '
-                       f'expected ({d_in},) for kernel {kernel.shape}.')
+      raise ValueError(
+          f'stats.abs_sum has shape {jnp.shape(stats.abs_sum)}; '
+          f'expected ({d_in},) for kernel {kernel.shape}.'
+      )
     checks.check_finite('stats.abs_sum', stats.abs_sum)
     if bool(jnp.any(jnp.asarray(stats.abs_sum) < 0)):
-      raise ValueError('stats.abs_sum has negative entries; it must be '
-                       'Σ_tokens |x| >= 0.')
+      raise ValueError(
+          'stats.abs_sum has negative entries; it must be ' 'Σ_tokens |x| >= 0.'
+      )
     count = stats.count
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or (
-        count < 1):
-      raise ValueError(f'{name} needs stats.count >= 1 tokens; got '
-                       f'{stats.count!r}.')
+    if (
+        isinstance(count, bool)
+        or not isinstance(count, (int, np.integer))
+        or (count < 1)
+    ):
+      raise ValueError(
+          f'{name} needs stats.count >= 1 tokens; got ' f'{stats.count!r}.'
+      )

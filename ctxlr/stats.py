@@ -13,6 +13,7 @@ Each has a one-block update rule (`gram += blockᵀ block`, `abs_sum +=
 Σ|block|`, `r = fold_r(r, block)`), so streaming accumulation is a loop
 over blocks; here `stats_from_x` takes X in one piece.
 """
+
 import dataclasses
 from typing import NamedTuple
 
@@ -22,15 +23,16 @@ import jax.numpy as jnp
 from ctxlr.linalg import checks
 from ctxlr.linalg import qr
 
-_HIGHEST = jax.lax.Precision.HIGHEST   # true float32 products (no TF32)
+_HIGHEST = jax.lax.Precision.HIGHEST  # true float32 products (no TF32)
 
 
 @dataclasses.dataclass(frozen=True)
 class Want:
   """Which statistics calibration accumulates (the count always)."""
-  gram: bool = False      # XᵀX in float32, for the Gram methods
-  abs_sum: bool = False   # Σ_tokens |x|, for asvd
-  r: bool = True          # R (qr_r); reports, allocation and coala use it
+
+  gram: bool = False  # XᵀX in float32, for the Gram methods
+  abs_sum: bool = False  # Σ_tokens |x|, for asvd
+  r: bool = True  # R (qr_r); reports, allocation and coala use it
 
   def __post_init__(self):
     if not (self.r or self.gram or self.abs_sum):
@@ -39,25 +41,27 @@ class Want:
 
 class LayerStats(NamedTuple):
   """Calibration statistics of one layer's inputs X (float[n, d_in])."""
-  r: jax.Array | None        # shape=(d, d), R factor (qr_r), for ctxlr
-  gram: jax.Array | None     # shape=(d, d), float32 XᵀX, for the Gram methods
+
+  r: jax.Array | None  # shape=(d, d), R factor (qr_r), for ctxlr
+  gram: jax.Array | None  # shape=(d, d), float32 XᵀX, for the Gram methods
   abs_sum: jax.Array | None  # shape=(d,), float32 Σ_tokens |x|, for asvd
-  count: int                 # number of tokens (rows) seen
+  count: int  # number of tokens (rows) seen
 
 
 @jax.jit
 def _gram(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.float32)                                 # f32[n, d]
-  return jnp.matmul(x.T, x, precision=_HIGHEST)             # f32[d, d]
+  x = x.astype(jnp.float32)  # f32[n, d]
+  return jnp.matmul(x.T, x, precision=_HIGHEST)  # f32[d, d]
 
 
 @jax.jit
 def _abs_sum(x: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.abs(x.astype(jnp.float32)), axis=0)    # f32[d]
+  return jnp.sum(jnp.abs(x.astype(jnp.float32)), axis=0)  # f32[d]
 
 
-def stats_from_x(x: jax.Array, *, r: bool = True, gram: bool = True,
-                 abs_sum: bool = True) -> LayerStats:
+def stats_from_x(
+    x: jax.Array, *, r: bool = True, gram: bool = True, abs_sum: bool = True
+) -> LayerStats:
   """The statistics of one layer's calibration inputs X, in one pass.
 
   >>> x = jax.random.normal(jax.random.key(0), (256, 16))
@@ -86,7 +90,8 @@ def stats_from_x(x: jax.Array, *, r: bool = True, gram: bool = True,
       r=qr.qr_r(x) if r else None,
       gram=_gram(x) if gram else None,
       abs_sum=_abs_sum(x) if abs_sum else None,
-      count=int(x.shape[0]))
+      count=int(x.shape[0]),
+  )
 
 
 def as_float32(stats: LayerStats) -> LayerStats:
@@ -97,5 +102,6 @@ def as_float32(stats: LayerStats) -> LayerStats:
   see the same data as everyone else.
   """
   cast = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
-  return stats._replace(r=cast(stats.r), gram=cast(stats.gram),
-                        abs_sum=cast(stats.abs_sum))
+  return stats._replace(
+      r=cast(stats.r), gram=cast(stats.gram), abs_sum=cast(stats.abs_sum)
+  )

@@ -21,6 +21,7 @@ statistics and rank. Other modules that hold a matrix-shaped parameter
 (`nnx.Conv`, custom layers, …) are not handled: `select_linears` names them
 in one warning and `unhandled_layers` lists them for the report.
 """
+
 import dataclasses
 import fnmatch
 import functools
@@ -44,12 +45,18 @@ DEFAULT_EXCLUDE = ('*embed*', '*lm_head*', '*head')
 HANDLED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 # Modules whose parameters are not a dense layer's (a lookup, scales), even
 # when stacking makes them matrix-shaped.
-_NOT_DENSE = (nnx.Embed, nnx.RMSNorm, nnx.LayerNorm, nnx.BatchNorm,
-              nnx.GroupNorm)
+_NOT_DENSE = (
+    nnx.Embed,
+    nnx.RMSNorm,
+    nnx.LayerNorm,
+    nnx.BatchNorm,
+    nnx.GroupNorm,
+)
 _ELLIPSIS = '...'
 
 
 # ------------------------------------------------------------------ views ---
+
 
 @dataclasses.dataclass(frozen=True)
 class MatrixView:
@@ -66,6 +73,7 @@ class MatrixView:
       has them); else ().
     einsum_str: for 'einsum', the equation; else None.
   """
+
   kind: str
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
@@ -106,12 +114,15 @@ def _parse_einsum(einsum_str: str):
     raise ValueError('a repeated kernel subscript')
   both = [c for c in ker if c in inp and c in out]
   if both:
-    raise ValueError(f'kernel letters {both} are in both the input and the '
-                     'output (per-index weights, a batch of matrices)')
+    raise ValueError(
+        f'kernel letters {both} are in both the input and the '
+        'output (per-index weights, a batch of matrices)'
+    )
   alone = [c for c in ker if c not in inp and c not in out]
   if alone:
-    raise ValueError(f'kernel letters {alone} are summed over by the kernel '
-                     'alone')
+    raise ValueError(
+        f'kernel letters {alone} are summed over by the kernel ' 'alone'
+    )
   contracted = [c for c in ker if c in inp]
   outputs = [c for c in ker if c in out]
   if not contracted or not outputs:
@@ -133,34 +144,51 @@ def matrix_view(module: Any) -> MatrixView:
     d_in, d_out = int(module.in_features), int(module.out_features)
     shape = tuple(module.kernel.shape)
     if shape[-2:] != (d_in, d_out):
-      raise ValueError(f'kernel shape {shape} does not end in (in_features, '
-                       f'out_features) = ({d_in}, {d_out})')
+      raise ValueError(
+          f'kernel shape {shape} does not end in (in_features, '
+          f'out_features) = ({d_in}, {d_out})'
+      )
     return MatrixView('linear', (d_in,), (d_out,), shape[:-2])
   if isinstance(module, nnx.LinearGeneral):
     if module.batch_axis:
-      raise ValueError(f'batch_axis {dict(module.batch_axis)} (one matrix '
-                       'per batch index)')
+      raise ValueError(
+          f'batch_axis {dict(module.batch_axis)} (one matrix '
+          'per batch index)'
+      )
     in_shape = tuple(int(s) for s in module.in_features)
     out_shape = tuple(int(s) for s in module.out_features)
     shape = tuple(module.kernel.shape)
     n = len(in_shape) + len(out_shape)
-    if shape[len(shape) - n:] != in_shape + out_shape:
-      raise ValueError(f'kernel shape {shape} does not end in in_features + '
-                       f'out_features = {in_shape + out_shape}')
-    return MatrixView('linear_general', in_shape, out_shape,
-                      shape[:len(shape) - n], axis=tuple(module.axis))
+    if shape[len(shape) - n :] != in_shape + out_shape:
+      raise ValueError(
+          f'kernel shape {shape} does not end in in_features + '
+          f'out_features = {in_shape + out_shape}'
+      )
+    return MatrixView(
+        'linear_general',
+        in_shape,
+        out_shape,
+        shape[: len(shape) - n],
+        axis=tuple(module.axis),
+    )
   if isinstance(module, nnx.Einsum):
     if module.einsum_str is None:
       raise ValueError('einsum_str is given at call time')
     _, ker, _, contracted, outputs = _parse_einsum(module.einsum_str)
     shape = tuple(module.kernel.shape)
-    stack = shape[:len(shape) - len(ker)]
-    size = dict(zip(ker, shape[len(stack):]))
-    return MatrixView('einsum', tuple(size[c] for c in contracted),
-                      tuple(size[c] for c in outputs), stack,
-                      einsum_str=module.einsum_str.replace(' ', ''))
-  raise ValueError(f'a {type(module).__name__}, not one of '
-                   f'{[t.__name__ for t in HANDLED]}')
+    stack = shape[: len(shape) - len(ker)]
+    size = dict(zip(ker, shape[len(stack) :]))
+    return MatrixView(
+        'einsum',
+        tuple(size[c] for c in contracted),
+        tuple(size[c] for c in outputs),
+        stack,
+        einsum_str=module.einsum_str.replace(' ', ''),
+    )
+  raise ValueError(
+      f'a {type(module).__name__}, not one of '
+      f'{[t.__name__ for t in HANDLED]}'
+  )
 
 
 def kernel_as_matrix(module: Any) -> jax.Array:
@@ -185,7 +213,7 @@ def input_as_matrix(view: MatrixView, x: jax.Array) -> jax.Array:
   if view.kind == 'linear':
     return x.reshape(-1, view.d_in)
   if view.kind == 'linear_general':
-    axis = sorted(a % x.ndim for a in view.axis)   # as LinearGeneral pairs them
+    axis = sorted(a % x.ndim for a in view.axis)  # as LinearGeneral pairs them
     x = jnp.moveaxis(x, axis, list(range(x.ndim - len(axis), x.ndim)))
     return x.reshape(-1, view.d_in)
   inp, _, _, contracted, _ = _parse_einsum(view.einsum_str)
@@ -195,6 +223,7 @@ def input_as_matrix(view: MatrixView, x: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------- factored ---
+
 
 class FactoredLinear(nnx.Module):
   """`y = (x a) b + bias`: a rank-r stand-in for a dense layer.
@@ -214,30 +243,48 @@ class FactoredLinear(nnx.Module):
     bias: nnx.Param of the replaced layer's bias shape, or None.
   """
 
-  def __init__(self, a: jax.Array, b: jax.Array,
-               bias: jax.Array | None = None, *,
-               view: MatrixView | None = None, dtype: Any = None,
-               param_dtype: Any = None, precision: Any = None,
-               dot_general: Callable | None = None,
-               dot_general_cls: Any = None, einsum_op: Callable | None = None,
-               promote_dtype: Callable = dtypes.promote_dtype,
-               preferred_element_type: Any = None):
-    if (a.ndim < 2 or a.ndim != b.ndim or a.shape[-1] != b.shape[-2] or
-        a.shape[:-2] != b.shape[:-2]):
-      raise ValueError(f'Factors a {a.shape} and b {b.shape} do not chain '
-                       '(need a: [*stack, d_in, rank], b: [*stack, rank, '
-                       'd_out]).')
+  def __init__(
+      self,
+      a: jax.Array,
+      b: jax.Array,
+      bias: jax.Array | None = None,
+      *,
+      view: MatrixView | None = None,
+      dtype: Any = None,
+      param_dtype: Any = None,
+      precision: Any = None,
+      dot_general: Callable | None = None,
+      dot_general_cls: Any = None,
+      einsum_op: Callable | None = None,
+      promote_dtype: Callable = dtypes.promote_dtype,
+      preferred_element_type: Any = None,
+  ):
+    if (
+        a.ndim < 2
+        or a.ndim != b.ndim
+        or a.shape[-1] != b.shape[-2]
+        or a.shape[:-2] != b.shape[:-2]
+    ):
+      raise ValueError(
+          f'Factors a {a.shape} and b {b.shape} do not chain '
+          '(need a: [*stack, d_in, rank], b: [*stack, rank, '
+          'd_out]).'
+      )
     stack, d_in, d_out = a.shape[:-2], a.shape[-2], b.shape[-1]
     if view is None:
       view = MatrixView('linear', (d_in,), (d_out,), stack)
     if (view.d_in, view.d_out, view.stack) != (d_in, d_out, stack):
-      raise ValueError(f'Factors a {a.shape} and b {b.shape} do not fit the '
-                       f'layer: d_in {view.d_in}, d_out {view.d_out}, '
-                       f'stacked {view.stack}.')
+      raise ValueError(
+          f'Factors a {a.shape} and b {b.shape} do not fit the '
+          f'layer: d_in {view.d_in}, d_out {view.d_out}, '
+          f'stacked {view.stack}.'
+      )
     if bias is not None and bias.size != int(np.prod(stack)) * d_out:
-      raise ValueError(f'bias has shape {bias.shape}; expected '
-                       f'{stack + view.out_shape} ({d_out} outputs per '
-                       'layer).')
+      raise ValueError(
+          f'bias has shape {bias.shape}; expected '
+          f'{stack + view.out_shape} ({d_out} outputs per '
+          'layer).'
+      )
     self.a = nnx.Param(a)
     self.b = nnx.Param(b)
     self.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
@@ -269,8 +316,14 @@ class FactoredLinear(nnx.Module):
 
   @property
   def view(self) -> MatrixView:
-    return MatrixView(self.kind, self.in_shape, self.out_shape,
-                      tuple(self.a.shape[:-2]), self.axis, self.einsum_str)
+    return MatrixView(
+        self.kind,
+        self.in_shape,
+        self.out_shape,
+        tuple(self.a.shape[:-2]),
+        self.axis,
+        self.einsum_str,
+    )
 
   def _dot(self):
     if self.dot_general_cls is not None:
@@ -279,29 +332,51 @@ class FactoredLinear(nnx.Module):
 
   def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
     bias = self.bias[...] if self.bias is not None else None
-    x, a, b, bias = self.promote_dtype((x, self.a[...], self.b[...], bias),
-                                       dtype=self.dtype)
+    x, a, b, bias = self.promote_dtype(
+        (x, self.a[...], self.b[...], bias), dtype=self.dtype
+    )
     if a.ndim != 2:
-      raise ValueError(f'FactoredLinear called with stacked factors {a.shape}:'
-                       ' apply it through nnx.scan or nnx.vmap over its '
-                       'stacked axes, as the layer it replaced.')
+      raise ValueError(
+          f'FactoredLinear called with stacked factors {a.shape}:'
+          ' apply it through nnx.scan or nnx.vmap over its '
+          'stacked axes, as the layer it replaced.'
+      )
     kwargs = {}
     if self.preferred_element_type is not None:
       kwargs['preferred_element_type'] = self.preferred_element_type
-    return contract(self.view_of_call(), x, a, b, bias, dot_general=self._dot(),
-                    einsum_op=self.einsum_op, precision=self.precision,
-                    out_sharding=out_sharding, **kwargs)
+    return contract(
+        self.view_of_call(),
+        x,
+        a,
+        b,
+        bias,
+        dot_general=self._dot(),
+        einsum_op=self.einsum_op,
+        precision=self.precision,
+        out_sharding=out_sharding,
+        **kwargs,
+    )
 
   def view_of_call(self) -> MatrixView:
     """The view inside a call (the factors' stacked axes sliced off)."""
-    return MatrixView(self.kind, self.in_shape, self.out_shape, (), self.axis,
-                      self.einsum_str)
+    return MatrixView(
+        self.kind, self.in_shape, self.out_shape, (), self.axis, self.einsum_str
+    )
 
 
-def contract(view: MatrixView, x: jax.Array, a: jax.Array, b: jax.Array,
-             bias: jax.Array | None, *, dot_general: Callable | None = None,
-             einsum_op: Callable | None = None, precision: Any = None,
-             out_sharding: Any = None, **kwargs) -> jax.Array:
+def contract(
+    view: MatrixView,
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    bias: jax.Array | None,
+    *,
+    dot_general: Callable | None = None,
+    einsum_op: Callable | None = None,
+    precision: Any = None,
+    out_sharding: Any = None,
+    **kwargs,
+) -> jax.Array:
   """`x`'s contracted features times `a` (d_in × r) times `b` (r × d_out).
 
   The dense layer's output shape and layout (`view`), with `dot_general`
@@ -317,10 +392,21 @@ def contract(view: MatrixView, x: jax.Array, a: jax.Array, b: jax.Array,
     inp, _, out, contracted, outputs = _parse_einsum(view.einsum_str)
     z = next(c for c in string.ascii_letters if c not in view.einsum_str)
     rest = ''.join(t for t in inp if t not in contracted)
-    h = op(f"{''.join(inp)},{''.join(contracted)}{z}->{rest}{z}", x, a,
-           precision=precision, **kwargs)
-    y = op(f"{rest}{z},{z}{''.join(outputs)}->{''.join(out)}", h, b,
-           precision=precision, out_sharding=out_sharding, **kwargs)
+    h = op(
+        f"{''.join(inp)},{''.join(contracted)}{z}->{rest}{z}",
+        x,
+        a,
+        precision=precision,
+        **kwargs,
+    )
+    y = op(
+        f"{rest}{z},{z}{''.join(outputs)}->{''.join(out)}",
+        h,
+        b,
+        precision=precision,
+        out_sharding=out_sharding,
+        **kwargs,
+    )
     if bias is not None:
       size = dict(zip(outputs, view.out_shape))
       shape = []
@@ -336,10 +422,21 @@ def contract(view: MatrixView, x: jax.Array, a: jax.Array, b: jax.Array,
     axis = (x.ndim - 1,)
   else:
     axis = tuple(sorted(ax % x.ndim for ax in view.axis))
-  h = dot(x, a, ((axis, tuple(range(len(axis)))), ((), ())),
-          precision=precision, **kwargs)                 # [*rest, rank]
-  y = dot(h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=precision,
-          out_sharding=out_sharding, **kwargs)           # [*rest, *out]
+  h = dot(
+      x,
+      a,
+      ((axis, tuple(range(len(axis)))), ((), ())),
+      precision=precision,
+      **kwargs,
+  )  # [*rest, rank]
+  y = dot(
+      h,
+      b,
+      (((h.ndim - 1,), (0,)), ((), ())),
+      precision=precision,
+      out_sharding=out_sharding,
+      **kwargs,
+  )  # [*rest, *out]
   if bias is not None:
     y = y + jnp.reshape(bias, (1,) * (h.ndim - 1) + view.out_shape)
   return y
@@ -362,23 +459,30 @@ def factored_from(module: Any, a: jax.Array, b: jax.Array) -> FactoredLinear:
   dtype = module.kernel.dtype
   bias = module.bias[...] if module.bias is not None else None
   return FactoredLinear(
-      jnp.asarray(a).astype(dtype), jnp.asarray(b).astype(dtype), bias,
-      view=view, dtype=module.dtype, param_dtype=module.param_dtype,
+      jnp.asarray(a).astype(dtype),
+      jnp.asarray(b).astype(dtype),
+      bias,
+      view=view,
+      dtype=module.dtype,
+      param_dtype=module.param_dtype,
       precision=module.precision,
       dot_general=getattr(module, 'dot_general', None),
       dot_general_cls=getattr(module, 'dot_general_cls', None),
       einsum_op=getattr(module, 'einsum_op', None),
       promote_dtype=module.promote_dtype,
-      preferred_element_type=module.preferred_element_type)
+      preferred_element_type=module.preferred_element_type,
+  )
 
 
-def factored_from_linear(linear: nnx.Linear, a: jax.Array,
-                         b: jax.Array) -> FactoredLinear:
+def factored_from_linear(
+    linear: nnx.Linear, a: jax.Array, b: jax.Array
+) -> FactoredLinear:
   """`factored_from` for an `nnx.Linear` (kept for existing callers)."""
   return factored_from(linear, a, b)
 
 
 # -------------------------------------------------------------- the tree ---
+
 
 def path_name(path: tuple[Any, ...]) -> str:
   """('layers', 0, 'attn', 'q_proj') -> 'layers.0.attn.q_proj'."""
@@ -399,16 +503,18 @@ def _own_matrices(module: nnx.Module) -> list[str]:
   for key, value in vars(module).items():
     if _is_param_matrix(value):
       names.append(key)
-    elif isinstance(value, dict):      # e.g. nnx.bridge.ToNNX's Linen params
+    elif isinstance(value, dict):  # e.g. nnx.bridge.ToNNX's Linen params
       for path, leaf in jax.tree_util.tree_flatten_with_path(
-          value, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
+          value, is_leaf=lambda v: isinstance(v, nnx.Variable)
+      )[0]:
         if _is_param_matrix(leaf):
           names.append(key + jax.tree_util.keystr(path))
   return names
 
 
-def find_layers(model: nnx.Module) -> tuple[dict[str, MatrixView],
-                                              dict[str, str]]:
+def find_layers(
+    model: nnx.Module,
+) -> tuple[dict[str, MatrixView], dict[str, str]]:
   """Every dense layer of `model`: the handled ones and the others.
 
   Returns:
@@ -432,8 +538,9 @@ def find_layers(model: nnx.Module) -> tuple[dict[str, MatrixView],
     if own:
       kind = type(module).__name__
       if isinstance(module, nnx.bridge.ToNNX):
-        unhandled[name] = (f'{kind} (Linen inside; use ctxlr.linen): '
-                           f'{", ".join(own[:4])}')
+        unhandled[name] = (
+            f'{kind} (Linen inside; use ctxlr.linen): ' f'{", ".join(own[:4])}'
+        )
       else:
         unhandled[name] = f'{kind}: params {", ".join(own[:4])}'
   return handled, unhandled
@@ -443,8 +550,10 @@ def stacked_names(name: str, stack: tuple[int, ...]) -> list[str]:
   """The layer names of a module's stacked kernels: 'up' -> ['up[0]', …]."""
   if not stack:
     return [name]
-  return [f"{name}[{','.join(map(str, i))}]"
-          for i in itertools.product(*(range(s) for s in stack))]
+  return [
+      f"{name}[{','.join(map(str, i))}]"
+      for i in itertools.product(*(range(s) for s in stack))
+  ]
 
 
 _INDEX = re.compile(r'^(.*)\[(\d+(?:,\d+)*)\]$')
@@ -461,46 +570,61 @@ def split_name(name: str) -> tuple[str, tuple[int, ...]]:
 def _order(name: str) -> tuple:
   """Sort key: numeric path components (and stack indices) as numbers."""
   module, index = split_name(name)
-  return tuple((0, int(p), '') if p.isdigit() else (1, 0, p)
-               for p in module.split('.')) + ((0, index, ''),)
+  return tuple(
+      (0, int(p), '') if p.isdigit() else (1, 0, p) for p in module.split('.')
+  ) + (
+      (0, index, ''),
+  )
 
 
-def _choose(names_of: Mapping[str, list[str]], include, exclude
-            ) -> dict[str, list[str]]:
+def _choose(
+    names_of: Mapping[str, list[str]], include, exclude
+) -> dict[str, list[str]]:
   """{module: its chosen layer names}, by module path or layer name."""
   out = {}
   for module, names in names_of.items():
-    chosen = [n for n in names
-              if (_matches(module, include) or _matches(n, include)) and
-              not (_matches(module, exclude) or _matches(n, exclude))]
+    chosen = [
+        n
+        for n in names
+        if (_matches(module, include) or _matches(n, include))
+        and not (_matches(module, exclude) or _matches(n, exclude))
+    ]
     if chosen:
       out[module] = chosen
   return out
 
 
-def unhandled_layers(model: nnx.Module,
-                     include: Iterable[str] = DEFAULT_INCLUDE,
-                     exclude: Iterable[str] = DEFAULT_EXCLUDE
-                     ) -> dict[str, str]:
+def unhandled_layers(
+    model: nnx.Module,
+    include: Iterable[str] = DEFAULT_INCLUDE,
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+) -> dict[str, str]:
   """{module path: why not handled} for the modules the patterns choose
   that hold a matrix-shaped Param but are not a handled layer."""
   include, exclude = tuple(include), tuple(exclude)
   _, unhandled = find_layers(model)
-  return {n: why for n, why in unhandled.items()
-          if _matches(n, include) and not _matches(n, exclude)}
+  return {
+      n: why
+      for n, why in unhandled.items()
+      if _matches(n, include) and not _matches(n, exclude)
+  }
 
 
 def warn_unhandled(skipped: Mapping[str, str]) -> None:
   """One logged warning naming every layer of a kind not factored."""
   logging.warning(
       '%d layer(s) hold a matrix parameter but are of a kind ctxlr does not '
-      'factor; they stay as they are: %s', len(skipped),
-      '; '.join(f'{n} ({why})' for n, why in sorted(skipped.items())))
+      'factor; they stay as they are: %s',
+      len(skipped),
+      '; '.join(f'{n} ({why})' for n, why in sorted(skipped.items())),
+  )
 
 
-def select_linears(model: nnx.Module, include: Iterable[str] = DEFAULT_INCLUDE,
-                   exclude: Iterable[str] = DEFAULT_EXCLUDE
-                   ) -> dict[str, tuple[int, int]]:
+def select_linears(
+    model: nnx.Module,
+    include: Iterable[str] = DEFAULT_INCLUDE,
+    exclude: Iterable[str] = DEFAULT_EXCLUDE,
+) -> dict[str, tuple[int, int]]:
   """The handled layers whose path matches, with their matrix shapes.
 
   Handled: `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum` (see
@@ -523,29 +647,36 @@ def select_linears(model: nnx.Module, include: Iterable[str] = DEFAULT_INCLUDE,
       an include pattern matches no handled layer, or if none is chosen.
   """
   if isinstance(include, str) or isinstance(exclude, str):
-    raise ValueError('include and exclude must be sequences of patterns, '
-                     f'e.g. ({include!r},); got a string.')
+    raise ValueError(
+        'include and exclude must be sequences of patterns, '
+        f'e.g. ({include!r},); got a string.'
+    )
   include, exclude = tuple(include), tuple(exclude)
   if isinstance(model, nnx.bridge.ToNNX):
-    raise ValueError('model is an nnx.bridge.ToNNX (a Linen model inside): '
-                     'compress it with ctxlr.linen.compress_bridged(model, '
-                     'batches, ratio=…).')
+    raise ValueError(
+        'model is an nnx.bridge.ToNNX (a Linen model inside): '
+        'compress it with ctxlr.linen.compress_bridged(model, '
+        'batches, ratio=…).'
+    )
   handled, _ = find_layers(model)
   names_of = {m: stacked_names(m, v.stack) for m, v in handled.items()}
   every = [n for names in names_of.values() for n in names]
   for pattern in include:
     if not any(fnmatch.fnmatchcase(n, pattern) for n in list(names_of) + every):
-      raise ValueError(f'Pattern {pattern!r} matches no handled layer '
-                       f'({", ".join(t.__name__ for t in HANDLED)}); layers '
-                       f'are e.g. {sorted(every)[:4]}; not handled: '
-                       f'{sorted(find_layers(model)[1])[:4]}.')
+      raise ValueError(
+          f'Pattern {pattern!r} matches no handled layer '
+          f'({", ".join(t.__name__ for t in HANDLED)}); layers '
+          f'are e.g. {sorted(every)[:4]}; not handled: '
+          f'{sorted(find_layers(model)[1])[:4]}.'
+      )
   chosen = {}
   for module, names in _choose(names_of, include, exclude).items():
     view = handled[module]
     chosen.update({n: (view.d_in, view.d_out) for n in names})
   if not chosen:
-    raise ValueError(f'No handled layer matches include={include} and '
-                     f'exclude={exclude}.')
+    raise ValueError(
+        f'No handled layer matches include={include} and ' f'exclude={exclude}.'
+    )
   skipped = unhandled_layers(model, include, exclude)
   if skipped:
     warn_unhandled(skipped)
@@ -566,8 +697,10 @@ def _path_of(model: nnx.Module, name: str) -> tuple[Any, ...]:
       return tuple(path)
   module, index = split_name(name)
   if index:
-    raise ValueError(f'{name!r} is one stacked layer of {module!r}: use '
-                     'kernel_matrix / apply_factors, or the module path.')
+    raise ValueError(
+        f'{name!r} is one stacked layer of {module!r}: use '
+        'kernel_matrix / apply_factors, or the module path.'
+    )
   raise ValueError(f'No module at path {name!r}.')
 
 
@@ -610,9 +743,11 @@ def kernel_matrix(model: nnx.Module, name: str) -> jax.Array:
   layer = get_module(model, module)
   kernel = kernel_as_matrix(layer)
   if len(index) != kernel.ndim - 2:
-    raise ValueError(f'{name!r}: the layer has stacked axes '
-                     f'{kernel.shape[:-2]}; name one kernel as '
-                     f'{stacked_names(module, kernel.shape[:-2])[0]!r}.')
+    raise ValueError(
+        f'{name!r}: the layer has stacked axes '
+        f'{kernel.shape[:-2]}; name one kernel as '
+        f'{stacked_names(module, kernel.shape[:-2])[0]!r}.'
+    )
   return kernel[index] if index else kernel
 
 
@@ -624,10 +759,12 @@ def _exact_factors(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.eye(d_in, dtype=kernel.dtype), kernel
 
 
-def stack_factors(name: str, view: MatrixView,
-                  parts: Mapping[tuple[int, ...], tuple[jax.Array, jax.Array]],
-                  kernels: Callable[[], jax.Array]
-                  ) -> tuple[jax.Array, jax.Array]:
+def stack_factors(
+    name: str,
+    view: MatrixView,
+    parts: Mapping[tuple[int, ...], tuple[jax.Array, jax.Array]],
+    kernels: Callable[[], jax.Array],
+) -> tuple[jax.Array, jax.Array]:
   """One module's factors, `{stack index: (a, b)}`, as stacked arrays.
 
   The rank is the largest given (smaller ones padded with zeros, which
@@ -637,35 +774,45 @@ def stack_factors(name: str, view: MatrixView,
   """
   if () in parts:
     if view.stack:
-      raise ValueError(f'{name!r} is stacked {view.stack}: give its layers '
-                       f'as {stacked_names(name, view.stack)[0]!r}, ….')
+      raise ValueError(
+          f'{name!r} is stacked {view.stack}: give its layers '
+          f'as {stacked_names(name, view.stack)[0]!r}, ….'
+      )
     a, b = parts[()]
   else:
     indices = list(itertools.product(*(range(s) for s in view.stack)))
     bad = [i for i in parts if i not in indices]
     if bad:
-      raise ValueError(f'{name!r} has stacked axes {view.stack}; got '
-                       f'indices {bad}.')
+      raise ValueError(
+          f'{name!r} has stacked axes {view.stack}; got ' f'indices {bad}.'
+      )
     full = dict(parts)
     if len(full) < len(indices):
       k = kernels()
       full.update({i: _exact_factors(k[i]) for i in indices if i not in full})
     rank = max(a.shape[1] for a, _ in full.values())
-    pad = lambda a, b: (jnp.pad(a, ((0, 0), (0, rank - a.shape[1]))),
-                        jnp.pad(b, ((0, rank - b.shape[0]), (0, 0))))
+    pad = lambda a, b: (
+        jnp.pad(a, ((0, 0), (0, rank - a.shape[1]))),
+        jnp.pad(b, ((0, rank - b.shape[0]), (0, 0))),
+    )
     padded = [pad(*full[i]) for i in indices]
     a = jnp.stack([p[0] for p in padded]).reshape(
-        view.stack + padded[0][0].shape)
+        view.stack + padded[0][0].shape
+    )
     b = jnp.stack([p[1] for p in padded]).reshape(
-        view.stack + padded[0][1].shape)
+        view.stack + padded[0][1].shape
+    )
   if a.shape[-2] != view.d_in or b.shape[-1] != view.d_out:
-    raise ValueError(f'{name!r}: factors a {a.shape}, b {b.shape} do not '
-                     f'fit its ({view.d_in}, {view.d_out}) matrix view.')
+    raise ValueError(
+        f'{name!r}: factors a {a.shape}, b {b.shape} do not '
+        f'fit its ({view.d_in}, {view.d_out}) matrix view.'
+    )
   return a, b
 
 
-def apply_factors(model: nnx.Module,
-                  factors: Mapping[str, Any]) -> dict[str, int]:
+def apply_factors(
+    model: nnx.Module, factors: Mapping[str, Any]
+) -> dict[str, int]:
   """Replaces the factored layers by FactoredLinear modules, in place.
 
   Args:
@@ -689,8 +836,9 @@ def apply_factors(model: nnx.Module,
   for module, parts in by_module.items():
     layer = get_module(model, module)
     view = matrix_view(layer)
-    a, b = stack_factors(module, view, parts,
-                         functools.partial(kernel_as_matrix, layer))
+    a, b = stack_factors(
+        module, view, parts, functools.partial(kernel_as_matrix, layer)
+    )
     new = factored_from(layer, a, b)
     replace_module(model, module, new)
     ranks[module] = new.rank
@@ -705,5 +853,8 @@ def factored_like(module: Any, rank: int) -> FactoredLinear:
   """
   view = matrix_view(module)
   dtype = module.kernel.dtype
-  return factored_from(module, jnp.zeros(view.stack + (view.d_in, rank), dtype),
-                       jnp.zeros(view.stack + (rank, view.d_out), dtype))
+  return factored_from(
+      module,
+      jnp.zeros(view.stack + (view.d_in, rank), dtype),
+      jnp.zeros(view.stack + (rank, view.d_out), dtype),
+  )

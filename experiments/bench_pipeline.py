@@ -21,6 +21,7 @@ child process (`python -m experiments.bench_pipeline PART CONFIG OUT`):
 Writes results.json (a rerun skips finished parts), summary.md and
 bench_pipeline.png, redrawn from results.json by `plot`.
 """
+
 import json
 import os
 import resource
@@ -45,18 +46,22 @@ def _setup(cfg: dict, num_tokens: int | None = None):
   from ctxlr import data  # pylint: disable=g-import-not-at-top
   from ctxlr import models  # pylint: disable=g-import-not-at-top
   from ctxlr import surgery  # pylint: disable=g-import-not-at-top
+
   model, tok = models.load_llama(None)
   if cfg['num_layers']:
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    model.layers = nnx.List(list(model.layers)[:cfg['num_layers']])
+
+    model.layers = nnx.List(list(model.layers)[: cfg['num_layers']])
   layers = list(surgery.select_linears(model, tuple(cfg['include']), ()))
   seq_len, batch = cfg['seq_len'], cfg['batch_size']
   n = max(batch, (num_tokens or cfg['calib_tokens']) // seq_len)
-  calib = data.sequences('wikipedia', 'calib', tok, seq_len=seq_len,
-                         num_sequences=n)
+  calib = data.sequences(
+      'wikipedia', 'calib', tok, seq_len=seq_len, num_sequences=n
+  )
   batches = list(data.batches(calib, batch))
-  evals = data.sequences('wikipedia', 'eval', tok, seq_len=seq_len,
-                         num_sequences=n)
+  evals = data.sequences(
+      'wikipedia', 'eval', tok, seq_len=seq_len, num_sequences=n
+  )
   return model, layers, batches, evals
 
 
@@ -67,41 +72,54 @@ def throughput(cfg: dict) -> dict:
   from ctxlr import calibration  # pylint: disable=g-import-not-at-top
   from ctxlr import evaluation  # pylint: disable=g-import-not-at-top
   from ctxlr import stats as stats_lib  # pylint: disable=g-import-not-at-top
+
   model, layers, batches, evals = _setup(cfg)
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids))
-  eval_batches = [evals[i:i + cfg['batch_size']]
-                  for i in range(0, len(evals), cfg['batch_size'])]
+  eval_batches = [
+      evals[i : i + cfg['batch_size']]
+      for i in range(0, len(evals), cfg['batch_size'])
+  ]
 
   def run_forward():
     return [forward(state, b) for b in eval_batches]
 
   def run_perplexity():
-    return evaluation.perplexity(model, evals, batch_size=cfg['batch_size'],
-                                 progress=False).perplexity
+    return evaluation.perplexity(
+        model, evals, batch_size=cfg['batch_size'], progress=False
+    ).perplexity
 
   def calibrate(want):
     return lambda: calibration.layer_stats(model, batches, layers, want=want)
 
   calls = dict(
-      forward=run_forward, perplexity=run_perplexity,
+      forward=run_forward,
+      perplexity=run_perplexity,
       calib_r=calibrate(stats_lib.Want()),
       calib_gram=calibrate(stats_lib.Want(r=False, gram=True)),
-      calib_both=calibrate(stats_lib.Want(gram=True)))
+      calib_both=calibrate(stats_lib.Want(gram=True)),
+  )
   compile_s = {}
-  for name, fn in calls.items():             # first call: compile + run
+  for name, fn in calls.items():  # first call: compile + run
     start = time.perf_counter()
     jax.block_until_ready(fn())
     compile_s[name] = time.perf_counter() - start
-  timed = timing.time_calls({k: (f, ()) for k, f in calls.items()},
-                            repeats=cfg['repeats'], min_seconds=0.)
+  timed = timing.time_calls(
+      {k: (f, ()) for k, f in calls.items()},
+      repeats=cfg['repeats'],
+      min_seconds=0.0,
+  )
   eval_tokens = int(evals.size)
   calib_tokens = sum(int(b.size) for b in batches)
   out = {}
   for name, t in timed.items():
     tokens = eval_tokens if name in ('forward', 'perplexity') else calib_tokens
-    out[name] = dict(t, tokens=tokens, tokens_per_s=tokens / t['median'],
-                     first_call_s=compile_s[name])
+    out[name] = dict(
+        t,
+        tokens=tokens,
+        tokens_per_s=tokens / t['median'],
+        first_call_s=compile_s[name],
+    )
   return out
 
 
@@ -113,28 +131,38 @@ def solve(cfg: dict) -> dict:
   from ctxlr import calibration  # pylint: disable=g-import-not-at-top
   from ctxlr import pipeline  # pylint: disable=g-import-not-at-top
   from ctxlr import surgery  # pylint: disable=g-import-not-at-top
+
   model, layers, batches, _ = _setup(cfg)
   stats = calibration.layer_stats(model, batches, layers)
   kernels = {n: surgery.get_module(model, n).kernel[...] for n in layers}
   shapes = {n: tuple(k.shape) for n, k in kernels.items()}
   ranks = allocation.uniform_ranks(shapes, cfg['ratio'])
   todo = {n: r for n, r in ranks.items() if r is not None}
-  rk = {n: np.asarray(stats[n].r, np.float32) @ np.asarray(kernels[n])
-        for n in todo}
+  rk = {
+      n: np.asarray(stats[n].r, np.float32) @ np.asarray(kernels[n])
+      for n in todo
+  }
   seconds = dict(ours=[], lapack=[])
   pipeline.factorize_layers(kernels, stats, ranks, method='coala')  # compile
   for _ in range(cfg['repeats']):
     start = time.perf_counter()
-    jax.block_until_ready(jax.tree.leaves(pipeline.factorize_layers(
-        kernels, stats, ranks, method='coala')))
+    jax.block_until_ready(
+        jax.tree.leaves(
+            pipeline.factorize_layers(kernels, stats, ranks, method='coala')
+        )
+    )
     seconds['ours'].append(time.perf_counter() - start)
     start = time.perf_counter()
     for m in rk.values():
       scipy.linalg.svd(m, full_matrices=False, lapack_driver='gesdd')
     seconds['lapack'].append(time.perf_counter() - start)
   med = {k: float(np.median(v)) for k, v in seconds.items()}
-  return dict(layers=len(todo), seconds=seconds, median=med,
-              ratio=med['ours'] / med['lapack'])
+  return dict(
+      layers=len(todo),
+      seconds=seconds,
+      median=med,
+      ratio=med['ours'] / med['lapack'],
+  )
 
 
 def fold(cfg: dict) -> list[dict]:
@@ -144,6 +172,7 @@ def fold(cfg: dict) -> list[dict]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ctxlr.linalg import qr  # pylint: disable=g-import-not-at-top
   from ctxlr.linalg import tpqrt  # pylint: disable=g-import-not-at-top
+
   hi = jax.lax.Precision.HIGHEST
   gram_update = jax.jit(lambda g, x: g + jnp.matmul(x.T, x, precision=hi))
   dense = qr.fold_r_unchecked
@@ -154,22 +183,33 @@ def fold(cfg: dict) -> list[dict]:
     r = qr.qr_r(rng.standard_normal((2 * d, d)).astype(np.float32))
     x = jnp.asarray(rng.standard_normal((b, d)).astype(np.float32))
     g = jnp.zeros((d, d), jnp.float32)
-    t = timing.time_calls(dict(structured=(tpqrt.fold, (r, x)),
-                               dense=(dense, (r, x)),
-                               gram=(gram_update, (g, x))),
-                          repeats=cfg['repeats'], min_seconds=0.5)
-    rows.append(dict(d=d, b=b, core=core, **{
-        k: v['median'] for k, v in t.items()},
-                     structured_over_gram=t['structured']['median'] /
-                     t['gram']['median'],
-                     dense_over_gram=t['dense']['median'] /
-                     t['gram']['median']))
+    t = timing.time_calls(
+        dict(
+            structured=(tpqrt.fold, (r, x)),
+            dense=(dense, (r, x)),
+            gram=(gram_update, (g, x)),
+        ),
+        repeats=cfg['repeats'],
+        min_seconds=0.5,
+    )
+    rows.append(
+        dict(
+            d=d,
+            b=b,
+            core=core,
+            **{k: v['median'] for k, v in t.items()},
+            structured_over_gram=t['structured']['median']
+            / t['gram']['median'],
+            dense_over_gram=t['dense']['median'] / t['gram']['median'],
+        )
+    )
   return rows
 
 
 def calibrate_tokens(cfg: dict) -> dict:
   """Seconds and peak RSS of one R-only calibration of cfg['tokens']."""
   from ctxlr import calibration  # pylint: disable=g-import-not-at-top
+
   model, layers, batches, _ = _setup(cfg, cfg['tokens'])
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   start = time.perf_counter()
@@ -177,13 +217,14 @@ def calibrate_tokens(cfg: dict) -> dict:
   seconds = time.perf_counter() - start
   widths = {id(s): s.r.shape[0] for s in stats.values()}
   tokens = sum(int(b.size) for b in batches)
-  return dict(tokens=tokens, seconds=seconds,
-              seconds_per_token=seconds / tokens,
-              peak_rss_mib=resource.getrusage(
-                  resource.RUSAGE_SELF).ru_maxrss / 1024,
-              rss_before_mib=rss_before / 1024,
-              stacked_activations_mib=tokens * sum(widths.values()) * 4 /
-              2**20)
+  return dict(
+      tokens=tokens,
+      seconds=seconds,
+      seconds_per_token=seconds / tokens,
+      peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      rss_before_mib=rss_before / 1024,
+      stacked_activations_mib=tokens * sum(widths.values()) * 4 / 2**20,
+  )
 
 
 def process_part(cfg: dict) -> dict:
@@ -191,21 +232,30 @@ def process_part(cfg: dict) -> dict:
   cores = sorted(os.sched_getaffinity(0))
   os.sched_setaffinity(0, {cores[cfg['process_id'] % len(cores)]})  # 1 core
   from ctxlr import distributed  # pylint: disable=g-import-not-at-top
+
   if cfg['num_processes'] > 1:
-    distributed.initialize(f"127.0.0.1:{cfg['port']}", cfg['num_processes'],
-                           cfg['process_id'], timeout_s=120)
+    distributed.initialize(
+        f"127.0.0.1:{cfg['port']}",
+        cfg['num_processes'],
+        cfg['process_id'],
+        timeout_s=120,
+    )
   import jax  # pylint: disable=g-import-not-at-top
   from ctxlr import calibration  # pylint: disable=g-import-not-at-top
-  tokens = cfg['calib_tokens'] * cfg['num_processes']   # weak scaling
+
+  tokens = cfg['calib_tokens'] * cfg['num_processes']  # weak scaling
   model, layers, batches, _ = _setup(
-      dict(cfg, batch_size=cfg['batch_size'] * cfg['num_processes']), tokens)
+      dict(cfg, batch_size=cfg['batch_size'] * cfg['num_processes']), tokens
+  )
   mesh = jax.make_mesh((jax.device_count(),), ('data',))
   calibration.layer_stats(model, batches[:1], layers, mesh=mesh)  # compile
   start = time.perf_counter()
   calibration.layer_stats(model, batches, layers, mesh=mesh)
-  return dict(seconds=time.perf_counter() - start,
-              tokens=sum(int(b.size) for b in batches),
-              devices=jax.device_count())
+  return dict(
+      seconds=time.perf_counter() - start,
+      tokens=sum(int(b.size) for b in batches),
+      devices=jax.device_count(),
+  )
 
 
 def _free_port() -> int:
@@ -216,17 +266,34 @@ def _free_port() -> int:
 
 def _processes(cfg: dict, workdir: str) -> dict:
   env = dict(os.environ, OPENBLAS_NUM_THREADS='1')
-  one = child.run(_MODULE, 'process', dict(cfg, num_processes=1,
-                                           process_id=0), workdir, env=env,
-                  timeout_s=cfg['timeout_s'])
+  one = child.run(
+      _MODULE,
+      'process',
+      dict(cfg, num_processes=1, process_id=0),
+      workdir,
+      env=env,
+      timeout_s=cfg['timeout_s'],
+  )
   port, outs, procs = _free_port(), [], []
   for pid in range(2):
     out = os.path.join(workdir, f'.process_{pid}.json')
     outs.append(out)
-    procs.append(subprocess.Popen(
-        [sys.executable, '-m', _MODULE, 'process', json.dumps(
-            dict(cfg, num_processes=2, process_id=pid, port=port)), out],
-        env=dict(env, PYTHONPATH=child.ROOT), cwd=child.ROOT))
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                '-m',
+                _MODULE,
+                'process',
+                json.dumps(
+                    dict(cfg, num_processes=2, process_id=pid, port=port)
+                ),
+                out,
+            ],
+            env=dict(env, PYTHONPATH=child.ROOT),
+            cwd=child.ROOT,
+        )
+    )
   for p in procs:
     if p.wait(timeout=cfg['timeout_s']) != 0:
       raise RuntimeError(f'weak-scaling process exited with {p.returncode}')
@@ -253,14 +320,23 @@ def run(config, workdir: str) -> None:
       continue
     logging.warning('bench_pipeline: %s', part)
     if part == 'scaling':
-      out[part] = [child.run(_MODULE, 'calibrate_tokens', dict(cfg, tokens=n),
-                             workdir, env=env, timeout_s=cfg['timeout_s'])
-                   for n in config.scaling_tokens]
+      out[part] = [
+          child.run(
+              _MODULE,
+              'calibrate_tokens',
+              dict(cfg, tokens=n),
+              workdir,
+              env=env,
+              timeout_s=cfg['timeout_s'],
+          )
+          for n in config.scaling_tokens
+      ]
     elif part == 'processes':
       out[part] = _processes(cfg, workdir)
     else:
-      out[part] = child.run(_MODULE, part, cfg, workdir, env=env,
-                            timeout_s=cfg['timeout_s'])
+      out[part] = child.run(
+          _MODULE, part, cfg, workdir, env=env, timeout_s=cfg['timeout_s']
+      )
     results.write_json(path, out)
   out['load_average_end'] = os.getloadavg()[0]
   results.write_json(path, out)
@@ -273,87 +349,155 @@ def validate(config) -> None:
   """Option errors before any work."""
   unknown = set(config.parts) - set(PARTS)
   if unknown:
-    raise ValueError(f'parts: expected a subset of {PARTS}; got '
-                     f'{sorted(unknown)}.')
+    raise ValueError(
+        f'parts: expected a subset of {PARTS}; got ' f'{sorted(unknown)}.'
+    )
   for field in ('seq_len', 'batch_size', 'calib_tokens', 'repeats'):
     if not isinstance(config[field], int) or config[field] < 1:
-      raise ValueError(f'{field}: expected a positive integer; got '
-                       f'{config[field]!r}.')
+      raise ValueError(
+          f'{field}: expected a positive integer; got ' f'{config[field]!r}.'
+      )
   if not 0 < config.ratio <= 1:
-    raise ValueError(f'ratio: expected a number in (0, 1]; got '
-                     f'{config.ratio!r}.')
+    raise ValueError(
+        f'ratio: expected a number in (0, 1]; got ' f'{config.ratio!r}.'
+    )
 
 
 def summarize(out: dict) -> str:
   """summary.md: every ratio against its target."""
-  lines = [f"Load average (1 min) at start / end: "
-           f"{out.get('load_average_start', float('nan')):.1f} / "
-           f"{out.get('load_average_end', float('nan')):.1f}.", '']
+  lines = [
+      f'Load average (1 min) at start / end: '
+      f"{out.get('load_average_start', float('nan')):.1f} / "
+      f"{out.get('load_average_end', float('nan')):.1f}.",
+      '',
+  ]
   if 'throughput' in out:
     t = out['throughput']
     fwd, gram = t['forward']['tokens_per_s'], t['calib_gram']['tokens_per_s']
-    rows = [dict(run=k, tokens_per_s=v['tokens_per_s'],
-                 vs_forward=v['tokens_per_s'] / fwd,
-                 time_vs_gram=gram / v['tokens_per_s'],
-                 first_call_s=v['first_call_s']) for k, v in t.items()]
-    lines += ['## Throughput (medians of whole passes, compile apart)', '',
-              results.markdown_table(rows, ['run', 'tokens_per_s',
-                                            'vs_forward', 'time_vs_gram',
-                                            'first_call_s'],
-                                     dict(tokens_per_s='.0f',
-                                          vs_forward='.2f',
-                                          time_vs_gram='.2f',
-                                          first_call_s='.1f')),
-              f"Targets: evaluation >= 0.9x the forward "
-              f"(measured {t['perplexity']['tokens_per_s'] / fwd:.2f}x); "
-              f"calibration with R <= 1.3x the time of the Gram-only one "
-              f"(measured {gram / t['calib_r']['tokens_per_s']:.2f}x).", '']
+    rows = [
+        dict(
+            run=k,
+            tokens_per_s=v['tokens_per_s'],
+            vs_forward=v['tokens_per_s'] / fwd,
+            time_vs_gram=gram / v['tokens_per_s'],
+            first_call_s=v['first_call_s'],
+        )
+        for k, v in t.items()
+    ]
+    lines += [
+        '## Throughput (medians of whole passes, compile apart)',
+        '',
+        results.markdown_table(
+            rows,
+            [
+                'run',
+                'tokens_per_s',
+                'vs_forward',
+                'time_vs_gram',
+                'first_call_s',
+            ],
+            dict(
+                tokens_per_s='.0f',
+                vs_forward='.2f',
+                time_vs_gram='.2f',
+                first_call_s='.1f',
+            ),
+        ),
+        f'Targets: evaluation >= 0.9x the forward '
+        f"(measured {t['perplexity']['tokens_per_s'] / fwd:.2f}x); "
+        f'calibration with R <= 1.3x the time of the Gram-only one '
+        f"(measured {gram / t['calib_r']['tokens_per_s']:.2f}x).",
+        '',
+    ]
   if 'fold' in out:
-    lines += ['## One fold at the calibration block (one pinned core)', '',
-              results.markdown_table(out['fold'], [
-                  'd', 'b', 'structured', 'dense', 'gram',
-                  'structured_over_gram', 'dense_over_gram'], dict(
-                      structured='.4f', dense='.4f', gram='.4f',
-                      structured_over_gram='.2f', dense_over_gram='.2f')),
-              'Target: structured fold <= 1.5x the Gram update.', '']
+    lines += [
+        '## One fold at the calibration block (one pinned core)',
+        '',
+        results.markdown_table(
+            out['fold'],
+            [
+                'd',
+                'b',
+                'structured',
+                'dense',
+                'gram',
+                'structured_over_gram',
+                'dense_over_gram',
+            ],
+            dict(
+                structured='.4f',
+                dense='.4f',
+                gram='.4f',
+                structured_over_gram='.2f',
+                dense_over_gram='.2f',
+            ),
+        ),
+        'Target: structured fold <= 1.5x the Gram update.',
+        '',
+    ]
   if 'solve' in out:
     s = out['solve']
-    lines += [f"## Solve of {s['layers']} layers", '',
-              f"coala (factorize_layers) {s['median']['ours']:.1f} s, the "
-              f"same SVDs of R K back to back in LAPACK "
-              f"{s['median']['lapack']:.1f} s: {s['ratio']:.2f}x (target "
-              '<= 1.2x).', '']
+    lines += [
+        f"## Solve of {s['layers']} layers",
+        '',
+        f"coala (factorize_layers) {s['median']['ours']:.1f} s, the "
+        f'same SVDs of R K back to back in LAPACK '
+        f"{s['median']['lapack']:.1f} s: {s['ratio']:.2f}x (target "
+        '<= 1.2x).',
+        '',
+    ]
   if 'scaling' in out:
-    lines += ['## Calibration cost vs tokens (R only)', '',
-              results.markdown_table(out['scaling'], [
-                  'tokens', 'seconds', 'seconds_per_token', 'peak_rss_mib',
-                  'stacked_activations_mib'], dict(
-                      seconds='.1f', seconds_per_token='.2e',
-                      peak_rss_mib='.0f', stacked_activations_mib='.0f')),
-              'Targets: seconds per token within ±10%, peak RSS flat '
-              '(±10%).', '']
+    lines += [
+        '## Calibration cost vs tokens (R only)',
+        '',
+        results.markdown_table(
+            out['scaling'],
+            [
+                'tokens',
+                'seconds',
+                'seconds_per_token',
+                'peak_rss_mib',
+                'stacked_activations_mib',
+            ],
+            dict(
+                seconds='.1f',
+                seconds_per_token='.2e',
+                peak_rss_mib='.0f',
+                stacked_activations_mib='.0f',
+            ),
+        ),
+        'Targets: seconds per token within ±10%, peak RSS flat ' '(±10%).',
+        '',
+    ]
   if 'processes' in out:
     p = out['processes']
-    lines += ['## Weak scaling, 2 processes × 1 device (gloo)', '',
-              f"1 process: {p['one']['seconds']:.1f} s for "
-              f"{p['one']['tokens']} tokens; 2 processes: "
-              f"{max(t['seconds'] for t in p['two']):.1f} s for "
-              f"{p['two'][0]['tokens']} tokens; efficiency "
-              f"{p['efficiency']:.2f} (target >= 0.8).", '']
+    lines += [
+        '## Weak scaling, 2 processes × 1 device (gloo)',
+        '',
+        f"1 process: {p['one']['seconds']:.1f} s for "
+        f"{p['one']['tokens']} tokens; 2 processes: "
+        f"{max(t['seconds'] for t in p['two']):.1f} s for "
+        f"{p['two'][0]['tokens']} tokens; efficiency "
+        f"{p['efficiency']:.2f} (target >= 0.8).",
+        '',
+    ]
   return '\n'.join(lines)
 
 
 def plot(workdir: str) -> None:
   """bench_pipeline.png from results.json: throughput and scaling."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   out = results.read_json(os.path.join(workdir, 'results.json'))
   panels = [p for p in ('throughput', 'scaling') if p in out]
   if not panels:
     return
-  fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+      1, len(panels), figsize=(6 * len(panels), 4), squeeze=False
+  )
   for ax, part in zip(axes[0], panels):
     if part == 'throughput':
       names = list(out[part])
@@ -362,11 +506,20 @@ def plot(workdir: str) -> None:
       ax.set_title('throughput (default model)')
     else:
       rows = out[part]
-      ax.plot([r['tokens'] for r in rows], [r['seconds'] for r in rows], 'o-',
-              label='seconds')
+      ax.plot(
+          [r['tokens'] for r in rows],
+          [r['seconds'] for r in rows],
+          'o-',
+          label='seconds',
+      )
       ax2 = ax.twinx()
-      ax2.plot([r['tokens'] for r in rows], [r['peak_rss_mib'] for r in rows],
-               's--', color='C1', label='peak RSS (MiB)')
+      ax2.plot(
+          [r['tokens'] for r in rows],
+          [r['peak_rss_mib'] for r in rows],
+          's--',
+          color='C1',
+          label='peak RSS (MiB)',
+      )
       ax.set_xscale('log')
       ax.set_xlabel('calibration tokens')
       ax.set_ylabel('seconds')
@@ -378,5 +531,12 @@ def plot(workdir: str) -> None:
 
 
 if __name__ == '__main__':
-  child.serve(dict(throughput=throughput, solve=solve, fold=fold,
-                   calibrate_tokens=calibrate_tokens, process=process_part))
+  child.serve(
+      dict(
+          throughput=throughput,
+          solve=solve,
+          fold=fold,
+          calibrate_tokens=calibrate_tokens,
+          process=process_part,
+      )
+  )

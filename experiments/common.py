@@ -186,14 +186,16 @@ def check_data_spec(spec: Any, path: str) -> None:
   if 'corpora' in spec:
     check_names(spec['corpora'], f'{path}.corpora')
   named = ([(f'{path}.corpus', spec['corpus'])] if 'corpus' in spec else []) + [
-      (f'{path}.corpora[{i}]', c) for i, c in enumerate(spec.get('corpora', ()))]
+      (f'{path}.corpora[{i}]', c) for i, c in enumerate(spec.get('corpora', ()))
+  ]
   for where, corpus in named:
     if not data.is_files(corpus):
       check_choice(corpus, data.CORPORA, where)
-    elif not corpus[len(data.FILES):]:
+    elif not corpus[len(data.FILES) :]:
       fail(where, "'files:<path or glob>'", corpus)
-  if 'field' in spec and (not isinstance(spec['field'], str) or
-                          not spec['field']):
+  if 'field' in spec and (
+      not isinstance(spec['field'], str) or not spec['field']
+  ):
     fail(f'{path}.field', 'a non-empty JSON field name', spec['field'])
   if 'corpus' not in spec and 'corpora' not in spec:
     fail(path, 'a field corpus or corpora', sorted(spec.keys()))
@@ -369,8 +371,13 @@ def token_sequences(corpus: str, split: str, tokenizer, spec) -> np.ndarray:
   """int32[num_tokens // seq_len, seq_len] from a corpus split."""
   n = max(1, spec.num_tokens // spec.seq_len)
   return data.sequences(
-      corpus, split, tokenizer, seq_len=spec.seq_len, num_sequences=n,
-      field=spec.get('field', 'text'))
+      corpus,
+      split,
+      tokenizer,
+      seq_len=spec.seq_len,
+      num_sequences=n,
+      field=spec.get('field', 'text'),
+  )
 
 
 def calibration_batches(tokenizer, calib_config) -> list:

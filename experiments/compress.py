@@ -8,6 +8,7 @@ layer_errors.png (redrawn from results.json by `plot`), and, with
 budget (`ctxlr.healing`), the healed model is evaluated too, and it is the
 one saved.
 """
+
 import json
 import os
 import shutil
@@ -30,8 +31,8 @@ from experiments import common
 matplotlib.use('Agg')
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
-_DEFAULT_AUTO_MU = 1e-4   # μ₀ for layers short of data (docs/results/
-                          # calibration_sweep: within 1% of K_* at 128 tokens)
+_DEFAULT_AUTO_MU = 1e-4  # μ₀ for layers short of data (docs/results/
+# calibration_sweep: within 1% of K_* at 128 tokens)
 
 
 def mixture(calib) -> dict[str, float] | None:
@@ -51,8 +52,10 @@ def mixture(calib) -> dict[str, float] | None:
     except ValueError:
       value = None
     if not sep or not corpus or value is None:
-      raise ValueError(f"calib.mixture: expected 'corpus:weight,…' (e.g. "
-                       f"'wikipedia:1,sotu:1'); got the item {item!r}.")
+      raise ValueError(
+          f"calib.mixture: expected 'corpus:weight,…' (e.g. "
+          f"'wikipedia:1,sotu:1'); got the item {item!r}."
+      )
     if corpus in out:
       raise ValueError(f'calib.mixture: corpus {corpus!r} appears twice.')
     out[corpus] = value
@@ -73,49 +76,63 @@ def validate(config) -> None:
   try:
     registry.check_options(config.method, method_options(config))
   except ValueError as e:
-    raise ValueError(str(e).replace('method_options:', 'power:', 1)
-                     ) from None
-  if config.auto_mu is not None and config.auto_mu > 0 and (
-      not record.takes_mu):
+    raise ValueError(str(e).replace('method_options:', 'power:', 1)) from None
+  if (
+      config.auto_mu is not None
+      and config.auto_mu > 0
+      and (not record.takes_mu)
+  ):
     raise ValueError(
         f'auto_mu: {config.method!r} has no ridge term (methods with one: '
-        f'{registry.names(takes_mu=True)}); leave auto_mu unset for it.')
+        f'{registry.names(takes_mu=True)}); leave auto_mu unset for it.'
+    )
   try:
     pipeline.check_options(
-        ratio=config.ratio, method=config.method, mu=config.mu,
-        allocation=config.allocation, mu_rule=config.mu_rule,
-        mode=config.mode, auto_mu=auto_mu(config),
-        auto_mu_rule=config.auto_mu_rule)
+        ratio=config.ratio,
+        method=config.method,
+        mu=config.mu,
+        allocation=config.allocation,
+        mu_rule=config.mu_rule,
+        mode=config.mode,
+        auto_mu=auto_mu(config),
+        auto_mu_rule=config.auto_mu_rule,
+    )
   except ValueError as e:
-    raise ValueError(str(e).replace('allocation must', 'allocation: must')
-                     ) from None
+    raise ValueError(
+        str(e).replace('allocation must', 'allocation: must')
+    ) from None
   common.check_model_and_data(config)
   common.check_layers(config.include, config.exclude)
   weights = mixture(config.calib)
   if weights is not None:
     try:
-      data.mixture_counts(weights, config.calib.num_tokens //
-                          config.calib.seq_len)
+      data.mixture_counts(
+          weights, config.calib.num_tokens // config.calib.seq_len
+      )
     except ValueError as e:
       raise ValueError(f'calib.mixture: {e}') from None
   if config.heal.enabled:
     try:
-      healing.check_budget(seconds=config.heal.seconds,
-                           steps=config.heal.steps)
+      healing.check_budget(seconds=config.heal.seconds, steps=config.heal.steps)
     except ValueError as e:
       raise ValueError(f'heal.{e}') from None
     for field in ('batch_size', 'seq_len', 'num_tokens'):
       value = config.heal[field]
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'heal.{field}: expected a positive integer; got '
-                         f'{value!r}.')
+        raise ValueError(
+            f'heal.{field}: expected a positive integer; got ' f'{value!r}.'
+        )
     if not config.heal.learning_rate > 0:
-      raise ValueError(f'heal.learning_rate: expected a number > 0; got '
-                       f'{config.heal.learning_rate!r}.')
+      raise ValueError(
+          f'heal.learning_rate: expected a number > 0; got '
+          f'{config.heal.learning_rate!r}.'
+      )
   if record.float64:
-    raise ValueError(f'method: {config.method!r} is a float64 reference, '
-                     'not a method to ship; the calibration_sweep '
-                     'experiment runs it.')
+    raise ValueError(
+        f'method: {config.method!r} is a float64 reference, '
+        'not a method to ship; the calibration_sweep '
+        'experiment runs it.'
+    )
 
 
 def auto_mu(config) -> float:
@@ -137,26 +154,39 @@ def run(config, workdir: str) -> None:
   t = time.perf_counter()
   model, tokenizer = common.load_model(config.model)
   seconds = dict(load=time.perf_counter() - t)
-  dense, dense_seconds, reused = _dense_eval(model, tokenizer, config,
-                                             workdir)
+  dense, dense_seconds, reused = _dense_eval(model, tokenizer, config, workdir)
   seconds['eval_dense'] = dense_seconds
   layer_shapes = surgery.select_linears(model, config.include, config.exclude)
-  print(models.describe_scale(models.scale_facts(
-      model, layer_shapes, want=registry.get(config.method).want)),
-        flush=True)
+  print(
+      models.describe_scale(
+          models.scale_facts(
+              model, layer_shapes, want=registry.get(config.method).want
+          )
+      ),
+      flush=True,
+  )
   batches = calibration_batches(tokenizer, config.calib)
   mesh = None
   if config.data_parallel and jax.device_count() > 1:
     mesh = jax.make_mesh((jax.device_count(),), ('data',))
   progress = os.path.join(workdir, 'progress')
   report = pipeline.compress(
-      model, batches,
-      ratio=config.ratio, method=config.method, mu=config.mu,
-      mu_rule=config.mu_rule, auto_mu=auto_mu(config),
-      auto_mu_rule=config.auto_mu_rule, allocation=config.allocation,
+      model,
+      batches,
+      ratio=config.ratio,
+      method=config.method,
+      mu=config.mu,
+      mu_rule=config.mu_rule,
+      auto_mu=auto_mu(config),
+      auto_mu_rule=config.auto_mu_rule,
+      allocation=config.allocation,
       method_options=method_options(config),
-      mode=config.mode, include=config.include, exclude=config.exclude,
-      mesh=mesh, checkpoint_dir=progress)   # data fingerprinted by content
+      mode=config.mode,
+      include=config.include,
+      exclude=config.exclude,
+      mesh=mesh,
+      checkpoint_dir=progress,
+  )  # data fingerprinted by content
   seconds.update(report.pop('seconds'))
   t = time.perf_counter()
   compressed = common.evaluate(model, tokenizer, config.eval, 'compressed')
@@ -171,20 +201,32 @@ def run(config, workdir: str) -> None:
     seconds['eval_healed'] = time.perf_counter() - t
   if config.save:
     t = time.perf_counter()
-    checkpoint.save(model, os.path.join(workdir, 'model'),
-                    base=config.model.to_dict())
-    checkpoint.export_factors(model, os.path.join(workdir,
-                                                  'factors.safetensors'),
-                              metadata=dict(config=config.to_dict()))
+    checkpoint.save(
+        model, os.path.join(workdir, 'model'), base=config.model.to_dict()
+    )
+    checkpoint.export_factors(
+        model,
+        os.path.join(workdir, 'factors.safetensors'),
+        metadata=dict(config=config.to_dict()),
+    )
     seconds['save'] = time.perf_counter() - t
-  out = dict(method=config.method, ratio=config.ratio, mode=config.mode,
-             allocation=config.allocation, mu=config.mu,
-             auto_mu=auto_mu(config), auto_mu_rule=config.auto_mu_rule,
-             method_options=method_options(config),
-             calib_mixture=mixture(config.calib) or {config.calib.corpus: 1.},
-             calib_tokens=sum(int(b.size) for b in batches), dense=dense,
-             compressed=compressed, seconds=seconds,
-             dense_eval_reused=reused, **report)
+  out = dict(
+      method=config.method,
+      ratio=config.ratio,
+      mode=config.mode,
+      allocation=config.allocation,
+      mu=config.mu,
+      auto_mu=auto_mu(config),
+      auto_mu_rule=config.auto_mu_rule,
+      method_options=method_options(config),
+      calib_mixture=mixture(config.calib) or {config.calib.corpus: 1.0},
+      calib_tokens=sum(int(b.size) for b in batches),
+      dense=dense,
+      compressed=compressed,
+      seconds=seconds,
+      dense_eval_reused=reused,
+      **report,
+  )
   if healed is not None:
     out.update(healed=healed, heal=heal_history)
   path = os.path.join(workdir, 'results.json')
@@ -202,9 +244,13 @@ def calibration_batches(tokenizer, calib) -> list:
   weights = mixture(calib)
   if weights is None:
     return common.calibration_batches(tokenizer, calib)
-  seqs = data.mixture_sequences(weights, 'calib', tokenizer,
-                                seq_len=calib.seq_len,
-                                num_sequences=calib.num_tokens // calib.seq_len)
+  seqs = data.mixture_sequences(
+      weights,
+      'calib',
+      tokenizer,
+      seq_len=calib.seq_len,
+      num_sequences=calib.num_tokens // calib.seq_len,
+  )
   return list(data.batches(seqs, min(calib.batch_size, len(seqs))))
 
 
@@ -212,8 +258,9 @@ def heal(model, tokenizer, config) -> dict:
   """Trains the compressed model's factors on the calibration stream."""
   h = config.heal
   weights = mixture(config.calib) or {config.calib.corpus: 1.0}
-  seqs = healing.training_sequences(tokenizer, weights, seq_len=h.seq_len,
-                                    num_tokens=h.num_tokens)
+  seqs = healing.training_sequences(
+      tokenizer, weights, seq_len=h.seq_len, num_tokens=h.num_tokens
+  )
 
   def eval_fn(m):
     if not h.eval_every_seconds:
@@ -221,17 +268,25 @@ def heal(model, tokenizer, config) -> dict:
     ppl = common.evaluate(m, tokenizer, config.eval, 'heal')
     return {f'ppl_{c}': v['perplexity'] for c, v in ppl.items()}
 
-  return healing.heal(model, seqs, seconds=h.seconds, steps=h.steps,
-                      learning_rate=h.learning_rate, batch_size=h.batch_size,
-                      warmup_fraction=h.warmup_fraction, eval_fn=eval_fn,
-                      eval_every_seconds=h.eval_every_seconds or None)
+  return healing.heal(
+      model,
+      seqs,
+      seconds=h.seconds,
+      steps=h.steps,
+      learning_rate=h.learning_rate,
+      batch_size=h.batch_size,
+      warmup_fraction=h.warmup_fraction,
+      eval_fn=eval_fn,
+      eval_every_seconds=h.eval_every_seconds or None,
+  )
 
 
 def _dense_eval(model, tokenizer, config, workdir: str):
   """(perplexities, seconds, reused): cached in workdir/dense.json."""
   path = os.path.join(workdir, 'dense.json')
-  key = json.loads(json.dumps(dict(model=config.model.to_dict(),
-                                   eval=config.eval.to_dict())))
+  key = json.loads(
+      json.dumps(dict(model=config.model.to_dict(), eval=config.eval.to_dict()))
+  )
   if os.path.exists(path):
     cached = results.read_json(path)
     if cached.get('key') == key:
@@ -252,12 +307,18 @@ def _disk_bytes(directory: str) -> int:
 
 def summarize(out: dict) -> str:
   """The run's summary.md: perplexities, ratios, time and disk."""
-  rows = [dict(set=c, dense=out['dense'][c]['perplexity'],
-               compressed=out['compressed'][c]['perplexity'],
-               ratio_to_dense=(out['compressed'][c]['perplexity'] /
-                               out['dense'][c]['perplexity']),
-               tokens=out['compressed'][c]['tokens'])
-          for c in out['dense']]
+  rows = [
+      dict(
+          set=c,
+          dense=out['dense'][c]['perplexity'],
+          compressed=out['compressed'][c]['perplexity'],
+          ratio_to_dense=(
+              out['compressed'][c]['perplexity'] / out['dense'][c]['perplexity']
+          ),
+          tokens=out['compressed'][c]['tokens'],
+      )
+      for c in out['dense']
+  ]
   columns = ['set', 'dense', 'compressed', 'ratio_to_dense', 'tokens']
   if out.get('healed'):
     for row in rows:
@@ -266,14 +327,15 @@ def summarize(out: dict) -> str:
     columns[4:4] = ['healed', 'healed_to_dense']
   layers = out['layers'].values()
   factored = [l for l in layers if l['rank'] is not None]
-  flagged = [n for n, l in out['layers'].items()
-             if l.get('insufficient_data')]
+  flagged = [n for n, l in out['layers'].items() if l.get('insufficient_data')]
   seconds = dict(out['seconds'])
   resumed = sum(bool(l.get('resumed')) for l in layers)
-  options = ''.join(f', {k} {v}' for k, v in
-                    out.get('method_options', {}).items())
-  mix = ' + '.join(f'{c} {w:g}' for c, w in
-                   out.get('calib_mixture', {}).items())
+  options = ''.join(
+      f', {k} {v}' for k, v in out.get('method_options', {}).items()
+  )
+  mix = ' + '.join(
+      f'{c} {w:g}' for c, w in out.get('calib_mixture', {}).items()
+  )
   lines = [
       f"# {out['method']} at kept ratio {out['ratio']} ({out['mode']}, "
       f"{out['allocation']} ranks{options}, {out['calib_tokens']} "
@@ -283,37 +345,57 @@ def summarize(out: dict) -> str:
       f"{out['model_ratio']:.4f} of the whole model's. "
       f'{len(factored)} of {len(layers)} layers factored.',
       '',
-      results.markdown_table(rows, columns,
-                             dict(dense='.3f', compressed='.3f',
-                                  ratio_to_dense='.2f', healed='.3f',
-                                  healed_to_dense='.2f')),
-      'Seconds per phase: ' + ', '.join(
-          f'{k} {v:.1f}' for k, v in seconds.items()) +
-      (' (dense evaluation reused from dense.json)'
-       if out.get('dense_eval_reused') else '') + '.',
+      results.markdown_table(
+          rows,
+          columns,
+          dict(
+              dense='.3f',
+              compressed='.3f',
+              ratio_to_dense='.2f',
+              healed='.3f',
+              healed_to_dense='.2f',
+          ),
+      ),
+      'Seconds per phase: '
+      + ', '.join(f'{k} {v:.1f}' for k, v in seconds.items())
+      + (
+          ' (dense evaluation reused from dense.json)'
+          if out.get('dense_eval_reused')
+          else ''
+      )
+      + '.',
   ]
   if out.get('heal'):
     h = out['heal']
-    lines.append(f"Healing: {h['steps']} steps in {h['seconds']:.0f} s of "
-                 f"training ({h['trainable']:,} factor parameters).")
+    lines.append(
+        f"Healing: {h['steps']} steps in {h['seconds']:.0f} s of "
+        f"training ({h['trainable']:,} factor parameters)."
+    )
   if out.get('stats_resumed') or resumed:
     lines.append(
         f"Resumed: {'statistics loaded, ' if out.get('stats_resumed') else ''}"
         f'{resumed} of {len(factored)} layers loaded from progress/; their '
-        'phases took longer when first computed.')
+        'phases took longer when first computed.'
+    )
   if 'wall_seconds' in out:
-    lines.append(f"Wall time of this run: {out['wall_seconds']:.0f} s; "
-                 f"workdir on disk: {out['disk_bytes'] / 2**20:.0f} MiB.")
+    lines.append(
+        f"Wall time of this run: {out['wall_seconds']:.0f} s; "
+        f"workdir on disk: {out['disk_bytes'] / 2**20:.0f} MiB."
+    )
   lines += [
       '',
-      'Relative weighted error ||X(K-K\')||/||XK|| per layer: median '
+      "Relative weighted error ||X(K-K')||/||XK|| per layer: median "
       f"{np.median([l['rel_err'] for l in factored]):.4f}, max "
       f"{max(l['rel_err'] for l in factored):.4f}."
-      if factored else 'No layer factored.',
+      if factored
+      else 'No layer factored.',
   ]
   if flagged:
-    lines += ['', f'Insufficient calibration data (numerical rank < rank) '
-              f'in {len(flagged)} layers, e.g. {flagged[:3]}.']
+    lines += [
+        '',
+        f'Insufficient calibration data (numerical rank < rank) '
+        f'in {len(flagged)} layers, e.g. {flagged[:3]}.',
+    ]
   return '\n'.join(lines) + '\n'
 
 
@@ -330,8 +412,9 @@ def plot(workdir: str) -> None:
   fig, ax = plt.subplots(figsize=(8, 4))
   for kind, points in sorted(by_kind.items()):
     points.sort()
-    ax.plot([p[0] for p in points], [p[1] for p in points], 'o-', ms=3,
-            label=kind)
+    ax.plot(
+        [p[0] for p in points], [p[1] for p in points], 'o-', ms=3, label=kind
+    )
   ax.set_xlabel('block')
   ax.set_ylabel("||X(K - K')||_F / ||XK||_F")
   ax.set_yscale('log')
@@ -340,4 +423,3 @@ def plot(workdir: str) -> None:
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'layer_errors.png'), dpi=120)
   plt.close(fig)
-

@@ -5,6 +5,7 @@
 With KILL_AFTER_LAYERS = k, the process SIGKILLs itself right after the k-th
 layer is saved (no clean-up, like a crash or a pre-empted job).
 """
+
 import os
 import signal
 import sys
@@ -34,10 +35,17 @@ def main(checkpoint_dir, out, kill_after=None):
       saved.append(name)
       if len(saved) == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
+
     store.RunStore.save_layer = save_then_die
   model = toy_model.Toy()
-  report = pipeline.compress(model, batches(), ratio=0.5, method='coala',
-                             checkpoint_dir=checkpoint_dir, data_id={'seed': 0})
+  report = pipeline.compress(
+      model,
+      batches(),
+      ratio=0.5,
+      method='coala',
+      checkpoint_dir=checkpoint_dir,
+      data_id={'seed': 0},
+  )
   factors = {}
   for name in report['layers']:
     layer = surgery.get_module(model, name)
@@ -47,5 +55,6 @@ def main(checkpoint_dir, out, kill_after=None):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3
-       else None)
+  main(
+      sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None
+  )

@@ -11,22 +11,24 @@ combines) and streaming (`accumulate_r_sharded`, each process its own stream
 of blocks). It writes them to OUT.npz. A watchdog ends the process if
 anything hangs.
 """
+
 import faulthandler
 import sys
 
 import numpy as np
 
-D = 16                 # columns
-ROWS = (37, 58)        # rows of process 0, 1: uneven, not multiples of 4
+D = 16  # columns
+ROWS = (37, 58)  # rows of process 0, 1: uneven, not multiples of 4
 WATCHDOG_S = 150
 
 
 def local_rows(process_id: int) -> np.ndarray:
   """The rows X_p of process p, float32[ROWS[p], D]."""
   rng = np.random.default_rng(100 + process_id)
-  scales = np.logspace(0, -3, D)            # cond ≈ 1e3: not a trivial X
+  scales = np.logspace(0, -3, D)  # cond ≈ 1e3: not a trivial X
   return (rng.standard_normal((ROWS[process_id], D)) * scales).astype(
-      np.float32)
+      np.float32
+  )
 
 
 def blocks_of(x: np.ndarray, process_id: int):
@@ -36,7 +38,7 @@ def blocks_of(x: np.ndarray, process_id: int):
   while start < x.shape[0]:
     for size in sizes:
       if start < x.shape[0]:
-        yield x[start:start + size]
+        yield x[start : start + size]
         start += size
 
 
@@ -60,8 +62,9 @@ def main(out_path: str) -> None:
   for combine in ('tree', 'gather'):
     r = tsqr.tsqr(x_global, mesh=mesh, combine=combine)
     results[f'tsqr_{combine}'] = np.asarray(r)
-    r = tsqr.accumulate_r_sharded(blocks_of(x, pid), mesh=mesh, d=D,
-                                  block_size=2, combine=combine)
+    r = tsqr.accumulate_r_sharded(
+        blocks_of(x, pid), mesh=mesh, d=D, block_size=2, combine=combine
+    )
     results[f'stream_{combine}'] = np.asarray(r)
   np.savez(out_path, **results)
   jax.distributed.shutdown()

@@ -1,4 +1,5 @@
 """Adapter initialisations against float64 NumPy references; the layer."""
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -23,12 +24,18 @@ def _f64(x):
 def _data(d_in, d_out, seed=0):
   """(X task, X general, K) in float32, and their LayerStats."""
   rng = np.random.default_rng(seed)
-  x = reference.activations(rng, 256, d_in, cond=30.).astype(np.float32)
-  xg = (rng.standard_normal((300, d_in)) * np.linspace(0.2, 3, d_in)
-        ).astype(np.float32)
+  x = reference.activations(rng, 256, d_in, cond=30.0).astype(np.float32)
+  xg = (rng.standard_normal((300, d_in)) * np.linspace(0.2, 3, d_in)).astype(
+      np.float32
+  )
   kernel = rng.standard_normal((d_in, d_out)).astype(np.float32)
-  return (x, xg, kernel, stats_lib.stats_from_x(jnp.asarray(x)),
-          stats_lib.stats_from_x(jnp.asarray(xg)))
+  return (
+      x,
+      xg,
+      kernel,
+      stats_lib.stats_from_x(jnp.asarray(x)),
+      stats_lib.stats_from_x(jnp.asarray(xg)),
+  )
 
 
 def _projector(v):
@@ -54,8 +61,9 @@ def test_ctxlr_is_the_context_aware_optimum(shape):
   vt = np.linalg.svd(_f64(x) @ _f64(kernel), full_matrices=False)[2]
   p = _projector(vt[:RANK].T)
   np.testing.assert_allclose(_f64(init.b).T @ _f64(init.b), p, atol=2e-5)
-  np.testing.assert_allclose(_f64(init.a), _f64(kernel) @ _f64(init.b).T,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      _f64(init.a), _f64(kernel) @ _f64(init.b).T, rtol=1e-5, atol=1e-5
+  )
   assert _rel(_f64(init.a) @ _f64(init.b), _f64(kernel) @ p) < 1e-5
   err = reference.weighted_error(x, kernel, init.a, init.b)
   opt = reference.optimal_errors(x, kernel)[RANK]
@@ -65,22 +73,25 @@ def test_ctxlr_is_the_context_aware_optimum(shape):
 @pytest.mark.parametrize('shape', SHAPES)
 def test_ctxlr_kpa_freezes_the_general_directions(shape):
   _, xg, kernel, _, gstats = _data(*shape)
-  init = adapters.init_adapter('coala_kpa', kernel, rank=RANK,
-                               general_stats=gstats)
+  init = adapters.init_adapter(
+      'coala_kpa', kernel, rank=RANK, general_stats=gstats
+  )
   _check_sum(init, kernel)
   # float64 reference: bottom RANK of the p = min(d_in, d_out) right
   # singular vectors of X_g K.
   p_count = min(shape)
   s, vt = np.linalg.svd(_f64(xg) @ _f64(kernel), full_matrices=False)[1:]
-  v_b = vt[p_count - RANK:p_count].T
-  np.testing.assert_allclose(_f64(init.b).T @ _f64(init.b), _projector(v_b),
-                             atol=2e-5)
-  assert _rel(_f64(init.a) @ _f64(init.b),
-              _f64(kernel) @ _projector(v_b)) < 1e-4
+  v_b = vt[p_count - RANK : p_count].T
+  np.testing.assert_allclose(
+      _f64(init.b).T @ _f64(init.b), _projector(v_b), atol=2e-5
+  )
+  assert (
+      _rel(_f64(init.a) @ _f64(init.b), _f64(kernel) @ _projector(v_b)) < 1e-4
+  )
   # K_res loses exactly the bottom RANK directions' energy on general data:
   # ||X_g (K − K_res)||² = Σ_{i = p−r+1..p} σ_i².
   change = np.linalg.norm(_f64(xg) @ (_f64(kernel) - _f64(init.k_res)))
-  expected = np.sqrt(np.sum(s[p_count - RANK:p_count] ** 2))
+  expected = np.sqrt(np.sum(s[p_count - RANK : p_count] ** 2))
   np.testing.assert_allclose(change, expected, rtol=1e-4)
 
 
@@ -95,10 +106,12 @@ def test_svd_inits_take_top_or_bottom_triplets(shape, method):
   expected = (u[:, sl] * s[sl]) @ vt[sl]
   assert _rel(_f64(init.a) @ _f64(init.b), expected) < 2e-5
   # Balanced split: aᵀa = b bᵀ = diag(S_r) (column signs do not matter).
-  np.testing.assert_allclose(_f64(init.a).T @ _f64(init.a), np.diag(s[sl]),
-                             rtol=1e-4, atol=1e-4 * s[0])
-  np.testing.assert_allclose(_f64(init.b) @ _f64(init.b).T, np.diag(s[sl]),
-                             rtol=1e-4, atol=1e-4 * s[0])
+  np.testing.assert_allclose(
+      _f64(init.a).T @ _f64(init.a), np.diag(s[sl]), rtol=1e-4, atol=1e-4 * s[0]
+  )
+  np.testing.assert_allclose(
+      _f64(init.b) @ _f64(init.b).T, np.diag(s[sl]), rtol=1e-4, atol=1e-4 * s[0]
+  )
 
 
 @pytest.mark.parametrize('shape', SHAPES)
@@ -115,19 +128,23 @@ def test_corda_ipa_matches_its_recipe_in_float64(shape):
   a_ref = (np.sqrt(s[:RANK])[:, None] * (vh[:RANK] @ c_inv)).T
   b_ref = (u[:, :RANK] * np.sqrt(s[:RANK])).T
   assert _rel(_f64(init.a) @ _f64(init.b), a_ref @ b_ref) < 1e-4
-  signs = np.sign(np.sum(_f64(init.b) * b_ref, axis=1))    # per component
-  np.testing.assert_allclose(_f64(init.a) * signs, a_ref, rtol=1e-3,
-                             atol=1e-4 * np.abs(a_ref).max())
-  np.testing.assert_allclose(_f64(init.b) * signs[:, None], b_ref,
-                             rtol=1e-3, atol=1e-4 * np.abs(b_ref).max())
+  signs = np.sign(np.sum(_f64(init.b) * b_ref, axis=1))  # per component
+  np.testing.assert_allclose(
+      _f64(init.a) * signs, a_ref, rtol=1e-3, atol=1e-4 * np.abs(a_ref).max()
+  )
+  np.testing.assert_allclose(
+      _f64(init.b) * signs[:, None],
+      b_ref,
+      rtol=1e-3,
+      atol=1e-4 * np.abs(b_ref).max(),
+  )
 
 
 def test_lora_is_zero_at_start():
   _, _, kernel, _, _ = _data(16, 24)
-  init = adapters.init_adapter('lora', kernel, rank=RANK,
-                               key=jax.random.key(3))
+  init = adapters.init_adapter('lora', kernel, rank=RANK, key=jax.random.key(3))
   np.testing.assert_array_equal(init.k_res, kernel)
-  np.testing.assert_array_equal(init.b, 0.)
+  np.testing.assert_array_equal(init.b, 0.0)
   bound = 1 / np.sqrt(16)
   assert np.abs(init.a).max() <= bound and np.std(init.a) > bound / 2
 
@@ -136,29 +153,33 @@ def test_lora_is_zero_at_start():
 def test_balance_keeps_the_product_and_equalises_the_factors(shape):
   _, _, kernel, stats, _ = _data(*shape)
   own = adapters.init_adapter('coala', kernel, stats, rank=RANK)
-  init = adapters.init_adapter('coala', kernel, stats, rank=RANK,
-                               split='balanced')
+  init = adapters.init_adapter(
+      'coala', kernel, stats, rank=RANK, split='balanced'
+  )
   np.testing.assert_array_equal(init.k_res, own.k_res)
   assert _rel(_f64(init.a) @ _f64(init.b), _f64(own.a) @ _f64(own.b)) < 1e-6
   # float64 reference: aᵀa = b bᵀ = diag of the singular values of a b.
   s = np.linalg.svd(_f64(own.a) @ _f64(own.b), compute_uv=False)[:RANK]
-  np.testing.assert_allclose(_f64(init.a).T @ _f64(init.a), np.diag(s),
-                             rtol=1e-5, atol=1e-5 * s[0])
-  np.testing.assert_allclose(_f64(init.b) @ _f64(init.b).T, np.diag(s),
-                             rtol=1e-5, atol=1e-5 * s[0])
+  np.testing.assert_allclose(
+      _f64(init.a).T @ _f64(init.a), np.diag(s), rtol=1e-5, atol=1e-5 * s[0]
+  )
+  np.testing.assert_allclose(
+      _f64(init.b) @ _f64(init.b).T, np.diag(s), rtol=1e-5, atol=1e-5 * s[0]
+  )
 
 
 def test_balanced_ctxlr_without_context_is_pissa():
   _, _, kernel, _, _ = _data(24, 16)
-  plain = stats_lib.LayerStats(jnp.eye(24), None, None, 24)   # X = I
-  init = adapters.init_adapter('coala', kernel, plain, rank=RANK,
-                               split='balanced')
+  plain = stats_lib.LayerStats(jnp.eye(24), None, None, 24)  # X = I
+  init = adapters.init_adapter(
+      'coala', kernel, plain, rank=RANK, split='balanced'
+  )
   ref = adapters.init_adapter('pissa', kernel, rank=RANK)
   signs = np.sign(np.sum(_f64(init.b) * _f64(ref.b), axis=1))
-  np.testing.assert_allclose(_f64(init.a) * signs, ref.a, rtol=1e-4,
-                             atol=1e-5)
-  np.testing.assert_allclose(_f64(init.b) * signs[:, None], ref.b,
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(_f64(init.a) * signs, ref.a, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+      _f64(init.b) * signs[:, None], ref.b, rtol=1e-4, atol=1e-5
+  )
 
 
 def _toy_with_stats():
@@ -166,7 +187,8 @@ def _toy_with_stats():
   ids = jax.random.randint(jax.random.key(1), (8, 12), 0, 64)
   layers = surgery.select_linears(model)
   group_stats, group_of = calibration.calibrate(
-      model, [ids[:4], ids[4:]], layers, want=calibration.Want(gram=True))
+      model, [ids[:4], ids[4:]], layers, want=calibration.Want(gram=True)
+  )
   stats = {n: group_stats[group_of[n]] for n in layers}
   return model, ids, stats
 
@@ -175,18 +197,20 @@ def _toy_with_stats():
 def test_add_adapters_keeps_outputs_and_trains_only_factors(method):
   model, ids, stats = _toy_with_stats()
   expected = model(ids)
-  report = adapters.add_adapters(model, stats, method=method, rank=3,
-                                 general_stats=stats)
+  report = adapters.add_adapters(
+      model, stats, method=method, rank=3, general_stats=stats
+  )
   assert len(report) == 14
   layer = model.layers[0].attn.o_proj
   assert isinstance(layer, adapters.AdapterLinear) and layer.bias is not None
-  atol = 0. if method == 'lora' else 1e-5
+  atol = 0.0 if method == 'lora' else 1e-5
   np.testing.assert_allclose(model(ids), expected, rtol=1e-5, atol=atol)
   trainable = nnx.state(model, adapters.TRAINABLE)
   assert sorted({p[-1] for p, _ in nnx.to_flat_state(trainable)}) == ['a', 'b']
   assert adapters.count_trainable(model) == sum(
-      3 * (r['d_in'] + r['d_out']) for r in report.values())
-  adapters.merge_adapters(model)                     # back to nnx.Linear
+      3 * (r['d_in'] + r['d_out']) for r in report.values()
+  )
+  adapters.merge_adapters(model)  # back to nnx.Linear
   assert isinstance(model.layers[0].attn.o_proj, nnx.Linear)
   np.testing.assert_allclose(model(ids), expected, rtol=1e-5, atol=1e-5)
 
@@ -198,8 +222,9 @@ def test_scaling_divides_b():
   adapters.add_adapters(model, stats, method='coala', rank=3, scaling=4.0)
   layer = model.layers[1].mlp.down_proj
   assert layer.scaling == 4.0
-  np.testing.assert_allclose(layer.merged_kernel(), kernel, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      layer.merged_kernel(), kernel, rtol=1e-5, atol=1e-6
+  )
   np.testing.assert_allclose(model(ids), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -213,8 +238,9 @@ def test_errors():
   with pytest.raises(ValueError, match='coala needs task statistics'):
     adapters.init_adapter('coala', kernel, rank=2)
   with pytest.raises(ValueError, match='corda needs'):
-    adapters.init_adapter('corda', kernel, stats_lib.LayerStats(
-        jnp.eye(8), None, None, 8), rank=2)
+    adapters.init_adapter(
+        'corda', kernel, stats_lib.LayerStats(jnp.eye(8), None, None, 8), rank=2
+    )
   with pytest.raises(ValueError, match='coala_kpa needs general_stats'):
     adapters.init_adapter('coala_kpa', kernel, rank=2)
   with pytest.raises(ValueError, match='needs general_stats for layers'):
@@ -226,5 +252,4 @@ def test_errors():
   with pytest.raises(ValueError, match='split must be one of'):
     adapters.init_adapter('pissa', kernel, rank=2, split='sqrt')
   with pytest.raises(ValueError, match='do not fit'):
-    adapters.AdapterLinear(jnp.ones((4, 5)), jnp.ones((4, 2)),
-                           jnp.ones((2, 4)))
+    adapters.AdapterLinear(jnp.ones((4, 5)), jnp.ones((4, 2)), jnp.ones((2, 4)))

@@ -4,6 +4,7 @@ K_μ is the library's regularized solve `ctx_factors(K, regularize_r(R, μ))`
 in float64; K_* comes from `k_star` (checked against NumPy
 references in test_desired.py). docs/theory.md has the statements.
 """
+
 import os
 
 import jax
@@ -19,8 +20,8 @@ from ctxlr.linalg import solvers
 from experiments import convergence
 from experiments.configs import convergence as convergence_config
 
-MUS = tuple(10.**-e for e in range(1, 9))                 # 1e-1 … 1e-8
-SPECS = {                       # d_in, d_out, n, rank, make_problem extras
+MUS = tuple(10.0**-e for e in range(1, 9))  # 1e-1 … 1e-8
+SPECS = {  # d_in, d_out, n, rank, make_problem extras
     'few_tokens': (30, 40, 6, 10, {}),
     'deficient_x': (24, 16, 64, 8, dict(x_rank=4)),
     'gap': (24, 16, 64, 6, {}),
@@ -32,8 +33,13 @@ def _curve(name, seed):
   """(structure, ||K_*||, K_*, K, X, [(μ, ||K_μ − K_*||, K_μ)])."""
   d_in, d_out, n, rank, extra = SPECS[name]
   x, kernel = reference.make_problem(
-      np.random.default_rng(seed), d_in=d_in, d_out=d_out, n=n, rank=rank,
-      **extra)
+      np.random.default_rng(seed),
+      d_in=d_in,
+      d_out=d_out,
+      n=n,
+      rank=rank,
+      **extra,
+  )
   with jax.enable_x64(True):
     r = qr.qr_r(jnp.asarray(x))
     st = kstar.solution_structure(kernel, r, rank=rank)
@@ -41,8 +47,9 @@ def _curve(name, seed):
     k_star = np.asarray(f.a) @ np.asarray(f.b)
     out = []
     for mu in MUS:
-      fm = solvers.ctx_factors(jnp.asarray(kernel), qr.regularize_r(r, mu),
-                               rank=rank)
+      fm = solvers.ctx_factors(
+          jnp.asarray(kernel), qr.regularize_r(r, mu), rank=rank
+      )
       k_mu = np.asarray(fm.a) @ np.asarray(fm.b)
       out.append((mu, np.linalg.norm(k_mu - k_star), k_mu))
   return st, k_star, kernel, x, out
@@ -53,8 +60,15 @@ def test_bound_holds_and_slope_is_one(name):
   slopes = []
   for seed in range(12):
     st, k_star, _, _, curve = _curve(name, seed)
-    assert st.case == {'few_tokens': 'deficient', 'deficient_x': 'deficient',
-                       'gap': 'gap', 'tie': 'tie'}[name]
+    assert (
+        st.case
+        == {
+            'few_tokens': 'deficient',
+            'deficient_x': 'deficient',
+            'gap': 'gap',
+            'tie': 'tie',
+        }[name]
+    )
     valid = []
     for mu, dist, _ in curve:
       bound = kstar.error_bound(st, mu)
@@ -73,12 +87,13 @@ def test_regularized_never_changes_k_more_than_k_star(name):
   for seed in range(4):
     _, k_star, kernel, x, curve = _curve(name, seed)
     plain_star = np.linalg.norm(kernel - k_star)
-    f_star = np.linalg.norm(x @ (kernel - k_star))**2
+    f_star = np.linalg.norm(x @ (kernel - k_star)) ** 2
     for mu, _, k_mu in curve:
       assert np.linalg.norm(kernel - k_mu) <= plain_star * (1 + 1e-12)
-      excess = np.linalg.norm(x @ (kernel - k_mu))**2 - f_star
-      assert -1e-12 * f_star - 1e-24 <= excess <= mu * plain_star**2 * (
-          1 + 1e-9), (mu, excess)
+      excess = np.linalg.norm(x @ (kernel - k_mu)) ** 2 - f_star
+      assert (
+          -1e-12 * f_star - 1e-24 <= excess <= mu * plain_star**2 * (1 + 1e-9)
+      ), (mu, excess)
 
 
 def test_error_ratio_rule_collapses_when_data_are_insufficient():
@@ -88,13 +103,14 @@ def test_error_ratio_rule_collapses_when_data_are_insufficient():
   """
   d_in, d_out, n, rank, extra = SPECS['few_tokens']
   x, kernel = reference.make_problem(
-      np.random.default_rng(0), d_in=d_in, d_out=d_out, n=n, rank=rank,
-      **extra)
+      np.random.default_rng(0), d_in=d_in, d_out=d_out, n=n, rank=rank, **extra
+  )
   with jax.enable_x64(True):
     r = qr.qr_r(jnp.asarray(x))
     energy = float(solvers.layer_mu(kernel, r, 1e-3, rank=rank))
-    ratio = float(solvers.layer_mu(kernel, r, 1e-3, rank=rank,
-                                   rule='error_ratio'))
+    ratio = float(
+        solvers.layer_mu(kernel, r, 1e-3, rank=rank, rule='error_ratio')
+    )
   assert energy == pytest.approx(1e-3 * np.sum(x**2) / d_in, rel=1e-12)
   assert ratio <= 1e-20 * energy, (ratio, energy)
 
@@ -112,12 +128,12 @@ def test_quick_experiment(tmp_path):
     assert row['bound_holds'] and row['tikhonov_holds'], row
     assert abs(row['slope'] - 1) <= 0.05, row
     if row['case'] == 'gap':
-      assert row['mu0_rel_dist'] < 1e-12                 # K_0 = K_*
+      assert row['mu0_rel_dist'] < 1e-12  # K_0 = K_*
     else:
-      assert row['mu0_rel_dist'] > 0.1                   # K_0 ≠ K_*
+      assert row['mu0_rel_dist'] > 0.1  # K_0 ≠ K_*
       assert row['mu0_rel_plain'] > row['star_rel_plain']
   f64 = [r for r in res['curves'] if r['dtype'] == 'float64' and r['mu']]
   assert len(f64) == len(summary) * len(config.mus)
   os.remove(tmp_path / 'convergence.png')
-  convergence.plot(str(tmp_path))                        # redraw from JSON
+  convergence.plot(str(tmp_path))  # redraw from JSON
   assert os.path.getsize(tmp_path / 'convergence.png') > 0

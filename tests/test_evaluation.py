@@ -3,6 +3,7 @@
 References are float64 NumPy computations from the model's logits (the model
 itself is checked against a float64 forward pass in test_models.py).
 """
+
 import os
 
 from flax import nnx
@@ -16,9 +17,15 @@ from ctxlr import results
 from experiments import eval_dense
 from experiments.configs import eval_dense as eval_dense_config
 
-CONFIG = models.LlamaConfig(vocab_size=40, hidden_size=16,
-                            intermediate_size=24, num_layers=2, num_heads=4,
-                            num_kv_heads=2, head_dim=4)
+CONFIG = models.LlamaConfig(
+    vocab_size=40,
+    hidden_size=16,
+    intermediate_size=24,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=4,
+)
 
 
 @pytest.fixture(scope='module')
@@ -47,8 +54,9 @@ def reference_nll(model, seqs):
 @pytest.mark.parametrize('n,batch_size', [(5, 2), (3, 8)])
 def test_perplexity_matches_reference(model, n, batch_size):
   seqs = np.random.default_rng(n).integers(0, 40, (n, 12), dtype=np.int32)
-  result = evaluation.perplexity(model, seqs, batch_size=batch_size,
-                                 progress=False)
+  result = evaluation.perplexity(
+      model, seqs, batch_size=batch_size, progress=False
+  )
   want = reference_nll(model, seqs)
   np.testing.assert_allclose(result.nll, want, rtol=1e-5)
   np.testing.assert_allclose(result.perplexity, np.exp(want), rtol=1e-5)
@@ -62,17 +70,18 @@ def test_generate_is_greedy_argmax(model):
   prompt = [3, 14, 15, 9, 2]
   out = evaluation.generate(model, prompt, max_new_tokens=6)
   ids = list(prompt)
-  for _ in range(6):     # the naive loop: a forward pass on the prefix
-    padded = np.zeros((1, 16), np.int32)   # one shape; causal, so the
-    padded[0, :len(ids)] = ids             # padding cannot change [len-1]
+  for _ in range(6):  # the naive loop: a forward pass on the prefix
+    padded = np.zeros((1, 16), np.int32)  # one shape; causal, so the
+    padded[0, : len(ids)] = ids  # padding cannot change [len-1]
     logits = np.asarray(forward(model, jnp.asarray(padded)))[0, len(ids) - 1]
     ids.append(int(np.argmax(logits)))
-  assert out == ids[len(prompt):]
+  assert out == ids[len(prompt) :]
   # Stops right after a stop id (which is included).
   first = out[2]
-  stopped = evaluation.generate(model, prompt, max_new_tokens=6,
-                                stop_ids=[first])
-  assert stopped == out[:out.index(first) + 1]
+  stopped = evaluation.generate(
+      model, prompt, max_new_tokens=6, stop_ids=[first]
+  )
+  assert stopped == out[: out.index(first) + 1]
 
 
 def test_errors(model):
@@ -85,8 +94,10 @@ def test_errors(model):
   with pytest.raises(ValueError, match='sequences is empty'):
     evaluation.perplexity(model, np.zeros((0, 4), np.int32))
   with pytest.raises(ValueError, match=r'outside \[0, 40\): min 0, max 40'):
-    evaluation.perplexity(model, np.full((2, 4), 40, np.int32).clip(0, None)
-                          * np.array([0, 1, 1, 1]))
+    evaluation.perplexity(
+        model,
+        np.full((2, 4), 40, np.int32).clip(0, None) * np.array([0, 1, 1, 1]),
+    )
   with pytest.raises(ValueError, match='batch_size must be an int >= 1'):
     evaluation.perplexity(model, np.zeros((2, 4), np.int32), batch_size=0)
   with pytest.raises(ValueError, match='prompt_ids is empty'):
@@ -113,7 +124,7 @@ def test_eval_dense_quick_experiment(tmp_path, monkeypatch):
   samples = results.read_json(os.path.join(workdir, 'samples.json'))
   assert 'Paris' in samples[0]['answer']
   os.remove(os.path.join(workdir, 'perplexity.png'))
-  eval_dense.plot(workdir)                             # from results.json
+  eval_dense.plot(workdir)  # from results.json
   assert os.path.getsize(os.path.join(workdir, 'perplexity.png')) > 1000
   with pytest.raises(ValueError, match='Unknown config arg'):
     eval_dense_config.get_config('fast')

@@ -84,7 +84,7 @@ def test_compress_quick_end_to_end(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   rerun = results.read_json(str(tmp_path / 'results.json'))
   assert rerun['dense_eval_reused'] and rerun['dense'] == out['dense']
-  for corpus, row in out['compressed'].items():    # same data, same result
+  for corpus, row in out['compressed'].items():  # same data, same result
     assert rerun['compressed'][corpus]['perplexity'] == row['perplexity']
 
 
@@ -321,7 +321,12 @@ def test_bench_pipeline_quick(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
   assert set(out['throughput']) == {
-      'forward', 'perplexity', 'calib_r', 'calib_gram', 'calib_both'}
+      'forward',
+      'perplexity',
+      'calib_r',
+      'calib_gram',
+      'calib_both',
+  }
   assert all(v['tokens_per_s'] > 0 for v in out['throughput'].values())
   assert out['fold'][0]['structured'] > 0 and out['fold'][0]['gram'] > 0
   summary = (tmp_path / 'summary.md').read_text()

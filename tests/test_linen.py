@@ -1,4 +1,5 @@
 """Linen models: calibration through nn.intercept_methods, params surgery."""
+
 from flax import linen as nn
 from flax import nnx
 import jax
@@ -19,8 +20,10 @@ class Block(nn.Module):
   def __call__(self, x, _=None):
     q = nn.DenseGeneral((2, 4), name='q')(x)
     h = x + nn.DenseGeneral(8, axis=(-2, -1), name='o')(jnp.tanh(q))
-    return h + nn.Dense(8, name='down')(jax.nn.silu(nn.Dense(16, name='up')(
-        h))), None
+    return (
+        h + nn.Dense(8, name='down')(jax.nn.silu(nn.Dense(16, name='up')(h))),
+        None,
+    )
 
 
 class Scanned(nn.Module):
@@ -29,8 +32,12 @@ class Scanned(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(8, name='inp')(x)
-    stack = nn.scan(Block, variable_axes={'params': 0},
-                    split_rngs={'params': True}, length=self.layers)
+    stack = nn.scan(
+        Block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        length=self.layers,
+    )
     x, _ = stack(name='blocks')(x, None)
     return nn.Dense(5, name='head')(x)
 
@@ -57,8 +64,9 @@ def _unrolled_params(params, layers=3):
 def scanned():
   model = Scanned()
   rng = np.random.default_rng(0)
-  batches = [jnp.asarray(rng.standard_normal((2, 6, 8)), jnp.float32)
-             for _ in range(2)]
+  batches = [
+      jnp.asarray(rng.standard_normal((2, 6, 8)), jnp.float32) for _ in range(2)
+  ]
   variables = model.init(jax.random.key(0), batches[0])
   return model, variables, batches
 
@@ -74,12 +82,16 @@ def test_select_names_scanned_layers_by_linen_path(scanned):
 def test_scanned_statistics_equal_the_unrolled_models(scanned):
   model, variables, batches = scanned
   shapes = ctxlr_linen.select(model.apply, variables, batches[0])
-  stats = ctxlr_linen.layer_stats(model.apply, variables, batches, shapes,
-                                  want=ctxlr.stats.Want(gram=True))
+  stats = ctxlr_linen.layer_stats(
+      model.apply, variables, batches, shapes, want=ctxlr.stats.Want(gram=True)
+  )
   flat = {'params': _unrolled_params(variables['params'])}
   unrolled = Unrolled()
-  np.testing.assert_allclose(unrolled.apply(flat, batches[0]),
-                             model.apply(variables, batches[0]), atol=1e-5)
+  np.testing.assert_allclose(
+      unrolled.apply(flat, batches[0]),
+      model.apply(variables, batches[0]),
+      atol=1e-5,
+  )
   ref_shapes = ctxlr_linen.select(unrolled.apply, flat, batches[0])
   ref = ctxlr_linen.layer_stats(unrolled.apply, flat, batches, ref_shapes)
   for name in shapes:
@@ -87,11 +99,13 @@ def test_scanned_statistics_equal_the_unrolled_models(scanned):
     other = module.replace('blocks.', f'blocks_{index[0]}.') if index else name
     assert stats[name].count == ref[other].count == 24
     err = np.linalg.norm(stats[name].r - ref[other].r) / np.linalg.norm(
-        ref[other].r)
+        ref[other].r
+    )
     assert err < 1e-6, name
-  x = np.concatenate([np.asarray(b, np.float64).reshape(-1, 8)
-                      for b in batches])
-  assert reference.r_error(stats['inp'].r, x) < 1e-6    # float64 folding
+  x = np.concatenate(
+      [np.asarray(b, np.float64).reshape(-1, 8) for b in batches]
+  )
+  assert reference.r_error(stats['inp'].r, x) < 1e-6  # float64 folding
   np.testing.assert_allclose(stats['inp'].gram, x.T @ x, rtol=1e-5)
 
 
@@ -101,56 +115,67 @@ def test_full_rank_params_keep_outputs_and_half_rank_shrinks(scanned):
   shapes = ctxlr_linen.select(model.apply, variables, batches[0])
   exact = {}
   for name in shapes:
-    k = np.asarray(ctxlr_linen.kernel_matrix(variables, name, views),
-                   np.float64)
+    k = np.asarray(
+        ctxlr_linen.kernel_matrix(variables, name, views), np.float64
+    )
     u, s, vt = np.linalg.svd(k, full_matrices=False)
     exact[name] = (u * s, vt)
   params = ctxlr_linen.factor_params(variables['params'], exact, views)
-  assert 'kernel' not in params['blocks']['q'] and 'bias' in params['blocks']['q']
+  assert (
+      'kernel' not in params['blocks']['q'] and 'bias' in params['blocks']['q']
+  )
   assert params['blocks']['up']['a'].shape == (3, 8, 8)
   with ctxlr_linen.factored():
     got = model.apply({'params': params}, batches[0])
-  np.testing.assert_allclose(got, model.apply(variables, batches[0]),
-                             rtol=1e-5, atol=1e-5)
-  new, report = ctxlr_linen.compress(model.apply, variables['params'],
-                                     batches, ratio=0.5)
+  np.testing.assert_allclose(
+      got, model.apply(variables, batches[0]), rtol=1e-5, atol=1e-5
+  )
+  new, report = ctxlr_linen.compress(
+      model.apply, variables['params'], batches, ratio=0.5
+  )
   assert set(report['layers']) == set(shapes)
-  assert report['layers']['blocks.up[1]']['rank'] == 2     # 0.5·128/24
+  assert report['layers']['blocks.up[1]']['rank'] == 2  # 0.5·128/24
   assert report['model_ratio'] < 0.75 and report['unhandled'] == {}
   with ctxlr_linen.factored():
     assert model.apply({'params': new}, batches[0]).shape == (2, 6, 5)
 
 
 def test_factored_dense_is_the_intercepted_layer():
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 6)),
-                  jnp.float32)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 6)), jnp.float32)
   hi = jax.lax.Precision.HIGHEST
   dense = nn.Dense(4, dtype=jnp.bfloat16, precision=hi)
   variables = dense.init(jax.random.key(0), x)
   views, _ = ctxlr_linen.find_layers(dense.apply, variables, x)
   k = ctxlr_linen.kernel_matrix(variables, '', views)
-  params = ctxlr_linen.factor_params(variables['params'],
-                                     {'': (k[:, :2], jnp.eye(4)[:2])}, views)
+  params = ctxlr_linen.factor_params(
+      variables['params'], {'': (k[:, :2], jnp.eye(4)[:2])}, views
+  )
   with ctxlr_linen.factored():
     y = dense.apply({'params': params}, x)
-  module = ctxlr_linen.FactoredDense(4, rank=2, dtype=jnp.bfloat16,
-                                     precision=hi)
+  module = ctxlr_linen.FactoredDense(
+      4, rank=2, dtype=jnp.bfloat16, precision=hi
+  )
   assert jax.tree.map(jnp.shape, module.init(jax.random.key(1), x)) == {
-      'params': jax.tree.map(jnp.shape, params)}
+      'params': jax.tree.map(jnp.shape, params)
+  }
   z = module.apply({'params': params}, x)
-  assert y.dtype == z.dtype == jnp.bfloat16                   # its dtype kept
+  assert y.dtype == z.dtype == jnp.bfloat16  # its dtype kept
   np.testing.assert_array_equal(y, z)
-  np.testing.assert_allclose(np.asarray(y, np.float32),
-                             np.asarray(x @ k[:, :2] @ jnp.eye(4)[:2]),
-                             rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(
+      np.asarray(y, np.float32),
+      np.asarray(x @ k[:, :2] @ jnp.eye(4)[:2]),
+      rtol=2e-2,
+      atol=2e-2,
+  )
 
 
 def test_bridged_linen_model_compressed_in_place(scanned):
   _, _, batches = scanned
   model = nnx.bridge.ToNNX(Scanned(), rngs=nnx.Rngs(0)).lazy_init(batches[0])
   before = model(batches[0])
-  size = lambda: sum(int(np.size(x)) for x in jax.tree.leaves(
-      nnx.state(model, nnx.Param)))
+  size = lambda: sum(
+      int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
+  )
   params_before = size()
   with pytest.raises(ValueError, match='ctxlr.linen.compress_bridged'):
     surgery.select_linears(model)
@@ -159,6 +184,6 @@ def test_bridged_linen_model_compressed_in_place(scanned):
   assert size() < 0.75 * params_before
   after = model(batches[0])
   assert after.shape == before.shape and not np.allclose(after, before)
-  graphdef, state = nnx.split(model)                # an ordinary NNX model
+  graphdef, state = nnx.split(model)  # an ordinary NNX model
   again = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, batches[0])
   np.testing.assert_allclose(again, after, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ A throwaway method registered here (and nowhere else) runs through the whole
 pipeline: its statistics are accumulated because its record asks for them,
 the options it does not take are refused, the main job's config accepts it.
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,23 +27,35 @@ def gram_svd(kernel, stats, *, rank, mu=0.0):
   del mu
   _SEEN['gram_shape'] = stats.gram.shape
   m = np.asarray(stats.gram, np.float64) @ np.asarray(kernel, np.float64)
-  v = np.linalg.svd(m, full_matrices=False)[2][:rank].T     # [d_out, rank]
+  v = np.linalg.svd(m, full_matrices=False)[2][:rank].T  # [d_out, rank]
   a = np.asarray(kernel, np.float64) @ v
-  factors = solvers.Factors(jnp.asarray(a, kernel.dtype),
-                            jnp.asarray(v.T, kernel.dtype),
-                            jnp.zeros((rank,), jnp.float32))
+  factors = solvers.Factors(
+      jnp.asarray(a, kernel.dtype),
+      jnp.asarray(v.T, kernel.dtype),
+      jnp.zeros((rank,), jnp.float32),
+  )
   return factors, registry.solve_info(factors)
 
 
 def _batches(count=2):
   key = jax.random.key(0)
-  return [jax.random.randint(jax.random.fold_in(key, i), (2, 12), 0, 64)
-          for i in range(count)]
+  return [
+      jax.random.randint(jax.random.fold_in(key, i), (2, 12), 0, 64)
+      for i in range(count)
+  ]
 
 
 def test_builtin_records():
-  assert registry.names() == ['asvd', 'coala', 'corda', 'k_star', 'svd',
-                              'svd_llm', 'svd_llm_eps', 'svd_llm_v2']
+  assert registry.names() == [
+      'asvd',
+      'coala',
+      'corda',
+      'k_star',
+      'svd',
+      'svd_llm',
+      'svd_llm_eps',
+      'svd_llm_v2',
+  ]
   assert registry.names(takes_mu=True) == ['coala']
   assert registry.names(float64=True) == ['k_star']
   assert registry.get('corda').want == stats_lib.Want(gram=True)
@@ -56,17 +69,17 @@ def test_a_new_method_needs_only_its_function_and_record():
   with registry.registered(gram_svd, needs=('gram',), summary='toy') as rec:
     assert 'gram_svd' in registry.names() and rec.want.gram
     model = toy_model.Toy()
-    report = pipeline.compress(model, _batches(), ratio=0.5,
-                               method='gram_svd')
-    assert _SEEN['gram_shape'] == (16, 16)   # the pipeline accumulated it
+    report = pipeline.compress(model, _batches(), ratio=0.5, method='gram_svd')
+    assert _SEEN['gram_shape'] == (16, 16)  # the pipeline accumulated it
     assert report['kept_ratio'] <= 0.5
     assert all(l['rank'] for l in report['layers'].values())
     with pytest.raises(ValueError, match='has no ridge term'):
-      pipeline.compress(toy_model.Toy(), _batches(), ratio=0.5,
-                        method='gram_svd', mu=1e-3)
+      pipeline.compress(
+          toy_model.Toy(), _batches(), ratio=0.5, method='gram_svd', mu=1e-3
+      )
     config = compress_config.get_config('quick')
     config.method = 'gram_svd'
-    compress_experiment.validate(config)     # the main job accepts it
+    compress_experiment.validate(config)  # the main job accepts it
     assert compress_experiment.auto_mu(config) == 0.0
   assert 'gram_svd' not in registry.names()
 

@@ -1,4 +1,5 @@
 """Streaming R (ctxlr/linalg/streaming.py) against float64 NumPy QR."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +46,7 @@ def test_float64_accumulation():
 def test_jax_and_bfloat16_blocks():
   blocks = [jnp.asarray(b, jnp.bfloat16) for b in make_blocks((20, 33))]
   r = streaming.accumulate_r(blocks, block_size=24)
-  assert r.dtype == jnp.float32     # bf16 storage, float32 accumulation
+  assert r.dtype == jnp.float32  # bf16 storage, float32 accumulation
   x = np.concatenate([np.asarray(b, np.float32) for b in blocks])
   assert rel_err(r, x) < TOL[np.float32]
 
@@ -58,8 +59,9 @@ def test_ill_conditioned_stream_keeps_small_directions():
   x = (q * np.logspace(0, -5, D)).astype(np.float32)
   r = streaming.accumulate_r(np.split(x, 8), block_size=64)
   expected = reference_r(x)
-  np.testing.assert_allclose(np.diag(np.asarray(r)), np.diag(expected),
-                             rtol=1e-2)
+  np.testing.assert_allclose(
+      np.diag(np.asarray(r)), np.diag(expected), rtol=1e-2
+  )
 
 
 def test_generator_is_read_once_and_lazily():
@@ -74,7 +76,7 @@ def test_generator_is_read_once_and_lazily():
   acc = streaming.RAccumulator(D, block_size=16)
   it = gen()
   acc.add(next(it))
-  assert seen == [0]                # nothing read ahead
+  assert seen == [0]  # nothing read ahead
   for b in it:
     acc.add(b)
   assert seen == list(range(6)) and acc.num_rows == 60 and acc.num_blocks == 6
@@ -82,7 +84,7 @@ def test_generator_is_read_once_and_lazily():
 
 
 def test_one_compiled_shape_whatever_the_block_sizes():
-  d = 23                                    # a shape no other test uses
+  d = 23  # a shape no other test uses
   before = qr.fold_r_unchecked._cache_size()
   blocks = make_blocks((1, 5, 90, 3, 31), d=d)
   r = streaming.accumulate_r(blocks, block_size=20)
@@ -114,16 +116,16 @@ def test_bad_block_is_not_folded_and_stream_goes_on():
 
 def test_fold_padded_under_jit_with_mask():
   blocks = make_blocks((12, 12))
-  mask = np.arange(12) < 7                  # rows 7.. are padding
+  mask = np.arange(12) < 7  # rows 7.. are padding
   second = blocks[1].copy()
-  second[9] = np.nan                        # ignored: a padding row
+  second[9] = np.nan  # ignored: a padding row
   fold = jax.jit(streaming.fold_padded)
   r, ok0 = fold(jnp.zeros((D, D)), blocks[0], jnp.ones(12, bool))
   r, ok1 = fold(r, second, mask)
   assert bool(ok0) and bool(ok1)
   x = np.concatenate([blocks[0], blocks[1][:7]])
   assert rel_err(r, x) < TOL[np.float32]
-  second[2] = np.nan                        # a data row: flagged, not raised
+  second[2] = np.nan  # a data row: flagged, not raised
   _, ok = fold(r, second, mask)
   assert not bool(ok)
   _, ok = fold(r, second)
@@ -149,13 +151,18 @@ def test_nan_or_inf_names_the_block(value):
     streaming.accumulate_r(blocks)
 
 
-@pytest.mark.parametrize('bad,match', [
-    (np.ones((3, D + 1), np.float32), 'block 1 has shape \\(3, 17\\); '
-     'expected d=16'),
-    (np.ones((D,), np.float32), 'block 1 must be a matrix'),
-    (np.ones((0, D), np.float32), 'block 1 has shape \\(0, 16\\): no rows'),
-    (np.ones((3, D), np.int32), 'block 1 must be floating point'),
-])
+@pytest.mark.parametrize(
+    'bad,match',
+    [
+        (
+            np.ones((3, D + 1), np.float32),
+            'block 1 has shape \\(3, 17\\); ' 'expected d=16',
+        ),
+        (np.ones((D,), np.float32), 'block 1 must be a matrix'),
+        (np.ones((0, D), np.float32), 'block 1 has shape \\(0, 16\\): no rows'),
+        (np.ones((3, D), np.int32), 'block 1 must be floating point'),
+    ],
+)
 def test_bad_block_names_its_index(bad, match):
   with pytest.raises(ValueError, match=match):
     streaming.accumulate_r([np.ones((2, D), np.float32), bad])
@@ -163,9 +170,10 @@ def test_bad_block_names_its_index(bad, match):
 
 def test_block_beyond_float32_range():
   big = np.ones((3, D), np.float64)
-  big[1, 2] = 1e39                          # finite in float64, not float32
-  with pytest.raises(ValueError, match='block 1 has values beyond the range '
-                     'of float32'):
+  big[1, 2] = 1e39  # finite in float64, not float32
+  with pytest.raises(
+      ValueError, match='block 1 has values beyond the range ' 'of float32'
+  ):
     streaming.accumulate_r([np.ones((2, D), np.float64), big])
 
 
@@ -175,23 +183,26 @@ def test_first_block_not_a_matrix():
 
 
 def test_given_d_mismatch():
-  with pytest.raises(ValueError, match='block 0 has shape \\(2, 16\\); '
-                     'expected d=8'):
+  with pytest.raises(
+      ValueError, match='block 0 has shape \\(2, 16\\); ' 'expected d=8'
+  ):
     streaming.accumulate_r([np.ones((2, D), np.float32)], d=8)
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(dtype=jnp.bfloat16), 'float32 or float64'),
-    (dict(dtype=jnp.float64), '64-bit JAX'),
-    (dict(dtype='nonsense'), 'is not a dtype'),
-    (dict(block_size=0), 'block_size must be an int >= 1; got 0'),
-    (dict(block_size=2.5), 'block_size must be an int'),
-    (dict(d=0), 'd must be an int >= 1'),
-])
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        (dict(dtype=jnp.bfloat16), 'float32 or float64'),
+        (dict(dtype=jnp.float64), '64-bit JAX'),
+        (dict(dtype='nonsense'), 'is not a dtype'),
+        (dict(block_size=0), 'block_size must be an int >= 1; got 0'),
+        (dict(block_size=2.5), 'block_size must be an int'),
+        (dict(d=0), 'd must be an int >= 1'),
+    ],
+)
 def test_bad_settings(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    streaming.accumulate_r([np.ones((2, D), np.float32)],
-                           **{'d': D, **kwargs})
+    streaming.accumulate_r([np.ones((2, D), np.float32)], **{'d': D, **kwargs})
 
 
 def test_fold_padded_shape_errors():
@@ -220,9 +231,10 @@ def test_wide_blocks_into_a_mostly_zero_r(dtype):
     r = jnp.zeros((d, d), dtype)
     for i, block in enumerate(blocks):
       r = qr.fold_r(r, jnp.asarray(block, dtype))
-      x = np.concatenate(blocks[:i + 1])
+      x = np.concatenate(blocks[: i + 1])
       tol = 1e-12 if dtype == 'float64' else 1e-5
       assert reference.r_error(np.asarray(r), x) < tol, (i, dtype)
       padded, ok = streaming.fold_padded(
-          jnp.zeros((d, d), dtype), jnp.asarray(x, dtype))
+          jnp.zeros((d, d), dtype), jnp.asarray(x, dtype)
+      )
       assert bool(ok) and reference.r_error(np.asarray(padded), x) < tol

@@ -4,6 +4,7 @@
 `nnx.Linear` MLP and `nnx.LayerNorm`, blocks stacked with `nnx.vmap` and
 applied with `nnx.scan`; none of it written for ctxlr.
 """
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,9 @@ class Block(nnx.Module):
 
   def __init__(self, d: int, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(d, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=d,
-                                       decode=False, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+        num_heads=2, in_features=d, decode=False, rngs=rngs
+    )
     self.up = nnx.Linear(d, 2 * d, rngs=rngs)
     self.down = nnx.Linear(2 * d, d, rngs=rngs)
 
@@ -43,8 +45,9 @@ class Encoder(nnx.Module):
     self.head = nnx.Linear(d, vocab, rngs=rngs)
 
   def __call__(self, ids):
-    h = nnx.scan(lambda h, block: block(h), in_axes=(nnx.Carry, 0),
-                 out_axes=nnx.Carry)(self.embed(ids), self.blocks)
+    h = nnx.scan(
+        lambda h, block: block(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry
+    )(self.embed(ids), self.blocks)
     return self.head(h)
 
 
@@ -71,10 +74,15 @@ def test_half_ratio_report_names_and_round_trip(tmp_path):
   model = Encoder()
   report = ctxlr.compress(model, _batches(), ratio=0.5)
   names = set(report['layers'])
-  assert {'blocks.attn.query[0]', 'blocks.attn.key[1]', 'blocks.attn.out[0]',
-          'blocks.up[1]', 'blocks.down[0]'} <= names
+  assert {
+      'blocks.attn.query[0]',
+      'blocks.attn.key[1]',
+      'blocks.attn.out[0]',
+      'blocks.up[1]',
+      'blocks.down[0]',
+  } <= names
   assert len(names) == 2 * 6 and report['unhandled'] == {}
-  assert report['layers']['blocks.attn.out[1]']['rank'] == 4   # 0.5·256/32
+  assert report['layers']['blocks.attn.out[1]']['rank'] == 4  # 0.5·256/32
   assert report['layers']['blocks.attn.query[0]']['tokens'] == 72
   assert 0.45 < report['kept_ratio'] <= 0.5 and report['model_ratio'] < 1
   ids = _batches()[1]

@@ -1,4 +1,5 @@
 """Training adapters and compressed factors: loss, frozen weights, resume."""
+
 import os
 import subprocess
 import sys
@@ -23,8 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _ids(n=8, length=12, seed=1):
-  return np.asarray(jax.random.randint(jax.random.key(seed), (n, length), 0,
-                                       64), np.int32)
+  return np.asarray(
+      jax.random.randint(jax.random.key(seed), (n, length), 0, 64), np.int32
+  )
 
 
 def _adapted(method='coala'):
@@ -32,10 +34,12 @@ def _adapted(method='coala'):
   ids = _ids()
   layers = surgery.select_linears(model)
   group_stats, group_of = calibration.calibrate(
-      model, [ids[:4], ids[4:]], layers, want=calibration.Want(gram=True))
+      model, [ids[:4], ids[4:]], layers, want=calibration.Want(gram=True)
+  )
   stats = {n: group_stats[group_of[n]] for n in layers}
-  adapters.add_adapters(model, stats, method=method, rank=3,
-                        general_stats=stats)
+  adapters.add_adapters(
+      model, stats, method=method, rank=3, general_stats=stats
+  )
   return model
 
 
@@ -45,8 +49,9 @@ def _compressed():
     linear = surgery.get_module(model, name)
     x = jax.random.normal(jax.random.key(0), (64, linear.in_features))
     f = solvers.ctx_factors(linear.kernel[...], qr.qr_r(x), rank=4)
-    surgery.replace_module(model, name, surgery.factored_from_linear(
-        linear, f.a, f.b))
+    surgery.replace_module(
+        model, name, surgery.factored_from_linear(linear, f.a, f.b)
+    )
   return model
 
 
@@ -56,20 +61,24 @@ def test_next_token_loss_matches_float64_reference():
   logits = np.asarray(model(jnp.asarray(ids)), np.float64)[:, :-1]
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   expected = -np.take_along_axis(logp, ids[:, 1:, None], -1).mean()
-  np.testing.assert_allclose(training.next_token_loss(model, ids), expected,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      training.next_token_loss(model, ids), expected, rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize('kind', ('adapters', 'healing'))
 def test_one_step_lowers_the_loss_and_changes_only_what_it_trains(kind):
   model = _adapted() if kind == 'adapters' else _compressed()
-  wrt = (adapters.TRAINABLE if kind == 'adapters' else
-         training.factor_filter(model))
+  wrt = (
+      adapters.TRAINABLE
+      if kind == 'adapters'
+      else training.factor_filter(model)
+  )
   ids = jnp.asarray(_ids(4))
   before = nnx.to_flat_state(nnx.clone(nnx.state(model)))
   trained = {p for p, _ in nnx.to_flat_state(nnx.state(model, wrt))}
   assert trained and all(p[-1] in ('a', 'b') for p in trained)
-  if kind == 'healing':   # every factor, nothing else (o_proj's bias stays)
+  if kind == 'healing':  # every factor, nothing else (o_proj's bias stays)
     assert len(trained) == 2 * 14
   loss0 = float(training.next_token_loss(model, ids))
   optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=wrt)
@@ -83,13 +92,27 @@ def test_one_step_lowers_the_loss_and_changes_only_what_it_trains(kind):
 
 
 def _train(model, steps, **kwargs):
-  tx = training.make_tx(learning_rate=1e-2, steps=6, warmup_steps=2,
-                        clip_norm=1.0, weight_decay=1e-3)
+  tx = training.make_tx(
+      learning_rate=1e-2,
+      steps=6,
+      warmup_steps=2,
+      clip_norm=1.0,
+      weight_decay=1e-3,
+  )
   return training.train(
-      model, _ids(10), wrt=adapters.TRAINABLE, tx=tx, steps=steps,
-      batch_size=3, eval_every=2, log_every=1,
-      eval_fn=lambda m: dict(loss=float(training.next_token_loss(
-          m, jnp.asarray(_ids(4, seed=9))))), **kwargs)
+      model,
+      _ids(10),
+      wrt=adapters.TRAINABLE,
+      tx=tx,
+      steps=steps,
+      batch_size=3,
+      eval_every=2,
+      log_every=1,
+      eval_fn=lambda m: dict(
+          loss=float(training.next_token_loss(m, jnp.asarray(_ids(4, seed=9))))
+      ),
+      **kwargs,
+  )
 
 
 def test_resume_from_a_checkpoint_continues_identically(tmp_path):
@@ -97,23 +120,26 @@ def test_resume_from_a_checkpoint_continues_identically(tmp_path):
   expected = _train(straight, 6)
   ckpt = str(tmp_path / 'ckpt')
   _train(_adapted(), 4, checkpoint_dir=ckpt, checkpoint_every=2)
-  resumed = _adapted()                 # a fresh process would build this
+  resumed = _adapted()  # a fresh process would build this
   history = _train(resumed, 6, checkpoint_dir=ckpt, checkpoint_every=2)
   assert [r['step'] for r in history['train']] == list(range(1, 7))
   assert [r['step'] for r in history['eval']] == [0, 2, 4, 6]
   for key in ('train', 'eval'):
     for got, want in zip(history[key], expected[key]):
       assert {k: v for k, v in got.items() if k != 'seconds'} == {
-          k: v for k, v in want.items() if k != 'seconds'}
+          k: v for k, v in want.items() if k != 'seconds'
+      }
   for (path, got), (_, want) in zip(
       nnx.to_flat_state(nnx.state(resumed)),
-      nnx.to_flat_state(nnx.state(straight))):
+      nnx.to_flat_state(nnx.state(straight)),
+  ):
     np.testing.assert_array_equal(got[...], want[...], err_msg=str(path))
 
 
 def test_make_tx_schedule_and_errors():
-  tx = training.make_tx(learning_rate=1.0, steps=10, warmup_steps=2,
-                        clip_norm=1e9)
+  tx = training.make_tx(
+      learning_rate=1.0, steps=10, warmup_steps=2, clip_norm=1e9
+  )
   params = dict(w=jnp.zeros(()))
   state = tx.init(params)
   grads = dict(w=jnp.ones(()))
@@ -122,50 +148,63 @@ def test_make_tx_schedule_and_errors():
     updates, state = tx.update(grads, state, params)
     steps.append(float(-updates['w']))
   # Adam's first updates are ±lr (up to its eps): 0, 0.5, 1 in the warm-up.
-  np.testing.assert_allclose(steps, [0., 0.5, 1.], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(steps, [0.0, 0.5, 1.0], rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match='warmup_steps < steps'):
-    training.make_tx(learning_rate=1., steps=5, warmup_steps=5)
+    training.make_tx(learning_rate=1.0, steps=5, warmup_steps=5)
   with pytest.raises(ValueError, match='no FactoredLinear'):
     training.factor_filter(toy_model.Toy())
 
 
 def test_batch_at_cycles():
   seqs = np.arange(5)[:, None] * np.ones((1, 3), np.int32)
-  np.testing.assert_array_equal(training.batch_at(seqs, 1, 3)[:, 0],
-                                [3, 4, 0])
+  np.testing.assert_array_equal(training.batch_at(seqs, 1, 3)[:, 0], [3, 4, 0])
 
 
 def _launch(*args):
-  return subprocess.run([sys.executable, 'launch.py', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+      [sys.executable, 'launch.py', *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
 
 
 def test_finetune_adapters_quick(tmp_path):
-  proc = _launch('--config=experiments/configs/finetune_adapters.py:quick',
-                 f'--workdir={tmp_path}')
+  proc = _launch(
+      '--config=experiments/configs/finetune_adapters.py:quick',
+      f'--workdir={tmp_path}',
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
-  assert [r['run'] for r in out['runs']] == ['lora', 'coala',
-                                            'coala_kpa_balanced']
+  assert [r['run'] for r in out['runs']] == [
+      'lora',
+      'coala',
+      'coala_kpa_balanced',
+  ]
   assert [(r['method'], r['split']) for r in out['runs']] == [
-      ('lora', 'own'), ('coala', 'own'), ('coala_kpa', 'balanced')]
+      ('lora', 'own'),
+      ('coala', 'own'),
+      ('coala_kpa', 'balanced'),
+  ]
   for r in out['runs']:
     assert [e['step'] for e in r['eval']] == [0, 2, 4]
     assert r['eval'][-1]['ppl_sotu'] < r['eval'][0]['ppl_sotu']
   assert (tmp_path / 'finetune_curves.png').stat().st_size > 0
   assert '| coala_kpa_balanced |' in (tmp_path / 'summary.md').read_text()
-  assert not os.listdir(tmp_path / 'checkpoints')   # removed when done
+  assert not os.listdir(tmp_path / 'checkpoints')  # removed when done
 
 
 def test_heal_quick(tmp_path):
-  proc = _launch('--config=experiments/configs/heal.py:quick',
-                 f'--workdir={tmp_path}')
+  proc = _launch(
+      '--config=experiments/configs/heal.py:quick', f'--workdir={tmp_path}'
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
   assert [r['run'] for r in out['runs']] == ['coala', 'coala_balanced']
   assert [r['split'] for r in out['runs']] == ['own', 'balanced']
   first = [r['eval'][0]['ppl_wikipedia'] for r in out['runs']]
-  assert first[0] == pytest.approx(first[1], rel=1e-4)   # same products
+  assert first[0] == pytest.approx(first[1], rel=1e-4)  # same products
   for r in out['runs']:
     assert r['eval'][-1]['ppl_wikipedia'] < r['eval'][0]['ppl_wikipedia']
     assert 0.55 < r['kept_ratio'] <= 0.6

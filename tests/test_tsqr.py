@@ -4,6 +4,7 @@ tests/conftest.py forces 8 host devices before JAX starts
 (= XLA_FLAGS=--xla_force_host_platform_device_count=8). References are
 float64 NumPy QRs of the whole X, rows' signs normalised.
 """
+
 import functools
 
 import jax
@@ -55,7 +56,7 @@ def test_zero_row_padding_is_harmless():
   x = rows(29)
   padded = np.concatenate([x, np.zeros((11, D), np.float32)])
   for combine in tsqr.COMBINES:
-    r = tsqr.tsqr(x, mesh=mesh_of(8), combine=combine)       # pads 3 rows
+    r = tsqr.tsqr(x, mesh=mesh_of(8), combine=combine)  # pads 3 rows
     r_padded = tsqr.tsqr(padded, mesh=mesh_of(8), combine=combine)
     assert rel_err(r, x) < TOL32 and rel_err(r_padded, x) < TOL32
     np.testing.assert_allclose(r, r_padded, atol=1e-5 * np.abs(r).max())
@@ -80,8 +81,9 @@ def test_float64():
 
 
 def test_presharded_input_and_auto_axes():
-  mesh = jax.make_mesh((8,), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh(
+      (8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,)
+  )
   x = rows(64)
   xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P('data', None)))
   assert rel_err(tsqr.tsqr(xs, mesh=mesh, axis='data'), x) < TOL32
@@ -103,8 +105,11 @@ def test_reduce_r_pytree_of_layers():
   mesh = mesh_of(8)
   layers = {'q': rows(8 * 6, d=12, seed=1), 'mlp': [rows(8 * 20, seed=2)]}
   stacked = jax.tree.map(
-      lambda x: np.stack([reference_r(part) for part in np.split(x, 8)]
-                         ).astype(np.float32), layers)
+      lambda x: np.stack([reference_r(part) for part in np.split(x, 8)]).astype(
+          np.float32
+      ),
+      layers,
+  )
   for combine in tsqr.COMBINES:
     out = tsqr.reduce_r(stacked, mesh=mesh, combine=combine)
     assert rel_err(out['q'], layers['q']) < TOL32
@@ -114,18 +119,27 @@ def test_reduce_r_pytree_of_layers():
 def test_fold_sharded_in_jit_then_reduce():
   mesh = mesh_of(8)
   sharding = jax.NamedSharding(mesh, jax.P('rows'))
-  rs = {'a': tsqr.zeros_sharded(D, mesh=mesh),
-        'b': tsqr.zeros_sharded(8, mesh=mesh)}
+  rs = {
+      'a': tsqr.zeros_sharded(D, mesh=mesh),
+      'b': tsqr.zeros_sharded(8, mesh=mesh),
+  }
   step = jax.jit(functools.partial(tsqr.fold_sharded, mesh=mesh))
   kept_a, kept_b = [], []
   for i in range(3):
     xa, xb = rows(32, seed=10 + i), rows(32, d=8, seed=20 + i)
-    mask = np.random.default_rng(i).random(32) < 0.7   # padding tokens
-    xa_bad = np.where(mask[:, None], xa, np.nan)       # NaN only in padding
-    rs, oks = step(rs, {'a': jax.device_put(xa_bad, sharding),
-                        'b': jax.device_put(xb, sharding)},
-                   masks={'a': jax.device_put(mask, sharding),
-                          'b': jax.device_put(np.ones(32, bool), sharding)})
+    mask = np.random.default_rng(i).random(32) < 0.7  # padding tokens
+    xa_bad = np.where(mask[:, None], xa, np.nan)  # NaN only in padding
+    rs, oks = step(
+        rs,
+        {
+            'a': jax.device_put(xa_bad, sharding),
+            'b': jax.device_put(xb, sharding),
+        },
+        masks={
+            'a': jax.device_put(mask, sharding),
+            'b': jax.device_put(np.ones(32, bool), sharding),
+        },
+    )
     assert all(bool(jnp.all(ok)) for ok in jax.tree.leaves(oks))
     kept_a.append(xa[mask])
     kept_b.append(xb)
@@ -137,13 +151,14 @@ def test_fold_sharded_in_jit_then_reduce():
 def test_fold_sharded_flags_nan_on_its_device():
   mesh = mesh_of(4)
   x = rows(16)
-  x[9, 0] = np.nan                                    # device 2's rows 8..11
+  x[9, 0] = np.nan  # device 2's rows 8..11
   xs = jax.device_put(x, jax.NamedSharding(mesh, jax.P('rows')))
-  rs, oks = tsqr.fold_sharded(tsqr.zeros_sharded(D, mesh=mesh), xs,
-                              mesh=mesh)
+  rs, oks = tsqr.fold_sharded(tsqr.zeros_sharded(D, mesh=mesh), xs, mesh=mesh)
   np.testing.assert_array_equal(oks, [True, True, False, True])
-  with pytest.raises(ValueError, match=r"rs\['w'\]: the R of device\(s\) "
-                     r'\[2\] contains NaN'):
+  with pytest.raises(
+      ValueError,
+      match=r"rs\['w'\]: the R of device\(s\) " r'\[2\] contains NaN',
+  ):
     tsqr.reduce_r({'w': rs}, mesh=mesh)
 
 
@@ -151,18 +166,21 @@ def test_fold_sharded_flags_nan_on_its_device():
 @pytest.mark.parametrize('combine', tsqr.COMBINES)
 def test_accumulate_r_sharded(size, combine):
   rng = np.random.default_rng(5)
-  blocks = [rows(int(b), seed=i) for i, b in
-            enumerate(rng.integers(1, 40, size=7))]
-  r = tsqr.accumulate_r_sharded(iter(blocks), mesh=mesh_of(size),
-                                block_size=4, combine=combine)
+  blocks = [
+      rows(int(b), seed=i) for i, b in enumerate(rng.integers(1, 40, size=7))
+  ]
+  r = tsqr.accumulate_r_sharded(
+      iter(blocks), mesh=mesh_of(size), block_size=4, combine=combine
+  )
   assert rel_err(r, np.concatenate(blocks)) < TOL32
 
 
 def test_accumulate_r_sharded_float64_and_errors():
   blocks = [rows(10, dtype=np.float64), rows(21, seed=1, dtype=np.float64)]
   with jax.enable_x64(True):
-    r = tsqr.accumulate_r_sharded(blocks, mesh=mesh_of(4), block_size=3,
-                                  dtype=jnp.float64)
+    r = tsqr.accumulate_r_sharded(
+        blocks, mesh=mesh_of(4), block_size=3, dtype=jnp.float64
+    )
     assert rel_err(r, np.concatenate(blocks)) < TOL64
   with pytest.raises(ValueError, match='stream is empty'):
     tsqr.accumulate_r_sharded([], mesh=mesh_of(4), d=D)
@@ -206,8 +224,7 @@ def test_reduce_and_fold_errors():
   with pytest.raises(ValueError, match='same structure'):
     tsqr.fold_sharded({'a': rs}, {'b': jnp.zeros((8, D))}, mesh=mesh)
   with pytest.raises(ValueError, match=r'masks has shape \(5,\)'):
-    tsqr.fold_sharded(rs, jnp.zeros((8, D)), mesh=mesh,
-                      masks=jnp.ones(5, bool))
+    tsqr.fold_sharded(rs, jnp.zeros((8, D)), mesh=mesh, masks=jnp.ones(5, bool))
   with pytest.raises(ValueError, match='must be floating point'):
     tsqr.reduce_r(jnp.zeros((4, D, D), jnp.int32), mesh=mesh)
 
@@ -219,7 +236,8 @@ def test_bench_quick(tmp_path):
   out = results.read_json(str(tmp_path / 'results.json'))
   assert [f['b_over_d'] for f in out['fold']] == [1, 2, 4, 8, 16]
   assert {(s['combine'], s['devices']) for s in out['scaling']} == {
-      (c, k) for c in tsqr.COMBINES for k in (1, 2, 4, 8)}
+      (c, k) for c in tsqr.COMBINES for k in (1, 2, 4, 8)
+  }
   rows = [m['rows'] for m in out['memory']]
   assert max(rows) == 64 * min(rows)
   assert max(out['memory_spread'].values()) < 0.10

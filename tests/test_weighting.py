@@ -197,18 +197,28 @@ def test_asvd_exact_option_is_the_exact_svd_of_the_scaled_kernel():
 def test_asvd_rms_scale_is_exact_for_uncorrelated_channels():
   rng = np.random.default_rng(4)
   q = np.linalg.qr(rng.normal(size=(200, 10)))[0]
-  x = q * np.logspace(1, -1, 10)                      # XᵀX diagonal
+  x = q * np.logspace(1, -1, 10)  # XᵀX diagonal
   k = rng.normal(size=(10, 14))
   stats = stats_lib.stats_from_x(jnp.asarray(x, jnp.float32))
-  f, _ = registry.solve('asvd', jnp.asarray(k, jnp.float32), stats, rank=3,
-                        svd='exact', scale='rms', alpha=1.0)
-  got = np.linalg.norm(x @ (k - np.asarray(f.a, np.float64) @
-                            np.asarray(f.b, np.float64)))
+  f, _ = registry.solve(
+      'asvd',
+      jnp.asarray(k, jnp.float32),
+      stats,
+      rank=3,
+      svd='exact',
+      scale='rms',
+      alpha=1.0,
+  )
+  got = np.linalg.norm(
+      x @ (k - np.asarray(f.a, np.float64) @ np.asarray(f.b, np.float64))
+  )
   opt = np.sqrt(np.sum(np.linalg.svd(x @ k, compute_uv=False)[3:] ** 2))
   assert abs(got - opt) / opt < 1e-4
   with pytest.raises(ValueError, match='alpha: expected a finite number'):
-    registry.solve('asvd', jnp.asarray(k, jnp.float32), stats, rank=3,
-                   alpha=0.)
+    registry.solve(
+        'asvd', jnp.asarray(k, jnp.float32), stats, rank=3, alpha=0.0
+    )
   with pytest.raises(ValueError, match='scale: expected one of'):
-    registry.solve('asvd', jnp.asarray(k, jnp.float32), stats, rank=3,
-                   scale='max')
+    registry.solve(
+        'asvd', jnp.asarray(k, jnp.float32), stats, rank=3, scale='max'
+    )

@@ -1,4 +1,5 @@
 """A tiny NNX transformer-like model for surgery and calibration tests."""
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -12,11 +13,13 @@ class Block(nnx.Module):
         q_proj=nnx.Linear(d, d, use_bias=False, rngs=rngs),
         k_proj=nnx.Linear(d, d, use_bias=False, rngs=rngs),
         v_proj=nnx.Linear(d, d, use_bias=False, rngs=rngs),
-        o_proj=nnx.Linear(d, d, use_bias=True, rngs=rngs))
+        o_proj=nnx.Linear(d, d, use_bias=True, rngs=rngs),
+    )
     self.mlp = nnx.Dict(
         gate_proj=nnx.Linear(d, f, use_bias=False, rngs=rngs),
         up_proj=nnx.Linear(d, f, use_bias=False, rngs=rngs),
-        down_proj=nnx.Linear(f, d, use_bias=False, rngs=rngs))
+        down_proj=nnx.Linear(f, d, use_bias=False, rngs=rngs),
+    )
     self.norm = nnx.RMSNorm(d, rngs=rngs)
 
   def __call__(self, h: jax.Array) -> jax.Array:
@@ -26,7 +29,8 @@ class Block(nnx.Module):
     h = h + self.attn.o_proj(w @ v)
     x = self.norm(h)
     return h + self.mlp.down_proj(
-        jax.nn.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x))
+        jax.nn.silu(self.mlp.gate_proj(x)) * self.mlp.up_proj(x)
+    )
 
 
 class Toy(nnx.Module):
@@ -83,6 +87,7 @@ class Unhandled(nnx.Module):
   """One Linear, one Conv, one custom layer with a matrix Param."""
 
   class Custom(nnx.Module):
+
     def __init__(self, rngs: nnx.Rngs):
       self.w = nnx.Param(jax.random.normal(rngs.params(), (6, 6)))
 
@@ -106,8 +111,9 @@ class General(nnx.Module):
     rngs = nnx.Rngs(seed)
     self.q = nnx.LinearGeneral(8, (2, 4), rngs=rngs, **kwargs)
     self.o = nnx.LinearGeneral((2, 4), 8, axis=(-2, -1), rngs=rngs, **kwargs)
-    self.split = nnx.Einsum('bsd,dnh->bsnh', (8, 2, 3), (2, 3), rngs=rngs,
-                            **kwargs)
+    self.split = nnx.Einsum(
+        'bsd,dnh->bsnh', (8, 2, 3), (2, 3), rngs=rngs, **kwargs
+    )
     self.merge = nnx.Einsum('bsnh,nhd->bsd', (2, 3, 8), rngs=rngs, **kwargs)
 
   def inputs(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -126,8 +132,7 @@ class Scanned(nnx.Module):
   Under `remat=True` each scanned block is also wrapped in `nnx.remat`.
   """
 
-  def __init__(self, vocab=64, d=16, f=40, layers=2, *, seed=0,
-               remat=False):
+  def __init__(self, vocab=64, d=16, f=40, layers=2, *, seed=0, remat=False):
     rngs = nnx.Rngs(seed)
     self.embed = nnx.Embed(vocab, d, rngs=rngs)
 
@@ -144,10 +149,12 @@ class Scanned(nnx.Module):
   def __call__(self, ids: jax.Array) -> jax.Array:
     def body(h, block):
       return block(h)
+
     if self.remat:
       body = nnx.remat(body)
     h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(
-        self.embed(ids), self.layers)
+        self.embed(ids), self.layers
+    )
     return self.lm_head(h)
 
   def unrolled(self) -> Toy:
@@ -185,21 +192,24 @@ class Recurrent(nnx.Module):
     self.cell = nnx.Linear(6, 6, rngs=nnx.Rngs(seed))
     self.carry = carry
 
-  def __call__(self, xs: jax.Array) -> jax.Array:   # xs: [steps, b, 6]
+  def __call__(self, xs: jax.Array) -> jax.Array:  # xs: [steps, b, 6]
     if self.carry:
+
       def step(carry, x):
         cell, h = carry
         h = jnp.tanh(cell(h) + x)
         return (cell, h), h
-      (_, h), _ = nnx.scan(step, in_axes=(nnx.Carry, 0),
-                           out_axes=(nnx.Carry, 0))(
-                               (self.cell, jnp.zeros_like(xs[0])), xs)
+
+      (_, h), _ = nnx.scan(
+          step, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0)
+      )((self.cell, jnp.zeros_like(xs[0])), xs)
       return h
 
     def step(h, x, cell):
       h = jnp.tanh(cell(h) + x)
       return h, h
-    h, _ = nnx.scan(step, in_axes=(nnx.Carry, 0, None),
-                    out_axes=(nnx.Carry, 0))(jnp.zeros_like(xs[0]), xs,
-                                             self.cell)
+
+    h, _ = nnx.scan(
+        step, in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0)
+    )(jnp.zeros_like(xs[0]), xs, self.cell)
     return h

@@ -1,4 +1,5 @@
 """Inversion-free numerics: R factors (one-shot, streamed) and the solver."""
+
 from ctxlr.linalg.kstar import degenerate_bound_constant
 from ctxlr.linalg.kstar import k_star
 from ctxlr.linalg.kstar import error_bound

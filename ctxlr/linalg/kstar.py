@@ -18,6 +18,7 @@ This is a reference for tests, experiments and model-level comparisons: its
 case split depends on values (numerical rank), so it is not jit-able as a
 whole; its SVDs are jitted. No Gram matrix, no inverse.
 """
+
 import functools
 import math
 from typing import Any, NamedTuple
@@ -41,15 +42,16 @@ class Structure(NamedTuple):
   dtype; `tol` is the absolute threshold under which two σ coincide or one
   is zero.
   """
-  case: str               # 'gap' | 'tie' | 'deficient'
-  rank: int               # r
-  data_rank: int          # k: numerical rank of X K
-  num_above: int          # a: #{i : σ_i > σ_r}
-  num_tied: int           # t: #{i : σ_i = σ_r}, a < r <= a + t
-  sigma: np.ndarray       # shape=(d_out,): σ_i(XK), zero-padded, descending
-  nu: np.ndarray          # shape=(t,): eigenvalues of (K V_T)ᵀ K V_T, desc.
-  kernel_sv: np.ndarray   # shape=(min(d_in, d_out),): singular values of K
-  tol: float              # σ_i <= tol counts as 0, |σ_i − σ_r| <= tol as tied
+
+  case: str  # 'gap' | 'tie' | 'deficient'
+  rank: int  # r
+  data_rank: int  # k: numerical rank of X K
+  num_above: int  # a: #{i : σ_i > σ_r}
+  num_tied: int  # t: #{i : σ_i = σ_r}, a < r <= a + t
+  sigma: np.ndarray  # shape=(d_out,): σ_i(XK), zero-padded, descending
+  nu: np.ndarray  # shape=(t,): eigenvalues of (K V_T)ᵀ K V_T, desc.
+  kernel_sv: np.ndarray  # shape=(min(d_in, d_out),): singular values of K
+  tol: float  # σ_i <= tol counts as 0, |σ_i − σ_r| <= tol as tied
 
   @property
   def beta(self) -> float:
@@ -60,15 +62,15 @@ class Structure(NamedTuple):
   def gap(self) -> float:
     """σ_r² − σ_{r+1}² (σ_{d_out+1} = 0); 0 when tied or deficient."""
     if self.case != 'gap':
-      return 0.
-    nxt = self.sigma[self.rank] if self.rank < len(self.sigma) else 0.
-    return float(self.sigma[self.rank - 1]**2 - nxt**2)
+      return 0.0
+    nxt = self.sigma[self.rank] if self.rank < len(self.sigma) else 0.0
+    return float(self.sigma[self.rank - 1] ** 2 - nxt**2)
 
 
 def _as_r(r_or_x: jax.Array) -> jax.Array:
   """R (or X itself when it has at most d_in rows): same Gram, few rows."""
   if r_or_x.shape[0] > r_or_x.shape[1]:
-    return qr.qr_r(r_or_x)                     # tall X: QR, never XᵀX
+    return qr.qr_r(r_or_x)  # tall X: QR, never XᵀX
   return jnp.asarray(r_or_x)
 
 
@@ -76,21 +78,22 @@ def _as_r(r_or_x: jax.Array) -> jax.Array:
 def _spectrum(kernel: jax.Array, r: jax.Array):
   dtype = checks.compute_dtype(kernel.dtype, r.dtype)
   k = kernel.astype(dtype)
-  rk = jnp.matmul(r.astype(dtype), k, precision=_HIGHEST)        # f[m, d_out]
-  _, sigma, vt = jnp.linalg.svd(rk, full_matrices=True)          # vt: [d, d]
+  rk = jnp.matmul(r.astype(dtype), k, precision=_HIGHEST)  # f[m, d_out]
+  _, sigma, vt = jnp.linalg.svd(rk, full_matrices=True)  # vt: [d, d]
   kernel_sv = jnp.linalg.svd(k, compute_uv=False)
   return sigma, vt.T, kernel_sv
 
 
 @functools.partial(jax.jit, static_argnames=('a', 't', 'rank'))
-def _cluster_basis(kernel: jax.Array, v: jax.Array, *, a: int, t: int,
-                   rank: int):
+def _cluster_basis(
+    kernel: jax.Array, v: jax.Array, *, a: int, t: int, rank: int
+):
   """V_* = [V_1, V_T C] (float[d_out, rank]) and τ (float[t], padded)."""
   k = kernel.astype(v.dtype)
-  v_t = v[:, a:a + t]                                            # f[d_out, t]
-  kt = jnp.matmul(k, v_t, precision=_HIGHEST)                    # f[d_in, t]
-  _, tau, ct = jnp.linalg.svd(kt, full_matrices=True)            # ct: [t, t]
-  chosen = jnp.matmul(v_t, ct[:rank - a].T, precision=_HIGHEST)  # [d, r − a]
+  v_t = v[:, a : a + t]  # f[d_out, t]
+  kt = jnp.matmul(k, v_t, precision=_HIGHEST)  # f[d_in, t]
+  _, tau, ct = jnp.linalg.svd(kt, full_matrices=True)  # ct: [t, t]
+  chosen = jnp.matmul(v_t, ct[: rank - a].T, precision=_HIGHEST)  # [d, r − a]
   tau = jnp.pad(tau, (0, t - tau.shape[0]))
   return jnp.concatenate([v[:, :a], chosen], axis=1), tau
 
@@ -106,20 +109,22 @@ def _analyze(kernel: Any, r_or_x: Any, rank: int, rtol: float | None):
   if rtol is not None and not (np.isfinite(rtol) and rtol > 0):
     raise ValueError(f'rtol must be a finite number > 0; got {rtol}.')
   if not (checks.is_concrete(kernel) and checks.is_concrete(r_or_x)):
-    raise ValueError('k_star needs concrete arrays (its case split '
-                     'depends on values); call it outside jit.')
+    raise ValueError(
+        'k_star needs concrete arrays (its case split '
+        'depends on values); call it outside jit.'
+    )
   kernel = jnp.asarray(kernel)
   r = _as_r(jnp.asarray(r_or_x))
   sigma_j, v, kernel_sv = _spectrum(kernel, r)
-  if rtol is None:                 # R's precision, not the compute dtype's
+  if rtol is None:  # R's precision, not the compute dtype's
     eps = float(jnp.finfo(checks.compute_dtype(r.dtype)).eps)
     rtol = max(r.shape[0], d_out, d_in) * eps
   sigma = np.zeros(d_out)
-  sigma[:sigma_j.shape[0]] = np.asarray(sigma_j, np.float64)
+  sigma[: sigma_j.shape[0]] = np.asarray(sigma_j, np.float64)
   tol = rtol * sigma[0]
   k = int(np.sum(sigma > tol))
   s = sigma[rank - 1]
-  if s <= tol:                     # k < r: the tie is at zero, V_T = null(M)
+  if s <= tol:  # k < r: the tie is at zero, V_T = null(M)
     case, a, t = 'deficient', k, d_out - k
   else:
     a = int(np.sum(sigma > s + tol))
@@ -131,22 +136,36 @@ def _analyze(kernel: Any, r_or_x: Any, rank: int, rtol: float | None):
     v_star, tau = _cluster_basis(kernel, v, a=a, t=t, rank=rank)
     tau = np.asarray(tau, np.float64)
     nu = tau**2
-    j = rank - a                   # C keeps τ_1 … τ_j
+    j = rank - a  # C keeps τ_1 … τ_j
     tau_tol = rtol * float(kernel_sv[0])
     if j < t and tau[j] > tau_tol and tau[j - 1] - tau[j] <= tau_tol:
       raise ValueError(
           f'K_* is not unique for rank={rank}: the {case} leaves {j} of {t} '
           f'directions to choose, and singular values {j} and {j + 1} of K '
           f'restricted to them coincide ({tau[j - 1]:.6g}, {tau[j]:.6g}); '
-          'several minimisers of (P) are equally close to K.')
-  st = Structure(case=case, rank=rank, data_rank=k, num_above=a, num_tied=t,
-                 sigma=sigma, nu=nu,
-                 kernel_sv=np.asarray(kernel_sv, np.float64), tol=float(tol))
+          'several minimisers of (P) are equally close to K.'
+      )
+  st = Structure(
+      case=case,
+      rank=rank,
+      data_rank=k,
+      num_above=a,
+      num_tied=t,
+      sigma=sigma,
+      nu=nu,
+      kernel_sv=np.asarray(kernel_sv, np.float64),
+      tol=float(tol),
+  )
   return st, v_star, sigma_j
 
 
-def solution_structure(kernel: jax.Array, r_or_x: jax.Array, *, rank: int,
-              rtol: float | None = None) -> Structure:
+def solution_structure(
+    kernel: jax.Array,
+    r_or_x: jax.Array,
+    *,
+    rank: int,
+    rtol: float | None = None,
+) -> Structure:
   """The case of (P) (gap, tie or deficient data) and the bound's numbers.
 
   Args:
@@ -169,8 +188,13 @@ def solution_structure(kernel: jax.Array, r_or_x: jax.Array, *, rank: int,
   return _analyze(kernel, r_or_x, rank, rtol)[0]
 
 
-def k_star(kernel: jax.Array, r_or_x: jax.Array, *, rank: int,
-                     rtol: float | None = None) -> solvers.Factors:
+def k_star(
+    kernel: jax.Array,
+    r_or_x: jax.Array,
+    *,
+    rank: int,
+    rtol: float | None = None,
+) -> solvers.Factors:
   """K_*: the minimiser of (P) closest to K, as rank-`rank` factors (§5).
 
   `K_* = argmin { ||K − K'||_F : K' minimises ||X(K − K')||_F, rank K' <= r }`,
@@ -201,8 +225,9 @@ def k_star(kernel: jax.Array, r_or_x: jax.Array, *, rank: int,
   _, v_star, sigma = _analyze(kernel, r_or_x, rank, rtol)
   kernel = jnp.asarray(kernel)
   a = jnp.matmul(kernel.astype(v_star.dtype), v_star, precision=_HIGHEST)
-  return solvers.Factors(a.astype(kernel.dtype),
-                         v_star.T.astype(kernel.dtype), sigma)
+  return solvers.Factors(
+      a.astype(kernel.dtype), v_star.T.astype(kernel.dtype), sigma
+  )
 
 
 def gap_bound_constant(st: Structure) -> float:
@@ -213,8 +238,8 @@ def gap_bound_constant(st: Structure) -> float:
   """
   if st.case != 'gap':
     return math.inf
-  norm_h = float(np.sqrt(np.sum(st.kernel_sv**4)))        # ||KᵀK||_F from σ(K)
-  return math.sqrt(2.) * norm_h * st.beta / st.gap
+  norm_h = float(np.sqrt(np.sum(st.kernel_sv**4)))  # ||KᵀK||_F from σ(K)
+  return math.sqrt(2.0) * norm_h * st.beta / st.gap
 
 
 def degenerate_bound_constant(st: Structure, mu: float) -> float:
@@ -232,24 +257,29 @@ def degenerate_bound_constant(st: Structure, mu: float) -> float:
   (j = t) only the g₃ term remains (a Davis–Kahan variant, valid for all μ).
   """
   beta, a, t, r = st.beta, st.num_above, st.num_tied, st.rank
-  s2 = 0. if st.case == 'deficient' else st.sigma[r - 1]**2
-  g1 = st.sigma[a - 1]**2 - s2 if a else math.inf
-  g3 = s2 - st.sigma[a + t]**2 if a + t < len(st.sigma) else math.inf
-  w3 = beta**2 * math.sqrt(r) / g3 if math.isfinite(g3) else 0.
+  s2 = 0.0 if st.case == 'deficient' else st.sigma[r - 1] ** 2
+  g1 = st.sigma[a - 1] ** 2 - s2 if a else math.inf
+  g3 = s2 - st.sigma[a + t] ** 2 if a + t < len(st.sigma) else math.inf
+  w3 = beta**2 * math.sqrt(r) / g3 if math.isfinite(g3) else 0.0
   j = r - a
-  z1 = z2 = 0.
-  if j < t:                        # directions to choose inside the tie
-    tau = math.sqrt(st.nu[j])      # τ_{j+1} = ||K V_T C_2||_2
-    eps1 = mu * beta**2 / g1 if a else 0.
+  z1 = z2 = 0.0
+  if j < t:  # directions to choose inside the tie
+    tau = math.sqrt(st.nu[j])  # τ_{j+1} = ||K V_T C_2||_2
+    eps1 = mu * beta**2 / g1 if a else 0.0
     delta = st.nu[j - 1] - st.nu[j]
     if eps1 >= 1 or eps1 * st.nu[j - 1] >= delta:
       return math.inf
-    inv_g1 = 1. / (g1 * (1. - eps1)) if a else 0.
-    inv_g3 = 1. / g3 if math.isfinite(g3) else 0.
-    z1 = tau * beta * math.sqrt(a) / g1 if a else 0.
-    z2 = (tau * beta**3 * math.sqrt(j) * math.hypot(inv_g1, inv_g3)
-          / (delta - eps1 * st.nu[j - 1]))
-  return math.sqrt(2.) * beta * math.sqrt(z1**2 + z2**2 + w3**2)
+    inv_g1 = 1.0 / (g1 * (1.0 - eps1)) if a else 0.0
+    inv_g3 = 1.0 / g3 if math.isfinite(g3) else 0.0
+    z1 = tau * beta * math.sqrt(a) / g1 if a else 0.0
+    z2 = (
+        tau
+        * beta**3
+        * math.sqrt(j)
+        * math.hypot(inv_g1, inv_g3)
+        / (delta - eps1 * st.nu[j - 1])
+    )
+  return math.sqrt(2.0) * beta * math.sqrt(z1**2 + z2**2 + w3**2)
 
 
 def error_bound(st: Structure, mu: float) -> float:

@@ -36,11 +36,11 @@ def qr_r_unchecked(x: jax.Array) -> jax.Array:
   x = x.astype(checks.compute_dtype(x.dtype))
   # mode='raw' is LAPACK geqrf alone; mode='r' would also build (and then
   # drop) Q with orgqr, about doubling the cost on CPU.
-  packed, _ = jnp.linalg.qr(x, mode='raw')     # f[d, n]: R above diagonal
-  r = jnp.triu(packed.mT[:min(n, d)])           # f[min(n, d), d]
-  if n < d:                                     # wide X: pad to d × d
+  packed, _ = jnp.linalg.qr(x, mode='raw')  # f[d, n]: R above diagonal
+  r = jnp.triu(packed.mT[: min(n, d)])  # f[min(n, d), d]
+  if n < d:  # wide X: pad to d × d
     r = jnp.pad(r, ((0, d - n), (0, 0)))
-  return canonical_signs(r)                     # f[d, d]
+  return canonical_signs(r)  # f[d, d]
 
 
 def qr_r(x: jax.Array) -> jax.Array:
@@ -99,8 +99,10 @@ def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
   checks.check_finite('r', r)
   checks.check_finite('block', block)
   if bool(jnp.any(jnp.tril(jnp.asarray(r), -1) != 0)):
-    raise ValueError('r must be upper triangular (an R from qr_r, fold_r or '
-                     'zeros); it has nonzeros below the diagonal.')
+    raise ValueError(
+        'r must be upper triangular (an R from qr_r, fold_r or '
+        'zeros); it has nonzeros below the diagonal.'
+    )
   return fold_r_unchecked(jnp.asarray(r), jnp.asarray(block))
 
 
@@ -109,7 +111,9 @@ def _regularize_r(r: jax.Array, mu: jax.Array) -> jax.Array:
   d = r.shape[1]
   dtype = checks.compute_dtype(r.dtype)
   ridge = jnp.sqrt(jnp.asarray(mu, dtype)) * jnp.eye(d, dtype=dtype)
-  return qr_r_unchecked(jnp.concatenate([r.astype(dtype), ridge]))    # qr of [2d, d]
+  return qr_r_unchecked(
+      jnp.concatenate([r.astype(dtype), ridge])
+  )  # qr of [2d, d]
 
 
 def regularize_r(r: jax.Array, mu: float | jax.Array) -> jax.Array:

@@ -5,6 +5,7 @@ Given the R of the calibration inputs X (see `qr.py`) and a kernel K
 `V_r` the top right singular vectors of `R K`. QR and SVD only: no Gram matrix,
 no inverse.
 """
+
 import functools
 import math
 from typing import NamedTuple
@@ -14,13 +15,14 @@ import jax.numpy as jnp
 
 from ctxlr.linalg import checks
 
-_HIGHEST = jax.lax.Precision.HIGHEST   # no TF32/bf16 passes on accelerators
+_HIGHEST = jax.lax.Precision.HIGHEST  # no TF32/bf16 passes on accelerators
 
 
 class Factors(NamedTuple):
   """A rank-r factorisation `K' = a @ b` and the spectrum it came from."""
-  a: jax.Array      # shape=(d_in, rank), dtype of the kernel
-  b: jax.Array      # shape=(rank, d_out), dtype of the kernel
+
+  a: jax.Array  # shape=(d_in, rank), dtype of the kernel
+  b: jax.Array  # shape=(rank, d_out), dtype of the kernel
   sigma: jax.Array  # shape=(min(m, d_out),), compute dtype, descending
 
 
@@ -28,10 +30,10 @@ class Factors(NamedTuple):
 def _ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
   dtype = checks.compute_dtype(kernel.dtype, r.dtype)
   k = kernel.astype(dtype)
-  rk = jnp.matmul(r.astype(dtype), k, precision=_HIGHEST)   # f[m, d_out]
-  _, sigma, vt = jnp.linalg.svd(rk, full_matrices=False)    # vt: f[p, d_out]
-  vt_r = vt[:rank]                                          # f[rank, d_out]
-  a = jnp.matmul(k, vt_r.T, precision=_HIGHEST)             # f[d_in, rank]
+  rk = jnp.matmul(r.astype(dtype), k, precision=_HIGHEST)  # f[m, d_out]
+  _, sigma, vt = jnp.linalg.svd(rk, full_matrices=False)  # vt: f[p, d_out]
+  vt_r = vt[:rank]  # f[rank, d_out]
+  a = jnp.matmul(k, vt_r.T, precision=_HIGHEST)  # f[d_in, rank]
   return Factors(a.astype(kernel.dtype), vt_r.astype(kernel.dtype), sigma)
 
 
@@ -109,9 +111,11 @@ def error_of_each_rank(sigma: jax.Array) -> jax.Array:
   """
   sigma = jnp.asarray(sigma)
   if sigma.ndim != 1:
-    raise ValueError(f'sigma must be a vector (1-D) of singular values; got '
-                     f'shape {sigma.shape}.')
-  tail = jnp.cumsum(jnp.square(sigma)[::-1])[::-1]           # Σ_{i>=k} σ_i²
+    raise ValueError(
+        f'sigma must be a vector (1-D) of singular values; got '
+        f'shape {sigma.shape}.'
+    )
+  tail = jnp.cumsum(jnp.square(sigma)[::-1])[::-1]  # Σ_{i>=k} σ_i²
   return jnp.sqrt(jnp.concatenate([tail, jnp.zeros((1,), tail.dtype)]))
 
 
@@ -153,8 +157,14 @@ def saves_parameters(d_in: int, d_out: int, rank: int) -> bool:
 MU_RULES = ('energy', 'error_ratio')
 
 
-def layer_mu(kernel: jax.Array, r: jax.Array, mu0: float, *, rank: int,
-             rule: str = 'energy') -> jax.Array:
+def layer_mu(
+    kernel: jax.Array,
+    r: jax.Array,
+    mu0: float,
+    *,
+    rank: int,
+    rule: str = 'energy',
+) -> jax.Array:
   """Per-layer μ from one global μ₀ (docs/method.md §4).
 
   `energy`: `μ = μ₀ ||X||_F² / d_in = μ₀ ||R||_F² / d_in`, the mean eigenvalue
@@ -187,7 +197,12 @@ def layer_mu(kernel: jax.Array, r: jax.Array, mu0: float, *, rank: int,
   f = ctx_factors(kernel, r, rank=rank)
   data_err2 = jnp.square(error_of_each_rank(f.sigma)[rank])
   k = jnp.asarray(kernel, dtype)
-  change2 = jnp.sum(jnp.square(
-      k - jnp.matmul(f.a.astype(dtype), f.b.astype(dtype), precision=_HIGHEST)))
-  return jnp.where(change2 > 0, mu0 * data_err2 / jnp.where(
-      change2 > 0, change2, 1), 0.)
+  change2 = jnp.sum(
+      jnp.square(
+          k
+          - jnp.matmul(f.a.astype(dtype), f.b.astype(dtype), precision=_HIGHEST)
+      )
+  )
+  return jnp.where(
+      change2 > 0, mu0 * data_err2 / jnp.where(change2 > 0, change2, 1), 0.0
+  )

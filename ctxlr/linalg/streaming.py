@@ -21,6 +21,7 @@ Two levels:
 Multi-device and multi-host streaming (each device folds its share, then one
 reduction) is `ctxlr.linalg.tsqr.ShardedRAccumulator`.
 """
+
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -43,8 +44,9 @@ def default_block_size(d: int) -> int:
   return max(4 * d, 256)
 
 
-def fold_padded(r: jax.Array, block: jax.Array,
-                mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def fold_padded(
+    r: jax.Array, block: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """One pure fold `R ← qr_r([R; X_block])`, for use under `jit`/`shard_map`.
 
   Rows whose `mask` is False are replaced by zeros before the fold (padding
@@ -70,8 +72,10 @@ def fold_padded(r: jax.Array, block: jax.Array,
   checks.check_matrix('r', r, rows=d)
   checks.check_matrix('block', block, cols=d)
   if mask is not None and np.shape(mask) != (block.shape[0],):
-    raise ValueError(f'mask has shape {np.shape(mask)}; expected '
-                     f'({block.shape[0]},) to match block {block.shape}.')
+    raise ValueError(
+        f'mask has shape {np.shape(mask)}; expected '
+        f'({block.shape[0]},) to match block {block.shape}.'
+    )
   dtype = checks.compute_dtype(r.dtype, block.dtype)
   block = jnp.asarray(block).astype(dtype)
   if mask is not None:
@@ -87,20 +91,25 @@ def check_dtype(dtype: Any) -> jnp.dtype:
   except TypeError as e:
     raise ValueError(f'dtype {dtype!r} is not a dtype.') from e
   if dtype not in (jnp.float32, jnp.float64):
-    raise ValueError(f'dtype must be float32 or float64 (the accumulation '
-                     f'precision); got {dtype}.')
+    raise ValueError(
+        f'dtype must be float32 or float64 (the accumulation '
+        f'precision); got {dtype}.'
+    )
   if jax.dtypes.canonicalize_dtype(dtype) != dtype:
-    raise ValueError('dtype=float64 needs 64-bit JAX: call '
-                     "jax.config.update('jax_enable_x64', True) or run under "
-                     '`with jax.enable_x64(True):`.')
+    raise ValueError(
+        'dtype=float64 needs 64-bit JAX: call '
+        "jax.config.update('jax_enable_x64', True) or run under "
+        '`with jax.enable_x64(True):`.'
+    )
   return dtype
 
 
 def check_size(name: str, value: Any) -> int:
   """Raises unless `value` is a Python int >= 1; returns it."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f'{name} must be an int >= 1; got '
-                     f'{type(value).__name__} {value!r}.')
+    raise ValueError(
+        f'{name} must be an int >= 1; got ' f'{type(value).__name__} {value!r}.'
+    )
   if value < 1:
     raise ValueError(f'{name} must be an int >= 1; got {value}.')
   return int(value)
@@ -110,28 +119,35 @@ def host_block(block: Any, index: int, d: int, dtype: Any) -> np.ndarray:
   """Block `index` of a stream as a host array in `dtype`, after checks."""
   shape = np.shape(block)
   if len(shape) != 2:
-    raise ValueError(f'block {index} must be a matrix (rows, d); got shape '
-                     f'{shape}.')
+    raise ValueError(
+        f'block {index} must be a matrix (rows, d); got shape ' f'{shape}.'
+    )
   if shape[0] == 0:
     raise ValueError(f'block {index} has shape {shape}: no rows.')
   if shape[1] != d:
-    raise ValueError(f'block {index} has shape {shape}; expected d={d} '
-                     'columns.')
+    raise ValueError(
+        f'block {index} has shape {shape}; expected d={d} ' 'columns.'
+    )
   x = np.asarray(block)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f'block {index} must be floating point; got dtype '
-                     f'{x.dtype}.')
+    raise ValueError(
+        f'block {index} must be floating point; got dtype ' f'{x.dtype}.'
+    )
   finite = np.isfinite(x)
   if not finite.all():
-    raise ValueError(f'block {index} contains '
-                     f'{finite.size - np.count_nonzero(finite)} NaN or Inf '
-                     'value(s); refusing to fold it.')
+    raise ValueError(
+        f'block {index} contains '
+        f'{finite.size - np.count_nonzero(finite)} NaN or Inf '
+        'value(s); refusing to fold it.'
+    )
   if x.dtype != dtype:
-    with np.errstate(over='ignore'):        # overflow is checked just below
+    with np.errstate(over='ignore'):  # overflow is checked just below
       x = x.astype(dtype)
     if not np.isfinite(x).all():
-      raise ValueError(f'block {index} has values beyond the range of '
-                       f'{np.dtype(dtype).name}, the accumulation dtype.')
+      raise ValueError(
+          f'block {index} has values beyond the range of '
+          f'{np.dtype(dtype).name}, the accumulation dtype.'
+      )
   return x
 
 
@@ -153,8 +169,9 @@ class RAccumulator:
   buffering and the checks are shared.
   """
 
-  def __init__(self, d: int, *, block_size: int | None = None,
-               dtype: Any = jnp.float32):
+  def __init__(
+      self, d: int, *, block_size: int | None = None, dtype: Any = jnp.float32
+  ):
     """Starts an empty stream.
 
     Args:
@@ -164,12 +181,13 @@ class RAccumulator:
     """
     self.d = check_size('d', d)
     self.block_size = check_size(
-        'block_size', default_block_size(self.d) if block_size is None
-        else block_size)
+        'block_size',
+        default_block_size(self.d) if block_size is None else block_size,
+    )
     self.dtype = check_dtype(dtype)
-    self.num_rows = 0      # rows pushed so far (not counting padding)
-    self.num_blocks = 0    # blocks pushed so far
-    self._chunk = None     # host f[chunk_rows, d], filled up to self._fill
+    self.num_rows = 0  # rows pushed so far (not counting padding)
+    self.num_blocks = 0  # blocks pushed so far
+    self._chunk = None  # host f[chunk_rows, d], filled up to self._fill
     self._fill = 0
     self._r = jnp.zeros((self.d, self.d), self.dtype)
 
@@ -194,7 +212,7 @@ class RAccumulator:
         self._chunk = np.zeros((self.chunk_rows, self.d), self.dtype)
         self._fill = 0
       take = min(n - start, self.chunk_rows - self._fill)
-      self._chunk[self._fill:self._fill + take] = x[start:start + take]
+      self._chunk[self._fill : self._fill + take] = x[start : start + take]
       self._fill += take
       start += take
       if self._fill == self.chunk_rows:
@@ -206,7 +224,7 @@ class RAccumulator:
     previous = self._r
     self._fold(self._chunk)
     self._chunk, self._fill = None, 0
-    jax.block_until_ready(previous)   # at most two folds in flight
+    jax.block_until_ready(previous)  # at most two folds in flight
 
   def _fold(self, chunk: np.ndarray) -> None:
     self._r = qr.fold_r_unchecked(self._r, jax.device_put(chunk))
@@ -216,8 +234,10 @@ class RAccumulator:
 
   def _check_not_empty(self) -> None:
     if self.num_rows == 0:
-      raise ValueError('The stream is empty: no blocks were given, so there '
-                       'is no calibration data to compute R from.')
+      raise ValueError(
+          'The stream is empty: no blocks were given, so there '
+          'is no calibration data to compute R from.'
+      )
 
   def result(self) -> jax.Array:
     """R of all rows pushed so far; the stream may go on afterwards.
@@ -234,27 +254,35 @@ class RAccumulator:
     return self._finish()
 
 
-def stream(blocks: Iterable[Any], d: int | None,
-           make: Callable[[int], RAccumulator]) -> jax.Array:
+def stream(
+    blocks: Iterable[Any], d: int | None, make: Callable[[int], RAccumulator]
+) -> jax.Array:
   """Feeds an iterable of blocks to `make(d)`; d from the first if None."""
   acc = None if d is None else make(d)
   for block in blocks:
     if acc is None:
       shape = np.shape(block)
       if len(shape) != 2:
-        raise ValueError(f'block 0 must be a matrix (rows, d); got shape '
-                         f'{shape}.')
+        raise ValueError(
+            f'block 0 must be a matrix (rows, d); got shape ' f'{shape}.'
+        )
       acc = make(shape[1])
     acc.add(block)
   if acc is None:
-    raise ValueError('The stream is empty: no blocks were given, so there is '
-                     'no calibration data to compute R from.')
+    raise ValueError(
+        'The stream is empty: no blocks were given, so there is '
+        'no calibration data to compute R from.'
+    )
   return acc.result()
 
 
-def accumulate_r(blocks: Iterable[Any], *, d: int | None = None,
-                 block_size: int | None = None,
-                 dtype: Any = jnp.float32) -> jax.Array:
+def accumulate_r(
+    blocks: Iterable[Any],
+    *,
+    d: int | None = None,
+    block_size: int | None = None,
+    dtype: Any = jnp.float32,
+) -> jax.Array:
   """R of the stacked blocks, streamed: X is never held (docs/method.md §3).
 
   >>> blocks = (np.ones((100, 8), np.float32) for _ in range(5))
@@ -279,5 +307,6 @@ def accumulate_r(blocks: Iterable[Any], *, d: int | None = None,
     ValueError: on an empty stream, and naming the block index on a block
       with NaN/Inf, no rows, the wrong number of columns or a non-float dtype.
   """
-  return stream(blocks, d, lambda d_: RAccumulator(
-      d_, block_size=block_size, dtype=dtype))
+  return stream(
+      blocks, d, lambda d_: RAccumulator(d_, block_size=block_size, dtype=dtype)
+  )

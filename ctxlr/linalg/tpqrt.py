@@ -22,12 +22,13 @@ calibration step that inlines one per distinct layer input compiled for
 about a minute per two blocks of the default model, more than the faster
 folds save (docs/results/bench_pipeline/ compares both folds).
 """
+
 import functools
 
 import jax
 import jax.numpy as jnp
 
-LEAF = 32        # columns of a leaf panel: geqrf of (32 + b) × 32
+LEAF = 32  # columns of a leaf panel: geqrf of (32 + b) × 32
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -38,30 +39,31 @@ def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
 def _larft(v: jax.Array, tau: jax.Array) -> jax.Array:
   """Upper-triangular T with `H_1 ⋯ H_w = I − Y T Yᵀ`, `Y = [I; v]`."""
   w = v.shape[1]
-  g = jnp.eye(w, dtype=v.dtype) + _mm(v.T, v)              # Yᵀ Y, f[w, w]
+  g = jnp.eye(w, dtype=v.dtype) + _mm(v.T, v)  # Yᵀ Y, f[w, w]
   idx = jnp.arange(w)
 
   def column(j, t):
-    earlier = jnp.where(idx < j, g[:, j], 0.)
-    col = jnp.where(idx < j, -tau[j] * (t @ earlier), 0.)
+    earlier = jnp.where(idx < j, g[:, j], 0.0)
+    col = jnp.where(idx < j, -tau[j] * (t @ earlier), 0.0)
     return t.at[:, j].set(col.at[j].set(tau[j]))
 
   return jax.lax.fori_loop(0, w, column, jnp.zeros((w, w), v.dtype))
 
 
-def _fold(r: jax.Array, block: jax.Array, leaf: int, want_t: bool
-          ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def _fold(
+    r: jax.Array, block: jax.Array, leaf: int, want_t: bool
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """(R, V, T) of `[r; block]`: r float[n, n] upper triangular, block [b, n]."""
   n = r.shape[0]
   if n <= leaf:
     h, tau = jnp.linalg.qr(jnp.concatenate([r, block]), mode='raw')
-    packed = h.mT                                           # f[n+b, n]
-    v = packed[n:]                                          # f[b, n]
+    packed = h.mT  # f[n+b, n]
+    v = packed[n:]  # f[b, n]
     return jnp.triu(packed[:n]), v, _larft(v, tau) if want_t else None
   n1 = n // 2
   r1, v1, t1 = _fold(r[:n1, :n1], block[:, :n1], leaf, want_t=True)
-  top, bottom = r[:n1, n1:], block[:, n1:]                  # right half
-  w = _mm(t1.T, top + _mm(v1.T, bottom))                    # f[n1, n-n1]
+  top, bottom = r[:n1, n1:], block[:, n1:]  # right half
+  w = _mm(t1.T, top + _mm(v1.T, bottom))  # f[n1, n-n1]
   top, bottom = top - w, bottom - _mm(v1, w)
   r2, v2, t2 = _fold(r[n1:, n1:], bottom, leaf, want_t)
   out = jnp.block([[r1, top], [jnp.zeros((n - n1, n1), r.dtype), r2]])

@@ -9,6 +9,7 @@ against back-to-back LAPACK SVDs; one fold against the Gram update; cost and
 peak RSS vs calibration tokens; 2-process weak scaling. Ratios are measured
 in the same run; results in docs/results/bench_pipeline/.
 """
+
 import ml_collections
 
 
@@ -21,14 +22,14 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.experiment = 'bench_pipeline'
   config.parts = ('throughput', 'solve', 'fold', 'scaling', 'processes')
-  config.num_layers = 0            # 0: every block of the default model
+  config.num_layers = 0  # 0: every block of the default model
   config.include = ('*_proj',)
   config.seq_len = 512
-  config.batch_size = 4            # the evaluation and calibration batch
+  config.batch_size = 4  # the evaluation and calibration batch
   config.calib_tokens = 8192
   config.ratio = 0.8
   config.repeats = 3
-  config.fold_widths = (576, 1536)   # the default model's distinct d_in
+  config.fold_widths = (576, 1536)  # the default model's distinct d_in
   config.scaling_tokens = (8192, 32768, 131072)
   config.timeout_s = 3600
   if arg == 'quick':

@@ -10,6 +10,7 @@ projection, swaps in factored layers, and reports perplexity on the held-out
 Wikipedia and State-of-the-Union sets, time per phase and per-layer errors.
 The compressed model is saved with orbax and its factors as safetensors.
 """
+
 import ml_collections
 
 
@@ -21,17 +22,28 @@ def get_config(arg=None):
   """
   config = ml_collections.ConfigDict()
   config.experiment = 'compress'
-  config.model = dict(path='', param_dtype='float32')   # '': bundled SmolLM2
+  config.model = dict(path='', param_dtype='float32')  # '': bundled SmolLM2
   # mixture: '' calibrates on `corpus` alone; 'wikipedia:1,sotu:1' draws
   # rows from each corpus's calibration split by weight.
-  config.calib = dict(corpus='wikipedia', mixture='', num_tokens=8192,
-                      seq_len=512, batch_size=4, field='text')
-  config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=8192,
-                     seq_len=512, batch_size=4, field='text')
-  config.ratio = 0.8             # kept fraction of the projections' parameters
-  config.method = 'coala'        # or svd, asvd, svd_llm, svd_llm_eps, ...
-  config.mu = 0.0                # μ₀ of the layer-scaled ridge (coala)
-  config.mu_rule = 'energy'      # or 'error_ratio', 'cholesky' (§4)
+  config.calib = dict(
+      corpus='wikipedia',
+      mixture='',
+      num_tokens=8192,
+      seq_len=512,
+      batch_size=4,
+      field='text',
+  )
+  config.eval = dict(
+      corpora=('wikipedia', 'sotu'),
+      num_tokens=8192,
+      seq_len=512,
+      batch_size=4,
+      field='text',
+  )
+  config.ratio = 0.8  # kept fraction of the projections' parameters
+  config.method = 'coala'  # or svd, asvd, svd_llm, svd_llm_eps, ...
+  config.mu = 0.0  # μ₀ of the layer-scaled ridge (coala)
+  config.mu_rule = 'energy'  # or 'error_ratio', 'cholesky' (§4)
   # μ₀ of the ridge for layers whose calibration rank is below their rank.
   # None: the method's default (1e-4 for methods that take μ, else off);
   # docs/results/calibration_sweep/ measures it.
@@ -41,24 +53,43 @@ def get_config(arg=None):
   config.power = ml_collections.config_dict.placeholder(float)
   # 'uniform', 'global', 'fisher' (loss-driven), 'svd_llm_v2', 'coala_hetero'
   config.allocation = 'uniform'
-  config.mode = 'one_shot'       # or 'sequential'
-  config.include = ('*_proj',)   # attention and MLP projections
+  config.mode = 'one_shot'  # or 'sequential'
+  config.include = ('*_proj',)  # attention and MLP projections
   config.exclude = ()
-  config.data_parallel = True    # split calibration over all devices (if >1)
-  config.save = True             # orbax checkpoint + safetensors factors
-  config.keep_progress = False   # keep progress/ (the resume store) after success
+  config.data_parallel = True  # split calibration over all devices (if >1)
+  config.save = True  # orbax checkpoint + safetensors factors
+  config.keep_progress = (
+      False  # keep progress/ (the resume store) after success
+  )
   # Optional healing: train only the factors on the calibration stream for
   # `seconds` of training and/or `steps` (whichever ends first).
   config.heal = dict(
-      enabled=False, seconds=ml_collections.config_dict.placeholder(float),
-      steps=ml_collections.config_dict.placeholder(int), learning_rate=1e-4,
-      batch_size=2, seq_len=256, num_tokens=65536, warmup_fraction=0.05,
-      eval_every_seconds=0.0)
-  if arg == 'quick':             # a CI-sized run: one block, few tokens
-    config.calib = dict(corpus='wikipedia', mixture='', num_tokens=256,
-                        seq_len=64, batch_size=2, field='text')
-    config.eval = dict(corpora=('wikipedia', 'sotu'), num_tokens=128,
-                       seq_len=64, batch_size=2, field='text')
+      enabled=False,
+      seconds=ml_collections.config_dict.placeholder(float),
+      steps=ml_collections.config_dict.placeholder(int),
+      learning_rate=1e-4,
+      batch_size=2,
+      seq_len=256,
+      num_tokens=65536,
+      warmup_fraction=0.05,
+      eval_every_seconds=0.0,
+  )
+  if arg == 'quick':  # a CI-sized run: one block, few tokens
+    config.calib = dict(
+        corpus='wikipedia',
+        mixture='',
+        num_tokens=256,
+        seq_len=64,
+        batch_size=2,
+        field='text',
+    )
+    config.eval = dict(
+        corpora=('wikipedia', 'sotu'),
+        num_tokens=128,
+        seq_len=64,
+        batch_size=2,
+        field='text',
+    )
     config.include = ('layers.0.*',)
   elif arg:
     raise ValueError(f'Unknown config arg {arg!r}; expected "quick" or none.')
