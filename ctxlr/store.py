@@ -210,10 +210,10 @@ def read_verified(
 class BatchFingerprint:
   """Running SHA-256 of a stream of batches (pytrees of arrays).
 
-      >>> fp = BatchFingerprint()
-      >>> for batch in batches:
-      ...   fp.update(batch)
-      >>> fp.hexdigest()
+      fp = BatchFingerprint()
+      for batch in batches:
+        fp.update(batch)
+      fp.hexdigest()
 
   Each batch enters with its index, tree structure, and every leaf's dtype,
   shape and bytes: the same batches in the same order give the same digest,
@@ -285,9 +285,9 @@ class Fingerprinted:
 def fingerprinted(batches: Iterable[Any]) -> Fingerprinted:
   """Wraps `batches` so that reading them also computes their SHA-256.
 
-      >>> batches = fingerprinted(batches)
-      >>> stats = calibrate(model, batches, ...)   # one pass, hashed on the way
-      >>> store.bind_data(batches.hexdigest())
+      batches = fingerprinted(batches)
+      stats = calibrate(model, batches, ...)   # one pass, hashed on the way
+      store.bind_data(batches.hexdigest())
 
   The wrapper yields the same objects; `hexdigest()` is the digest of the
   first complete pass (`BatchFingerprint`), and reads the batches itself

@@ -1,8 +1,8 @@
 """Model surgery on Flax NNX models: find dense layers, swap in factored ones.
 
-    >>> shapes = select_linears(model)        # {'layers.0.attn.q_proj': (576, 576), …}
-    >>> k = kernel_matrix(model, 'layers.0.attn.q_proj')          # f[d_in, d_out]
-    >>> apply_factors(model, {'layers.0.attn.q_proj': (a, b)})    # in place
+    shapes = select_linears(model)     # {'layers.0.attn.q_proj': (576, 576), …}
+    k = kernel_matrix(model, 'layers.0.attn.q_proj')          # f[d_in, d_out]
+    apply_factors(model, {'layers.0.attn.q_proj': (a, b)})    # in place
 
 Three kinds of layer are handled, each seen as one matrix `K` of shape
 `(d_in, d_out)` (docs/method.md §1): `nnx.Linear` (its kernel),
