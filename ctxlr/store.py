@@ -12,7 +12,8 @@ shape, dtype and bytes. A run killed at any point (even SIGKILL) therefore
 leaves each file complete or absent, and a file that does not verify
 (truncated, altered, another layer's, another run's) is *not finished*: it is
 named in a warning and recomputed, never used, never a reason to refuse the
-run. Files of a run killed mid-write (`*.tmp`) are removed on opening.
+run. Files of a run killed mid-write (`*.tmp`, and safetensors' own
+`.tmp??????`) are removed on opening.
 
 A directory made for another model or other options is refused with a clear
 error (`RunStore`), and so is one made for other calibration data: the data
@@ -344,8 +345,8 @@ class RunStore:
       self._write_manifest()
     os.makedirs(self._layers_dir, exist_ok=True)
     for folder in (directory, self._layers_dir):  # a killed run's leftovers
-      for entry in os.listdir(folder):
-        if entry.endswith('.tmp'):
+      for entry in os.listdir(folder):  # ours, and safetensors' own
+        if entry.endswith('.tmp') or entry.startswith('.tmp'):
           os.remove(os.path.join(folder, entry))
 
   @property

@@ -53,11 +53,13 @@ VOLATILE = frozenset(
         'tokens_per_second',
     }
 )
-# What a kill hit: the phase of the last file event before it.
+# What a kill hit: the phase of the last file event before it. Temporary
+# files (`*.tmp`, and safetensors' own `.tmp??????`) count as the file they
+# become, whose write was under way; their removal is that file's rename.
 PHASES = (
     ('config.json*', 'started'),
     ('dense.json*', 'dense evaluated'),
-    ('progress* (removed)', 'progress removed'),
+    ('progress/.tmp*', 'statistics saved'),
     ('progress', 'calibrating'),
     ('progress/layers', 'calibrating'),
     ('progress/manifest.json*', 'calibrating'),
@@ -66,6 +68,7 @@ PHASES = (
     ('model', 'saving the model'),
     ('model/*', 'saving the model'),
     ('factors.safetensors*', 'factors exported'),
+    ('.tmp*', 'factors exported'),
     ('results.json*', 'results written'),
     ('*', 'finishing'),  # summary.md, the figure
 )
@@ -147,8 +150,14 @@ def finished_work_files(workdir: str) -> dict[str, tuple[int, int]]:
 
 
 def phase_of(rel: str | None) -> str:
+  """The phase of a run a file event (`run_once`'s `last_event`) is in."""
   if rel is None:
     return _NO_EVENT
+  if rel.endswith(' (removed)'):
+    rel = rel[: -len(' (removed)')]
+    temporary = rel.endswith('.tmp') or os.path.basename(rel).startswith('.tmp')
+    if not temporary and (rel + os.sep).startswith('progress' + os.sep):
+      return 'progress removed'  # the job's clean-up after success
   for pattern, label in PHASES:
     if fnmatch.fnmatchcase(rel, pattern):
       return label
@@ -294,7 +303,12 @@ def _tail(path: str, lines: int = 5) -> str:
 
 
 def run(config, workdir: str) -> None:
-  """Runs the soak and writes results.json, summary.md and the figure."""
+  """Runs the soak and writes results.json, summary.md and the figure.
+
+  Each chain runs the job, SIGKILLs it at a random time or file event and
+  reruns it until it finishes; results are compared with an unkilled
+  reference run. Finished chains are kept in results.json.
+  """
   rng = np.random.default_rng(config.seed)
   workdir = os.path.abspath(workdir)
   logs = os.path.join(workdir, 'logs')
@@ -406,6 +420,8 @@ def run(config, workdir: str) -> None:
 def summarize_counts(out: dict[str, Any]) -> dict[str, Any]:
   """Adds the totals to `out` (kills tried, survived, bytes recomputed)."""
   kills = out['kills']
+  for k in kills:  # from the recorded event, always
+    k['phase'] = phase_of(k['last_event'])
   out['totals'] = dict(
       kills_tried=len(kills),
       kills_survived=sum(k['survived'] for k in kills),

@@ -92,6 +92,7 @@ def test_a_file_that_appears_is_finished_and_leftovers_are_removed(tmp_path):
   assert files == ['l0.safetensors']  # nothing beside it
   (tmp_path / 'layers' / 'l1.safetensors.tmp').write_bytes(b'half a file')
   (tmp_path / 'stats.safetensors.tmp').write_bytes(b'half')
+  (tmp_path / 'layers' / '.tmpAbC123').write_bytes(b'safetensors own')
   again = store_lib.RunStore(str(tmp_path), FP)  # a resumed run
   assert again.finished_layers() == ['l0']
   assert sorted(os.listdir(tmp_path / 'layers')) == ['l0.safetensors']
