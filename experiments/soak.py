@@ -58,21 +58,34 @@ VOLATILE = frozenset(
 # become, whose write was under way; their removal is that file's rename.
 PHASES = (
     ('config.json*', 'started'),
-    ('dense.json*', 'dense evaluated'),
-    ('progress/.tmp*', 'statistics saved'),
+    ('dense.json*', 'dense evaluation cached'),
+    ('progress/.tmp*', 'saving statistics'),
     ('progress', 'calibrating'),
     ('progress/layers', 'calibrating'),
     ('progress/manifest.json*', 'calibrating'),
-    ('progress/stats.safetensors*', 'statistics saved'),
+    ('progress/stats.safetensors*', 'saving statistics'),
     ('progress/layers/*', 'solving layers'),
     ('model', 'saving the model'),
     ('model/*', 'saving the model'),
-    ('factors.safetensors*', 'factors exported'),
-    ('.tmp*', 'factors exported'),
-    ('results.json*', 'results written'),
+    ('factors.safetensors*', 'exporting factors'),
+    ('.tmp*', 'exporting factors'),
+    ('results.json*', 'writing results'),
     ('*', 'finishing'),  # summary.md, the figure
 )
 _NO_EVENT = 'starting (no file yet)'
+PHASE_ORDER = (
+    _NO_EVENT,
+    'started',
+    'dense evaluation cached',
+    'calibrating',
+    'saving statistics',
+    'solving layers',
+    'saving the model',
+    'exporting factors',
+    'writing results',
+    'progress removed',
+    'finishing',
+)  # the order a run goes through them
 
 
 def validate(config) -> None:
@@ -433,7 +446,7 @@ def summarize_counts(out: dict[str, Any]) -> dict[str, Any]:
       },
       by_phase={
           p: sum(k['phase'] == p for k in kills)
-          for p in [_NO_EVENT] + [l for _, l in PHASES]
+          for p in PHASE_ORDER
           if any(k['phase'] == p for k in kills)
       },
   )
@@ -487,11 +500,7 @@ def plot(workdir: str) -> None:
   """Kill moments by phase hit, survived or not, from results.json alone."""
   out = results.read_json(os.path.join(workdir, 'results.json'))
   kills = out['kills']
-  phases = [
-      p
-      for p in [_NO_EVENT] + [l for _, l in PHASES]
-      if any(k['phase'] == p for k in kills)
-  ]
+  phases = [p for p in PHASE_ORDER if any(k['phase'] == p for k in kills)]
   fig, (ax, bx) = plt.subplots(
       1, 2, figsize=(10, 4), gridspec_kw=dict(width_ratios=[3, 1])
   )
