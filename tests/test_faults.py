@@ -196,13 +196,13 @@ def test_soak_summary_and_figure_from_results(tmp_path):
   assert soak.phase_of('progress (removed)') == 'progress removed'
   assert soak.phase_of('progress/layers/x (removed)') == 'progress removed'
   assert soak.phase_of('progress/manifest.json.tmp (removed)') == 'calibrating'
-  assert soak.phase_of('progress/.tmpAbC123') == 'statistics saved'
+  assert soak.phase_of('progress/.tmpAbC123') == 'saving statistics'
   assert soak.phase_of('progress/layers/.tmpAbC123 (removed)') == (
       'solving layers'
   )
-  assert soak.phase_of('.tmpAbC123') == 'factors exported'
+  assert soak.phase_of('.tmpAbC123') == 'exporting factors'
   assert soak.phase_of('layer_errors.png') == 'finishing'
-  assert soak.phase_of('progress/stats.safetensors.tmp') == 'statistics saved'
+  assert soak.phase_of('progress/stats.safetensors.tmp') == 'saving statistics'
 
 
 # Case 6: obscure failures, now one clear ValueError each.
