@@ -320,7 +320,7 @@ def run(config, workdir: str) -> None:
 
   Each chain runs the job, SIGKILLs it at a random time or file event and
   reruns it until it finishes; results are compared with an unkilled
-  reference run. Finished chains are kept in results.json.
+  reference run. A rerun starts the soak over.
   """
   rng = np.random.default_rng(config.seed)
   workdir = os.path.abspath(workdir)

@@ -12,6 +12,11 @@ import ml_collections
 
 
 def get_config(arg=None):
+  """The soak benchmark: the quick main job under random SIGKILLs.
+
+  'quick' is a CI-sized run. Writes results.json, summary.md and the figure
+  to the workdir; a rerun starts the soak over.
+  """
   config = ml_collections.ConfigDict()
   config.experiment = 'soak'
   config.job = 'experiments/configs/compress.py:quick'  # what is killed
