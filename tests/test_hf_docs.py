@@ -88,3 +88,41 @@ def test_command_block_runs(tmp_path):
   assert out['calib_tokens'] == 8192
   assert out['dense'][corpus]['tokens'] > 8000
   assert len(out['layers']) == 14 and 0.7 < out['kept_ratio'] <= 0.8
+
+
+def test_readme_command_runs(tmp_path):
+  """The README's "Compress your own checkpoint" command, on the fixture."""
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    section = f.read().split('## Compress your own checkpoint', 1)[1]
+  script = re.findall(r'```bash\n(.*?)```', section, flags=re.S)[0]
+  texts = tmp_path / 'my_text'
+  texts.mkdir()
+  rng = np.random.default_rng(1)
+  words = 'a river rose while the old bridge held in the winter'.split()
+  with open(texts / 'part.jsonl', 'w') as f:
+    for i in range(1500):
+      f.write(
+          json.dumps({'text': ' '.join(rng.choice(words, 40)) + f' {i}.'})
+          + '\n'
+      )
+  script = script.replace('/path/to/Qwen2.5-0.5B', 'tests/fixtures/hf/qwen2')
+  script = script.replace('/path/to/my_text', str(texts))
+  script = script.replace('compress.py \\', 'compress.py:quick \\', 1)
+  script = script.rstrip() + f' --workdir={tmp_path / "work"}'
+  env = dict(
+      os.environ,
+      PATH=os.path.dirname(sys.executable)
+      + os.pathsep
+      + os.environ.get('PATH', ''),
+  )
+  proc = subprocess.run(
+      ['bash', '-euo', 'pipefail', '-c', script],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=env,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = results.read_json(str(tmp_path / 'work' / 'results.json'))
+  assert set(out['dense']) == {f'files:{texts}/*.jsonl', 'wikipedia'}
