@@ -279,6 +279,14 @@ def _stats_bytes(stats) -> int:
   return total
 
 
+def _has(stats, want: stats_lib.Want) -> bool:
+  """Whether every LayerStats holds the statistics `want` asks for."""
+  s = next(iter(stats.values()))
+  return (not want.gram or s.gram is not None) and (
+      not want.abs_sum or s.abs_sum is not None
+  )
+
+
 def _want(rows) -> stats_lib.Want:
   wants = [registry.get(r['method']).want for r in rows]
   return stats_lib.Want(
@@ -310,7 +318,7 @@ def _row_result(label, row, spec, report, ppl, dense, seconds):
 
 def _sensitivity(model, batches, names, path):
   if os.path.exists(path):
-    return sensitivity_lib.from_json(results.read_json(path))
+    return sensitivity_lib.from_json(results.read_json(path)['energy'])
   t = time.perf_counter()
   energy = sensitivity_lib.output_gradient_energy(model, batches, names)
   results.write_json(
@@ -347,6 +355,12 @@ def folding(dense: bool):
 
 
 def run(config, workdir: str) -> None:
+  """Every ablation row of the config at its kept ratio, both held-out sets.
+
+  Writes results.json (each finished row kept: a rerun skips it; statistics
+  cached per calibration set under workdir/cache), summary.md and
+  ablation.png redrawn from results.json.
+  """
   with folding(config.dense_fold):
     _run(config, workdir)
 
@@ -371,14 +385,14 @@ def _run(config, workdir: str) -> None:
     spec = calib_spec(config.calibs[calib])
     batches = _batches(tokenizer, spec)
     stats_path = os.path.join(cache, f'{calib}.npz')
-    if os.path.exists(stats_path):
-      stats = _load_stats(stats_path)
-    else:
+    want = _want(r for r in rows.values() if r['calib'] == calib)
+    stats = _load_stats(stats_path) if os.path.exists(stats_path) else None
+    if stats is not None and not _has(stats, want):
+      stats = None  # cached without a needed statistic
+    if stats is None:
       t = time.perf_counter()
       _reset_peak_rss()
-      stats = calibration.layer_stats(
-          dense, batches, names, want=_want(rows[l] for l in todo)
-      )
+      stats = calibration.layer_stats(dense, batches, names, want=want)
       out['calibration_seconds'][calib] = time.perf_counter() - t
       out.setdefault('calibration_memory', {})[calib] = dict(
           peak_rss_bytes=_peak_rss(),

@@ -44,6 +44,11 @@ def _mix(num_tokens, sotu=1.0):
 
 
 def get_config(arg=None):
+  """The ablation at kept ratio 0.8; 'quick' is a CI-sized run.
+
+  Rows are (calibration set, pipeline options); results.json, summary.md and
+  ablation.png go to the workdir, and a rerun skips finished rows.
+  """
   config = ml_collections.ConfigDict()
   config.experiment = 'ablation'
   config.model = dict(path='', param_dtype='float32')
@@ -106,6 +111,20 @@ def get_config(arg=None):
       fisher_mix8k=c(group='combined', calib='mix8k', allocation='fisher'),
       fisher_mix32k=c(group='combined', calib='mix32k', allocation='fisher'),
       fisher_wiki32k=c(group='combined', calib='wiki32k', allocation='fisher'),
+      corda_fisher=dict(
+          group='allocation',
+          calib='wiki8k',
+          method='corda',
+          allocation='fisher',
+          note='the loss-driven allocation under CorDA',
+      ),
+      svd_llm_v2_own=dict(
+          group='control',
+          calib='wiki8k',
+          method='svd_llm_v2',
+          allocation='svd_llm_v2',
+          note='SVD-LLM V2 with its own allocation',
+      ),
       fisher=c(group='allocation', calib='wiki8k', allocation='fisher'),
       svd_llm_v2_alloc=c(
           group='allocation', calib='wiki8k', allocation='svd_llm_v2'
@@ -151,6 +170,23 @@ def get_config(arg=None):
         note="COALA's adaptive rule, its μ = 1",
     )
     rows[f'{n}_cholesky'] = c(group='mu', calib=n, mu=1.0, mu_rule='cholesky')
+  # Every ratio, every method on the same calibration set: the recommended
+  # pipeline against each peer with its own published allocation (uniform
+  # where it has none; ASVD's rank search is not reproduced).
+  peers = dict(
+      recommended=c(allocation='fisher'),
+      corda=dict(method='corda'),
+      svd_llm=dict(method='svd_llm'),
+      svd_llm_v2=dict(method='svd_llm_v2', allocation='svd_llm_v2'),
+      coala_published=c(mu=1.0, mu_rule='error_ratio'),
+      asvd=dict(method='asvd'),
+      corda_fisher=dict(method='corda', allocation='fisher'),
+  )
+  for ratio in (0.9, 0.8, 0.7, 0.6, 0.5):
+    for name, variant in peers.items():
+      rows[f'cmp_{int(round(ratio * 100))}_{name}'] = dict(
+          group='ratios', calib='mix8k', ratio=ratio, **variant
+      )
   config.rows = rows
   config.heal = dict(
       enabled=False,
