@@ -42,31 +42,24 @@ def test_python_block_runs(index, capsys):
   assert capsys.readouterr().out.strip(), 'each example prints its result'
 
 
-def test_command_block_runs(tmp_path):
+def _write_corpus(directory) -> None:
+  """A .jsonl corpus of 1,500 short documents in `directory`."""
   rng = np.random.default_rng(0)
   words = (
       'the river rose and the bridge held while a market grew near '
       'old forest roads in winter'
   ).split()
-  texts = tmp_path / 'texts'
-  texts.mkdir()
-  with open(texts / 'part1.jsonl', 'w') as f:
+  directory.mkdir()
+  with open(directory / 'part1.jsonl', 'w') as f:
     for i in range(1500):
       f.write(
           json.dumps({'text': ' '.join(rng.choice(words, 40)) + f' ({i}).'})
           + '\n'
       )
-  work = tmp_path / 'work'
-  script = _blocks('bash')[0]
-  values = dict(
-      MODEL='tests/fixtures/hf/qwen2',
-      CORPUS=f"'files:{texts}/*.jsonl'",
-      WORKDIR=str(work),
-  )
-  for name, value in values.items():
-    script, n = re.subn(rf'^{name}=.*$', f'{name}={value}', script, flags=re.M)
-    assert n == 1, name
-  # `python` in the block is this interpreter (a venv's, under `make test`).
+
+
+def _run_bash(script: str) -> None:
+  """Runs `script` from the repository root; `python` is this interpreter."""
   env = dict(
       os.environ,
       PATH=os.path.dirname(sys.executable)
@@ -82,6 +75,22 @@ def test_command_block_runs(tmp_path):
       env=env,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_command_block_runs(tmp_path):
+  texts = tmp_path / 'texts'
+  _write_corpus(texts)
+  work = tmp_path / 'work'
+  script = _blocks('bash')[0]
+  values = dict(
+      MODEL='tests/fixtures/hf/qwen2',
+      CORPUS=f"'files:{texts}/*.jsonl'",
+      WORKDIR=str(work),
+  )
+  for name, value in values.items():
+    script, n = re.subn(rf'^{name}=.*$', f'{name}={value}', script, flags=re.M)
+    assert n == 1, name
+  _run_bash(script)
   out = results.read_json(str(work / 'results.json'))
   corpus = f'files:{texts}/*.jsonl'
   assert set(out['dense']) == {corpus, 'wikipedia'}
@@ -96,33 +105,11 @@ def test_readme_command_runs(tmp_path):
     section = f.read().split('## Compress your own checkpoint', 1)[1]
   script = re.findall(r'```bash\n(.*?)```', section, flags=re.S)[0]
   texts = tmp_path / 'my_text'
-  texts.mkdir()
-  rng = np.random.default_rng(1)
-  words = 'a river rose while the old bridge held in the winter'.split()
-  with open(texts / 'part.jsonl', 'w') as f:
-    for i in range(1500):
-      f.write(
-          json.dumps({'text': ' '.join(rng.choice(words, 40)) + f' {i}.'})
-          + '\n'
-      )
+  _write_corpus(texts)
   script = script.replace('/path/to/Qwen2.5-0.5B', 'tests/fixtures/hf/qwen2')
   script = script.replace('/path/to/my_text', str(texts))
   script = script.replace('compress.py \\', 'compress.py:quick \\', 1)
   script = script.rstrip() + f' --workdir={tmp_path / "work"}'
-  env = dict(
-      os.environ,
-      PATH=os.path.dirname(sys.executable)
-      + os.pathsep
-      + os.environ.get('PATH', ''),
-  )
-  proc = subprocess.run(
-      ['bash', '-euo', 'pipefail', '-c', script],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=600,
-      env=env,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _run_bash(script)
   out = results.read_json(str(tmp_path / 'work' / 'results.json'))
   assert set(out['dense']) == {f'files:{texts}/*.jsonl', 'wikipedia'}
