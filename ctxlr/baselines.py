@@ -67,7 +67,6 @@ _info = registry.solve_info
 # ------------------------------------------------------- shared numerics ---
 
 
-@functools.partial(jax.jit, static_argnames='rank')
 def _scaled_svd_factors(
     kernel: jax.Array, s: jax.Array, s_inv: jax.Array, *, rank: int
 ) -> solvers.Factors:
@@ -76,15 +75,24 @@ def _scaled_svd_factors(
   W = Kᵀ. `W_scale = W S`; `U, σ, Vᵀ = svd(W_scale)`; `svd_u = U_r √σ_r`,
   `svd_v = √σ_r (Vᵀ_r S⁻¹)`; the layer computes `x svd_vᵀ svd_uᵀ`, so
   `a = svd_vᵀ`, `b = svd_uᵀ`. CorDA (`S = C`, `S⁻¹ = C⁻¹`) and SVD-LLM V2
-  (`S = U_s √Λ`, `S⁻¹ = √Λ⁻¹ U_sᵀ`) have the same structure.
+  (`S = U_s √Λ`, `S⁻¹ = √Λ⁻¹ U_sᵀ`) have the same structure. Every
+  direction is computed (one compile per shape) and the first `rank` kept
+  (`solvers.truncate`): column i of the factors does not depend on the rank.
   """
+  return solvers.truncate(_scaled_svd_full(kernel, s, s_inv), rank)
+
+
+@jax.jit
+def _scaled_svd_full(
+    kernel: jax.Array, s: jax.Array, s_inv: jax.Array
+) -> solvers.Factors:
   w = kernel.astype(_F32).T  # f32[d_out, d_in]
   w_scale = jnp.matmul(w, s.astype(_F32), precision=_HIGHEST)
   u, sigma, vt = jnp.linalg.svd(w_scale, full_matrices=False)
-  sqrt_sigma = jnp.sqrt(sigma[:rank])
-  trunc_v = jnp.matmul(vt[:rank], s_inv.astype(_F32), precision=_HIGHEST)
-  svd_u = u[:, :rank] * sqrt_sigma  # f32[d_out, rank]
-  svd_v = sqrt_sigma[:, None] * trunc_v  # f32[rank, d_in]
+  sqrt_sigma = jnp.sqrt(sigma)
+  trunc_v = jnp.matmul(vt, s_inv.astype(_F32), precision=_HIGHEST)
+  svd_u = u * sqrt_sigma  # f32[d_out, p]
+  svd_v = sqrt_sigma[:, None] * trunc_v  # f32[p, d_in]
   return solvers.Factors(
       svd_v.T.astype(kernel.dtype), svd_u.T.astype(kernel.dtype), sigma
   )
@@ -93,14 +101,12 @@ def _scaled_svd_factors(
 # --------------------------------------------------------------- methods ---
 
 
-@functools.partial(jax.jit, static_argnames='rank')
-def _svd(kernel: jax.Array, *, rank: int) -> solvers.Factors:
+@jax.jit
+def _svd_full(kernel: jax.Array) -> solvers.Factors:
   k = kernel.astype(checks.compute_dtype(kernel.dtype))
   u, sigma, vt = jnp.linalg.svd(k, full_matrices=False)
-  a = u[:, :rank] * sigma[:rank]  # f[d_in, rank]
-  return solvers.Factors(
-      a.astype(kernel.dtype), vt[:rank].astype(kernel.dtype), sigma
-  )
+  a = u * sigma  # f[d_in, p]
+  return solvers.Factors(a.astype(kernel.dtype), vt.astype(kernel.dtype), sigma)
 
 
 @registry.register(needs=(), summary='truncated SVD of K, no data')
@@ -116,7 +122,7 @@ def svd(
   Computes in float32 (float64 for a float64 kernel with x64 on). `stats`
   is not read (pass any LayerStats, e.g. `LayerStats(None, None, None, 0)`).
   """
-  factors = _svd(jnp.asarray(kernel), rank=rank)
+  factors = solvers.truncate(_svd_full(jnp.asarray(kernel)), rank)
   return factors, _info(factors)
 
 

@@ -10,7 +10,6 @@ of `Σ_R^{2p} V_Rᵀ K` (`R = U_R Σ_R V_Rᵀ`). p = ½ is `R K`, the exact
 minimiser of (P); p = 1 is `XᵀX K = Rᵀ(R K)`, CorDA's weighting.
 """
 
-import functools
 import math
 from typing import Any, Mapping
 
@@ -47,9 +46,9 @@ def _check_coala_options(options: Mapping[str, Any]) -> None:
     check_power(options['power'])
 
 
-@functools.partial(jax.jit, static_argnames='rank')
-def _power_factors(
-    kernel: jax.Array, r: jax.Array, power: jax.Array, *, rank: int
+@jax.jit
+def _power_full(
+    kernel: jax.Array, r: jax.Array, power: jax.Array
 ) -> tuple[solvers.Factors, jax.Array]:
   hi = jax.lax.Precision.HIGHEST
   dtype = checks.compute_dtype(kernel.dtype, r.dtype)
@@ -57,13 +56,12 @@ def _power_factors(
   _, s_r, vt_r = jnp.linalg.svd(r.astype(dtype), full_matrices=False)
   scale = jnp.power(s_r, 2 * power.astype(dtype))  # Σ_R^{2p}
   m = scale[:, None] * jnp.matmul(vt_r, k, precision=hi)  # f[p, d_out]
-  _, sigma, vt = jnp.linalg.svd(m, full_matrices=False)
-  v = vt[:rank]  # f[rank, d_out]
+  _, sigma, vt = jnp.linalg.svd(m, full_matrices=False)  # f[p, d_out]
   rk = jnp.matmul(r.astype(dtype), k, precision=hi)
   gains = jnp.sum(jnp.square(jnp.matmul(rk, vt.T, precision=hi)), axis=0)
-  a = jnp.matmul(k, v.T, precision=hi)
+  a = jnp.matmul(k, vt.T, precision=hi)
   return (
-      solvers.Factors(a.astype(kernel.dtype), v.astype(kernel.dtype), sigma),
+      solvers.Factors(a.astype(kernel.dtype), vt.astype(kernel.dtype), sigma),
       gains,
   )
 
@@ -106,12 +104,10 @@ def power_gains(
   checks.check_finite('kernel', kernel)
   checks.check_finite('r', r)
   check_power(power)
-  return _power_factors(
-      jnp.asarray(kernel),
-      jnp.asarray(r),
-      jnp.asarray(power, jnp.float32),
-      rank=rank,
+  full, gains = _power_full(
+      jnp.asarray(kernel), jnp.asarray(r), jnp.asarray(power, jnp.float32)
   )
+  return solvers.truncate(full, rank), gains
 
 
 @registry.register(

@@ -102,16 +102,28 @@ def check_options(
 def relative_error(
     kernel: jax.Array, r: jax.Array, a: jax.Array, b: jax.Array
 ) -> float:
-  """`||X(K − a b)||_F / ||X K||_F`, exactly, from R (never X)."""
+  """`||X(K − a b)||_F / ||X K||_F`, exactly, from R (never X).
+
+  The factors are zero-padded to rank min(d_in, d_out) (a b unchanged), so
+  that one compile per layer shape serves every rank.
+  """
+  p = min(kernel.shape)
+  a = np.asarray(a, np.float32)
+  b = np.asarray(b, np.float32)
+  a = np.pad(a, ((0, 0), (0, p - a.shape[1])))
+  b = np.pad(b, ((0, p - b.shape[0]), (0, 0)))
+  return float(_relative_error(jnp.asarray(kernel), jnp.asarray(r), a, b))
+
+
+@jax.jit
+def _relative_error(kernel, r, a, b):
   hi = jax.lax.Precision.HIGHEST
-  k = jnp.asarray(kernel, jnp.float32)
-  rk = jnp.matmul(r, k, precision=hi)
+  k = kernel.astype(jnp.float32)
+  rk = jnp.matmul(r.astype(jnp.float32), k, precision=hi)
   approx = jnp.matmul(
-      r,
-      jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=hi),
-      precision=hi,
+      r.astype(jnp.float32), jnp.matmul(a, b, precision=hi), precision=hi
   )
-  return checks.relative_norm(rk - approx, rk)  # no float32 overflow
+  return checks.relative_norm_traced(rk - approx, rk)  # no f32 overflow
 
 
 def numerical_rank(r: jax.Array) -> int:

@@ -139,8 +139,8 @@ def profile_part(cfg: dict) -> list[dict]:
             functools.partial(_solve, 'coala', rank=rank),
             (kernel, stats),
         ),
-        ('coala', 'jitted core: R K, SVD, K V_r'): (
-            functools.partial(solvers._ctx_factors, rank=rank),
+        ('coala', 'jitted core: R K, SVD, K V'): (
+            solvers._ctx_full,
             (kernel, stats.r),
         ),
         ('coala', 'R K (float32 matmul)'): (matmul, (stats.r, kernel)),
@@ -151,7 +151,7 @@ def profile_part(cfg: dict) -> list[dict]:
         ),
         ('svd_llm', 'float64 Cholesky + inverse'): (whitening, (stats.gram,)),
         ('svd_llm', 'float32 W S, SVD, S⁻¹ products'): (
-            functools.partial(baselines._scaled_svd_factors, rank=rank),
+            baselines._scaled_svd_full,
             (kernel, s, s_inv),
         ),
         ('svd_llm', 'SVD of W S'): (svd, (matmul(kernel.T, s),)),

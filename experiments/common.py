@@ -203,6 +203,10 @@ def check_data_spec(spec: Any, path: str) -> None:
     check_int(spec[field] if field in spec else None, f'{path}.{field}')
   if 'num_tokens' in spec:
     check_int(spec['num_tokens'], f'{path}.num_tokens', minimum=spec['seq_len'])
+  if spec.get('mixture'):
+    if not isinstance(spec['mixture'], str):
+      fail(f'{path}.mixture', "'corpus:weight,…'", spec['mixture'])
+    calib_mixture(spec)
 
 
 def check_model_and_data(config: Any) -> None:
@@ -231,16 +235,35 @@ def check_layers(include: Any, exclude: Any, path: str = '') -> None:
 
 # ----------------------------------------------------------------- variants --
 
-VARIANT_KEYS = ('method', 'allocation', 'mu', 'mu_rule', 'auto_mu', 'split')
+VARIANT_KEYS = (
+    'method',
+    'allocation',
+    'mu',
+    'mu_rule',
+    'auto_mu',
+    'split',
+    'options',
+    'mode',
+)
 VARIANT_DEFAULTS = dict(
-    allocation='uniform', mu=0.0, mu_rule='energy', auto_mu=0.0, split='own'
+    allocation='uniform',
+    mu=0.0,
+    mu_rule='energy',
+    auto_mu=0.0,
+    split='own',
+    options={},
+    mode='one_shot',
 )
 _CHOICES = dict(
     allocation=pipeline.ALLOCATIONS,
     mu_rule=pipeline.MU_RULES,
     split=('own', 'balanced'),
+    mode=pipeline.MODES,
 )
 COMPRESS_KEYS = ('method', 'allocation', 'mu', 'mu_rule', 'auto_mu')
+# Variant keys a sweep may add to COMPRESS_KEYS: the method's own options
+# (`registry.Method.options`, e.g. coala's power) and the calibration mode.
+SWEEP_KEYS = COMPRESS_KEYS + ('options', 'mode')
 
 
 def check_variants(
@@ -324,11 +347,56 @@ def _check_variant(
           f'with one: {registry.names(takes_mu=True)})',
           variant[key],
       )
+  if 'options' in variant:
+    options = variant['options']
+    if not hasattr(options, 'keys'):
+      fail(f'{where}.options', 'a dict of method options', options)
+    try:
+      registry.check_options(method, dict(options.items()))
+    except ValueError as e:
+      raise ValueError(f'{where}.options: {e}') from None
 
 
 def compress_options(variant: Mapping[str, Any]) -> dict[str, Any]:
-  """The `pipeline.compress_from_stats` keywords of a parsed variant."""
-  return {k: variant[k] for k in COMPRESS_KEYS if k in variant}
+  """The `pipeline.compress_from_stats` keywords of a parsed variant
+  (`options` becomes `method_options`; `mode` is the caller's)."""
+  out = {k: variant[k] for k in COMPRESS_KEYS if k in variant}
+  if variant.get('options'):
+    out['method_options'] = dict(variant['options'].items())
+  return out
+
+
+def calib_mixture(calib: Any) -> dict[str, float] | None:
+  """`calib.mixture` ('corpus:weight,…') as {corpus: weight}, or None.
+
+  An empty or absent field calibrates on `calib.corpus` alone. A weight is
+  the last ':'-separated field, so 'files:/data/*.jsonl:1' works. Raises
+  ValueError('calib.mixture: …') for a malformed item, a repeated corpus,
+  an unknown corpus or a weight that is not a finite number > 0.
+  """
+  spec = calib.get('mixture', '') or ''
+  if not spec.strip():
+    return None
+  out = {}
+  for item in spec.split(','):
+    corpus, sep, weight = item.strip().rpartition(':')
+    try:
+      value = float(weight)
+    except ValueError:
+      value = None
+    if not sep or not corpus or value is None:
+      raise ValueError(
+          "calib.mixture: expected 'corpus:weight,…' (e.g. "
+          f"'wikipedia:1,sotu:1'); got the item {item!r}."
+      )
+    if corpus in out:
+      raise ValueError(f'calib.mixture: corpus {corpus!r} appears twice.')
+    out[corpus] = value
+  try:
+    data.mixture_counts(out, max(len(out), calib.num_tokens // calib.seq_len))
+  except ValueError as e:
+    raise ValueError(f'calib.mixture: {e}') from None
+  return out
 
 
 def layer_stats(
@@ -381,8 +449,21 @@ def token_sequences(corpus: str, split: str, tokenizer, spec) -> np.ndarray:
 
 
 def calibration_batches(tokenizer, calib_config) -> list:
-  """The calibration batches of `config.calib` (corpus, num_tokens, ...)."""
-  seqs = token_sequences(calib_config.corpus, 'calib', tokenizer, calib_config)
+  """The calibration batches of `config.calib` (corpus, num_tokens, ...;
+  a non-empty `mixture` draws them from several corpora, `calib_mixture`)."""
+  weights = calib_mixture(calib_config)
+  if weights is None:
+    seqs = token_sequences(
+        calib_config.corpus, 'calib', tokenizer, calib_config
+    )
+  else:
+    seqs = data.mixture_sequences(
+        weights,
+        'calib',
+        tokenizer,
+        seq_len=calib_config.seq_len,
+        num_sequences=max(1, calib_config.num_tokens // calib_config.seq_len),
+    )
   return list(data.batches(seqs, min(calib_config.batch_size, len(seqs))))
 
 
@@ -434,6 +515,7 @@ def sweep_row(
   return dict(
       run=label,
       **compress_options(variant),
+      **({'mode': variant['mode']} if 'mode' in variant else {}),
       ratio=ratio,
       kept_ratio=report['kept_ratio'],
       model_ratio=report['model_ratio'],

@@ -6,10 +6,14 @@ run label and ratio); summary.md and perplexity_vs_ratio.png are drawn from
 it alone.
 """
 
+import os
+
 from flax import nnx
 
 from ctxlr import pipeline
 from ctxlr import results
+from ctxlr import sensitivity as sensitivity_lib
+from ctxlr import surgery
 from experiments import common
 
 
@@ -18,7 +22,7 @@ def validate(config) -> None:
   common.check_model_and_data(config)
   for i, ratio in enumerate(config.ratios):
     common.check_ratio(ratio, f'ratios[{i}]')
-  common.check_variants(config.runs)
+  common.check_variants(config.runs, keys=common.SWEEP_KEYS)
   common.check_layers(config.include, config.exclude)
 
 
@@ -35,7 +39,7 @@ def run(config, workdir: str) -> None:
   written as it finishes. A rerun skips the (label, ratio) rows present.
   """
   validate(config)
-  runs = common.check_variants(config.runs)
+  runs = common.check_variants(config.runs, keys=common.SWEEP_KEYS)
   out, model, tokenizer = common.resume_sweep(workdir, config)
   done = {(label(r), r['ratio']) for r in out['rows']}
   todo = [
@@ -44,24 +48,60 @@ def run(config, workdir: str) -> None:
       for name in runs
       if (name, ratio) not in done
   ]
+  energy = None
   if todo:
+    batches = common.calibration_batches(tokenizer, config.calib)
     stats = common.layer_stats(
-        model,
-        common.calibration_batches(tokenizer, config.calib),
-        config,
-        [v['method'] for v in runs.values()],
+        model, batches, config, [v['method'] for v in runs.values()]
     )
+    if any(
+        runs[n]['allocation'] in pipeline.NEEDS_SENSITIVITY for n, _ in todo
+    ):
+      energy = _sensitivity(model, batches, config, workdir)
   for name, ratio in todo:
     compressed = nnx.clone(model)
-    report = pipeline.compress_from_stats(
-        compressed, stats, ratio=ratio, **common.compress_options(runs[name])
-    )
+    options = dict(common.compress_options(runs[name]), sensitivity=energy)
+    if runs[name]['mode'] == 'sequential':
+      report = pipeline.compress(
+          compressed,
+          batches,
+          ratio=ratio,
+          mode='sequential',
+          include=config.include,
+          exclude=config.exclude,
+          **options,
+      )
+    else:
+      report = pipeline.compress_from_stats(
+          compressed, stats, ratio=ratio, **options
+      )
     ppl = common.evaluate(
         compressed, tokenizer, config.eval, f'{name} at {ratio}'
     )
     out['rows'].append(common.sweep_row(name, runs[name], ratio, report, ppl))
     common.write_results(workdir, out)  # each finished row is kept
   common.finish(workdir, summarize(out), plot)
+
+
+def _sensitivity(model, batches, config, workdir: str):
+  """Loss-gradient energies of the calibration batches, cached in workdir
+  (`sensitivity.json`) so that a resumed sweep measures them once."""
+  path = os.path.join(workdir, 'sensitivity.json')
+  key = dict(
+      calib=config.calib.to_dict(),
+      include=list(config.include),
+      exclude=list(config.exclude),
+  )
+  if os.path.exists(path):
+    cached = results.read_json(path)
+    if cached.get('key') == key:
+      return sensitivity_lib.from_json(cached['energy'])
+  layers = surgery.select_linears(model, config.include, config.exclude)
+  energy = sensitivity_lib.output_gradient_energy(model, batches, layers)
+  results.write_json(
+      path, dict(key=key, energy=sensitivity_lib.to_json(energy))
+  )
+  return energy
 
 
 def summarize(out: dict) -> str:

@@ -19,7 +19,6 @@ import matplotlib
 import numpy as np
 
 from ctxlr import checkpoint
-from ctxlr import data
 from ctxlr import healing
 from ctxlr import models
 from ctxlr import pipeline
@@ -36,30 +35,9 @@ _DEFAULT_AUTO_MU = 1e-4  # μ₀ for layers short of data (docs/results/
 
 
 def mixture(calib) -> dict[str, float] | None:
-  """`calib.mixture` ('corpus:weight,corpus:weight') as a dict, or None.
-
-  An empty string (the default) calibrates on `calib.corpus` alone. A
-  weight is the last ':'-separated field, so 'files:/data/*.jsonl:1' works.
-  """
-  spec = calib.get('mixture', '') or ''
-  if not spec.strip():
-    return None
-  out = {}
-  for item in spec.split(','):
-    corpus, sep, weight = item.strip().rpartition(':')
-    try:
-      value = float(weight)
-    except ValueError:
-      value = None
-    if not sep or not corpus or value is None:
-      raise ValueError(
-          f"calib.mixture: expected 'corpus:weight,…' (e.g. "
-          f"'wikipedia:1,sotu:1'); got the item {item!r}."
-      )
-    if corpus in out:
-      raise ValueError(f'calib.mixture: corpus {corpus!r} appears twice.')
-    out[corpus] = value
-  return out
+  """`calib.mixture` ('corpus:weight,…') as a dict, or None (`calib.corpus`
+  alone); `common.calib_mixture`, which also checks corpora and weights."""
+  return common.calib_mixture(calib)
 
 
 def method_options(config) -> dict[str, float]:
@@ -103,14 +81,7 @@ def validate(config) -> None:
     ) from None
   common.check_model_and_data(config)
   common.check_layers(config.include, config.exclude)
-  weights = mixture(config.calib)
-  if weights is not None:
-    try:
-      data.mixture_counts(
-          weights, config.calib.num_tokens // config.calib.seq_len
-      )
-    except ValueError as e:
-      raise ValueError(f'calib.mixture: {e}') from None
+  mixture(config.calib)
   if config.heal.enabled:
     try:
       healing.check_budget(seconds=config.heal.seconds, steps=config.heal.steps)
@@ -165,7 +136,7 @@ def run(config, workdir: str) -> None:
       ),
       flush=True,
   )
-  batches = calibration_batches(tokenizer, config.calib)
+  batches = common.calibration_batches(tokenizer, config.calib)
   mesh = None
   if config.data_parallel and jax.device_count() > 1:
     mesh = jax.make_mesh((jax.device_count(),), ('data',))
@@ -237,21 +208,6 @@ def run(config, workdir: str) -> None:
   out['disk_bytes'] = _disk_bytes(workdir)
   results.write_json(path, out)
   common.finish(workdir, summarize(out), plot)
-
-
-def calibration_batches(tokenizer, calib) -> list:
-  """The calibration batches: `calib.corpus`, or the `calib.mixture`."""
-  weights = mixture(calib)
-  if weights is None:
-    return common.calibration_batches(tokenizer, calib)
-  seqs = data.mixture_sequences(
-      weights,
-      'calib',
-      tokenizer,
-      seq_len=calib.seq_len,
-      num_sequences=calib.num_tokens // calib.seq_len,
-  )
-  return list(data.batches(seqs, min(calib.batch_size, len(seqs))))
 
 
 def heal(model, tokenizer, config) -> dict:

@@ -97,9 +97,14 @@ def test_compare_methods_quick_and_resume(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
   rows = {r['run']: r for r in out['rows']}
-  assert set(rows) == {'coala', 'svd_llm'}
+  assert set(rows) == {'recommended', 'svd_llm'}
   assert [r['method'] for r in out['rows']] == ['coala', 'svd_llm']
-  assert rows['coala']['ppl_wikipedia'] > out['dense']['wikipedia']
+  assert rows['recommended']['allocation'] == 'fisher'
+  assert rows['svd_llm']['mode'] == 'sequential'
+  assert rows['recommended']['ppl_wikipedia'] > out['dense']['wikipedia']
+  # fisher allocation (the layers' loss gradients, cached) meets the budget
+  assert abs(rows['recommended']['kept_ratio'] - 0.8) < 0.01
+  assert (tmp_path / 'sensitivity.json').exists()
   assert (tmp_path / 'perplexity_vs_ratio.png').exists()
   again = _launch(*args)  # finished rows are not redone
   assert again.returncode == 0, again.stderr[-3000:]

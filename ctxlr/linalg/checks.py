@@ -103,9 +103,13 @@ def relative_norm(num: Any, den: Any) -> float:
   float32's maximum give a finite ratio where `norm(num) / norm(den)` would
   square them past it (inf / inf = NaN). Non-finite entries give NaN.
   """
-  num, den = jnp.asarray(num), jnp.asarray(den)
+  return float(relative_norm_traced(jnp.asarray(num), jnp.asarray(den)))
+
+
+def relative_norm_traced(num: jax.Array, den: jax.Array) -> jax.Array:
+  """`relative_norm` as a 0-d array, usable inside `jax.jit`."""
   scale = jnp.maximum(jnp.max(jnp.abs(num)), jnp.max(jnp.abs(den)))
   scale = jnp.where(scale > 0, scale, 1.0)
   top = jnp.linalg.norm(num / scale)
   bottom = jnp.linalg.norm(den / scale)
-  return float(top / jnp.where(bottom > 0, bottom, 1.0))
+  return top / jnp.where(bottom > 0, bottom, 1.0)

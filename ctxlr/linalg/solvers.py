@@ -6,12 +6,12 @@ Given the R of the calibration inputs X (see `qr.py`) and a kernel K
 no inverse.
 """
 
-import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ctxlr.linalg import checks
 
@@ -26,15 +26,29 @@ class Factors(NamedTuple):
   sigma: jax.Array  # shape=(min(m, d_out),), compute dtype, descending
 
 
-@functools.partial(jax.jit, static_argnames='rank')
-def _ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
+def truncate(full: Factors, rank: int) -> Factors:
+  """The first `rank` directions of factors holding every direction.
+
+  The jitted solvers compute all directions, so they compile once per layer
+  shape; the rank is applied here, by slicing on the host, so that the
+  different ranks of an allocation compile nothing. Under a transformation
+  (jit, vmap) it is an ordinary slice of the traced arrays.
+  """
+  if not (checks.is_concrete(full.a) and checks.is_concrete(full.b)):
+    return Factors(full.a[..., :rank], full.b[..., :rank, :], full.sigma)
+  a = np.asarray(full.a)[:, :rank]
+  b = np.asarray(full.b)[:rank]
+  return Factors(jnp.asarray(a), jnp.asarray(b), full.sigma)
+
+
+@jax.jit
+def _ctx_full(kernel: jax.Array, r: jax.Array) -> Factors:
   dtype = checks.compute_dtype(kernel.dtype, r.dtype)
   k = kernel.astype(dtype)
   rk = jnp.matmul(r.astype(dtype), k, precision=_HIGHEST)  # f[m, d_out]
   _, sigma, vt = jnp.linalg.svd(rk, full_matrices=False)  # vt: f[p, d_out]
-  vt_r = vt[:rank]  # f[rank, d_out]
-  a = jnp.matmul(k, vt_r.T, precision=_HIGHEST)  # f[d_in, rank]
-  return Factors(a.astype(kernel.dtype), vt_r.astype(kernel.dtype), sigma)
+  a = jnp.matmul(k, vt.T, precision=_HIGHEST)  # f[d_in, p]
+  return Factors(a.astype(kernel.dtype), vt.astype(kernel.dtype), sigma)
 
 
 def ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
@@ -67,7 +81,7 @@ def ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
   checks.check_rank(rank, d_in, d_out)
   checks.check_finite('kernel', kernel)
   checks.check_finite('r', r)
-  return _ctx_factors(jnp.asarray(kernel), jnp.asarray(r), rank=rank)
+  return truncate(_ctx_full(jnp.asarray(kernel), jnp.asarray(r)), rank)
 
 
 @jax.jit

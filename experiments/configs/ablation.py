@@ -170,23 +170,6 @@ def get_config(arg=None):
         note="COALA's adaptive rule, its μ = 1",
     )
     rows[f'{n}_cholesky'] = c(group='mu', calib=n, mu=1.0, mu_rule='cholesky')
-  # Every ratio, every method on the same calibration set: the recommended
-  # pipeline against each peer with its own published allocation (uniform
-  # where it has none; ASVD's rank search is not reproduced).
-  peers = dict(
-      recommended=c(allocation='fisher'),
-      corda=dict(method='corda'),
-      svd_llm=dict(method='svd_llm'),
-      svd_llm_v2=dict(method='svd_llm_v2', allocation='svd_llm_v2'),
-      coala_published=c(mu=1.0, mu_rule='error_ratio'),
-      asvd=dict(method='asvd'),
-      corda_fisher=dict(method='corda', allocation='fisher'),
-  )
-  for ratio in (0.9, 0.8, 0.7, 0.6, 0.5):
-    for name, variant in peers.items():
-      rows[f'cmp_{int(round(ratio * 100))}_{name}'] = dict(
-          group='ratios', calib='mix8k', ratio=ratio, **variant
-      )
   config.rows = rows
   config.heal = dict(
       enabled=False,
