@@ -15,6 +15,7 @@ parameters held in a plain pytree, e.g. Linen).
 import functools
 import logging
 import time
+import weakref
 from typing import Any, Callable, Iterable, Mapping
 
 from flax import nnx
@@ -112,7 +113,7 @@ def relative_error(
   b = np.asarray(b, np.float32)
   a = np.pad(a, ((0, 0), (0, p - a.shape[1])))
   b = np.pad(b, ((0, p - b.shape[0]), (0, 0)))
-  return float(_relative_error(jnp.asarray(kernel), jnp.asarray(r), a, b))
+  return float(_relative_error(kernel, r, a, b))
 
 
 @jax.jit
@@ -127,10 +128,27 @@ def _relative_error(kernel, r, a, b):
 
 
 def numerical_rank(r: jax.Array) -> int:
-  """Rank of X from its R: singular values above d·eps·σ_max (float32)."""
+  """Rank of X from its R: singular values above d·eps·σ_max (float32).
+
+  Remembered per jax array while it lives (jax arrays are immutable), so
+  that solving the same statistics at several ratios pays one SVD of R.
+  """
+  key = id(r)
+  hit = _RANKS.get(key)
+  if hit is not None and hit[0]() is r:
+    return hit[1]
   s = jnp.linalg.svd(jnp.asarray(r, jnp.float32), compute_uv=False)
   tol = max(r.shape) * jnp.finfo(jnp.float32).eps * s[0]
-  return int((s > tol).sum())
+  rank = int((s > tol).sum())
+  if isinstance(r, jax.Array):  # not NumPy: it could change in place
+    _RANKS[key] = (
+        weakref.ref(r, lambda _, key=key: _RANKS.pop(key, None)),
+        rank,
+    )
+  return rank
+
+
+_RANKS: dict[int, tuple[Any, int]] = {}  # id(r) -> (weakref to r, rank)
 
 
 def layer_weights(

@@ -48,13 +48,13 @@ def all_finite(*arrays: jax.Array) -> jax.Array:
 def solve_info(
     factors: Any, retries: Any = 0, eps: Any = 0.0, failed: Any = False
 ) -> SolveInfo:
-  """A method's SolveInfo; `nonfinite` is read off the factors."""
-  return SolveInfo(
-      int(retries),
-      float(eps),
-      bool(failed),
-      not bool(all_finite(factors.a, factors.b)),
+  """A method's SolveInfo; `nonfinite` is read off the factors (on the host:
+  no compile per factor shape)."""
+  finite = all(
+      np.isfinite(np.asarray(x, np.float32)).all()
+      for x in (factors.a, factors.b)
   )
+  return SolveInfo(int(retries), float(eps), bool(failed), not finite)
 
 
 @dataclasses.dataclass(frozen=True)

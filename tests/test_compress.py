@@ -355,3 +355,17 @@ def test_float64_statistics_for_k_star_and_float32_for_the_rest():
   assert star64.layers[0].attn.q_proj.a.dtype == jnp.float32
   with pytest.raises(ValueError, match='64-bit JAX'):
     pipeline.compress(toy_model.Toy(), few, ratio=0.9, stats_dtype=jnp.float64)
+
+
+def test_numerical_rank_is_remembered_per_array_only():
+  r = jnp.triu(jnp.ones((6, 6))).at[5, 5].set(0.0)
+  assert pipeline.numerical_rank(r) == 5
+  assert id(r) in pipeline._RANKS  # pylint: disable=protected-access
+  assert pipeline.numerical_rank(r) == 5  # from the memo
+  r_np = np.eye(6, dtype=np.float32)
+  assert pipeline.numerical_rank(r_np) == 6
+  r_np[5, 5] = 0.0  # NumPy can change in place: never remembered
+  assert pipeline.numerical_rank(r_np) == 5
+  key = id(r)
+  del r
+  assert key not in pipeline._RANKS  # pylint: disable=protected-access

@@ -1,5 +1,7 @@
 """ctx_factors attains the float64 optimum of (P) at every rank, in float32."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import ctxlr
 from ctxlr import baselines
 from ctxlr import reference
 from ctxlr import registry
+from ctxlr import stats as stats_lib
 
 # Excess (err − opt) / ||XK||_F must stay at float32 rounding level.
 F32_EXCESS = 2e-6
@@ -202,3 +205,37 @@ def test_weighted_spectrum_is_sigma_of_rk():
   )
   with pytest.raises(ValueError, match='r has shape'):
     ctxlr.linalg.weighted_spectrum(kernel, jnp.eye(5))
+
+
+@pytest.mark.parametrize('method', ['coala', 'svd', 'svd_llm', 'corda'])
+def test_new_ranks_compile_nothing(method):
+  """The solvers compute every direction once per shape and truncate on the
+  host, so the many ranks of an allocation cost one compile per shape."""
+  x, kernel = _problem(7, 96, 12, 10)
+  stats = stats_lib.stats_from_x(jnp.asarray(x), gram=True)
+  registry.solve(method, kernel, stats, rank=1)  # compiles for this shape
+  compiled = []
+
+  class Grab(logging.Handler):
+
+    def emit(self, record):
+      if 'Compiling' in record.getMessage():
+        compiled.append(record.getMessage())
+
+  grab = Grab()
+  logging.getLogger('jax').addHandler(grab)
+  try:
+    with jax.log_compiles(True):
+      out = {
+          r: registry.solve(method, kernel, stats, rank=r)[0]
+          for r in range(2, 11)
+      }
+  finally:
+    logging.getLogger('jax').removeHandler(grab)
+  assert not compiled, compiled
+  assert [f.a.shape[1] for f in out.values()] == list(range(2, 11))
+  if method == 'coala':  # and each rank is the float64 optimum
+    opt = reference.optimal_errors(x, kernel)
+    for r, f in out.items():
+      err = reference.weighted_error(x, kernel, f.a, f.b)
+      assert (err - opt[r]) / opt[0] <= F32_EXCESS

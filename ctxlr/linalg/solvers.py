@@ -36,9 +36,9 @@ def truncate(full: Factors, rank: int) -> Factors:
   """
   if not (checks.is_concrete(full.a) and checks.is_concrete(full.b)):
     return Factors(full.a[..., :rank], full.b[..., :rank, :], full.sigma)
-  a = np.asarray(full.a)[:, :rank]
-  b = np.asarray(full.b)[:rank]
-  return Factors(jnp.asarray(a), jnp.asarray(b), full.sigma)
+  a = np.ascontiguousarray(np.asarray(full.a)[:, :rank])
+  b = np.ascontiguousarray(np.asarray(full.b)[:rank])
+  return Factors(jax.device_put(a), jax.device_put(b), full.sigma)
 
 
 @jax.jit
