@@ -25,7 +25,6 @@ rounding and compiles in well under a second per input.
 """
 
 import contextlib
-import json
 import os
 import time
 from typing import Any
@@ -193,92 +192,6 @@ def _batches(tokenizer, spec: dict[str, Any]) -> list[np.ndarray]:
   return list(data.batches(seqs, min(spec['batch_size'], len(seqs))))
 
 
-def _save_stats(path: str, stats: dict[str, stats_lib.LayerStats]) -> None:
-  groups, of = {}, {}
-  for name, s in stats.items():
-    of[name] = groups.setdefault(id(s), (len(groups), s))[0]
-  arrays = {}
-  for index, s in groups.values():
-    for field in ('r', 'gram', 'abs_sum'):
-      value = getattr(s, field)
-      if value is not None:
-        arrays[f'{index}.{field}'] = np.asarray(value)
-    arrays[f'{index}.count'] = np.asarray(s.count)
-  arrays['layers'] = np.asarray(json.dumps(of))
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def _load_stats(path: str) -> dict[str, stats_lib.LayerStats]:
-  with np.load(path) as f:
-    of = json.loads(str(f['layers']))
-    built = {}
-    for index in set(of.values()):
-      get = (
-          lambda k: jnp.asarray(f[f'{index}.{k}'])
-          if (f'{index}.{k}' in f)
-          else None
-      )
-      built[index] = stats_lib.LayerStats(
-          r=get('r'),
-          gram=get('gram'),
-          abs_sum=get('abs_sum'),
-          count=int(f[f'{index}.count']),
-      )
-  return {n: built[i] for n, i in of.items()}
-
-
-def _reset_peak_rss() -> None:
-  """Resets the process's peak RSS (Linux `clear_refs` 5), if allowed."""
-  try:
-    with open('/proc/self/clear_refs', 'w') as f:
-      f.write('5')
-  except OSError:
-    pass
-
-
-def _peak_rss() -> int | None:
-  """Peak resident set size since the last reset (VmHWM), in bytes."""
-  try:
-    with open('/proc/self/status') as f:
-      for line in f:
-        if line.startswith('VmHWM:'):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
-def _stacked_bytes(model, names, tokens: int) -> int:
-  """float32 bytes of every distinct layer input stacked over `tokens`."""
-  d_in = {}
-  for name in names:
-    block = name.rsplit('.', 1)[0]
-    kernel = surgery.kernel_matrix(model, name)
-    group = (
-        block,
-        name.split('.')[-1] in ('q_proj', 'k_proj', 'v_proj'),
-        name.split('.')[-1] in ('gate_proj', 'up_proj'),
-    )
-    d_in[group if any(group[1:]) else name] = kernel.shape[0]
-  return 4 * tokens * sum(d_in.values())
-
-
-def _stats_bytes(stats) -> int:
-  seen, total = set(), 0
-  for s in stats.values():
-    if id(s) in seen:
-      continue
-    seen.add(id(s))
-    total += sum(
-        int(np.asarray(a).nbytes)
-        for a in (s.r, s.gram, s.abs_sum)
-        if a is not None
-    )
-  return total
-
-
 def _has(stats, want: stats_lib.Want) -> bool:
   """Whether every LayerStats holds the statistics `want` asks for."""
   s = next(iter(stats.values()))
@@ -386,22 +299,24 @@ def _run(config, workdir: str) -> None:
     batches = _batches(tokenizer, spec)
     stats_path = os.path.join(cache, f'{calib}.npz')
     want = _want(r for r in rows.values() if r['calib'] == calib)
-    stats = _load_stats(stats_path) if os.path.exists(stats_path) else None
+    stats = (
+        common.load_stats(stats_path) if os.path.exists(stats_path) else None
+    )
     if stats is not None and not _has(stats, want):
       stats = None  # cached without a needed statistic
     if stats is None:
       t = time.perf_counter()
-      _reset_peak_rss()
+      common.resetcommon.peak_rss()
       stats = calibration.layer_stats(dense, batches, names, want=want)
       out['calibration_seconds'][calib] = time.perf_counter() - t
       out.setdefault('calibration_memory', {})[calib] = dict(
-          peak_rss_bytes=_peak_rss(),
-          stacked_activation_bytes=_stacked_bytes(
+          peak_rss_bytes=common.peak_rss(),
+          stacked_activation_bytes=common.stacked_bytes(
               dense, names, spec['num_tokens']
           ),
-          statistics_bytes=_stats_bytes(stats),
+          statistics_bytes=common.stats_bytes(stats),
       )
-      _save_stats(stats_path, stats)
+      common.save_stats(stats_path, stats)
       results.write_json(path, out)
     energy = None
     if any(rows[l]['allocation'] in pipeline.NEEDS_SENSITIVITY for l in todo):
@@ -472,7 +387,9 @@ def _heal(config, dense, tokenizer, rows, out, workdir):
   row = rows[label]
   spec = calib_spec(config.calibs[row['calib']])
   batches = _batches(tokenizer, spec)
-  stats = _load_stats(os.path.join(workdir, 'cache', f'{row["calib"]}.npz'))
+  stats = common.load_stats(
+      os.path.join(workdir, 'cache', f'{row["calib"]}.npz')
+  )
   energy = None
   if row['allocation'] in pipeline.NEEDS_SENSITIVITY:
     energy = sensitivity_lib.from_json(
@@ -534,14 +451,6 @@ def _heal(config, dense, tokenizer, rows, out, workdir):
 # ---------------------------------------------------------------- summary --
 
 
-def _ppl(value: float) -> str:
-  if value != value:
-    return 'NaN'
-  if value >= 1e5:
-    return f'{value:.3g}'
-  return f'{value:,.0f}' if value >= 1000 else f'{value:.4g}'
-
-
 def summarize(out: dict) -> str:
   """The table of rows (perplexity and × dense per corpus), then healing."""
   corpora = list(out['dense'])
@@ -580,7 +489,7 @@ def summarize(out: dict) -> str:
         f'{r["kept_ratio"]:.4f}',
     ]
     for c in corpora:
-      cells += [_ppl(r[f'ppl_{c}']), f'{r[f"x_{c}"]:.2f}']
+      cells += [common.fmt_ppl(r[f'ppl_{c}']), f'{r[f"x_{c}"]:.2f}']
     lines.append('| ' + ' | '.join(cells) + ' |')
   if out.get('errors'):
     lines += ['', 'Rows that raised (the rule is undefined on those data):']
@@ -626,7 +535,7 @@ def summarize(out: dict) -> str:
     for e in heal['eval']:
       lines.append(
           f'| {e["step"]} | {e["seconds"]:.0f} | '
-          + ' | '.join(_ppl(e[f'ppl_{c}']) for c in corpora)
+          + ' | '.join(common.fmt_ppl(e[f'ppl_{c}']) for c in corpora)
           + ' |'
       )
   return '\n'.join(lines) + '\n'

@@ -134,15 +134,6 @@ def run(config, workdir: str) -> None:
   common.finish(workdir, summarize(out), plot)
 
 
-def _ppl(value: float) -> str:
-  """Perplexity as the README prints it: 4 digits, thousands separated."""
-  if value != value:  # NaN: non-finite factors
-    return 'NaN'
-  if value >= 1e5:
-    return f'{value:.3g}'
-  return f'{value:,.0f}' if value >= 1000 else f'{value:.4g}'
-
-
 _COUNTS = (
     ('failed_layers', 'failed'),
     ('retried_layers', 'retried'),
@@ -164,7 +155,7 @@ def summarize(out: dict) -> str:
         {
             'run': run,
             **{
-                f'{n} tokens': _ppl(cell[run, n][f'ppl_{corpus}'])
+                f'{n} tokens': common.fmt_ppl(cell[run, n][f'ppl_{corpus}'])
                 for n in sizes
                 if (run, n) in cell
             },

@@ -16,6 +16,7 @@ Scoring against the float64 optimum is in experiments/scoring.py, timing in
 experiments/timing.py. No experiment imports another.
 """
 
+import json
 import math
 import os
 import shutil
@@ -393,7 +394,9 @@ def calib_mixture(calib: Any) -> dict[str, float] | None:
       raise ValueError(f'calib.mixture: corpus {corpus!r} appears twice.')
     out[corpus] = value
   try:
-    data.mixture_counts(out, max(len(out), calib.num_tokens // calib.seq_len))
+    data.mixture_counts(
+        out, max(len(out), calib.get('num_tokens', 0) // calib.seq_len)
+    )
   except ValueError as e:
     raise ValueError(f'calib.mixture: {e}') from None
   return out
@@ -583,6 +586,100 @@ def keep_run(workdir: str, out: dict, run: dict, ckpt: str) -> None:
   shutil.rmtree(ckpt, ignore_errors=True)
 
 
+# ------------------------------------------- statistics on disk, memory --
+
+
+def save_stats(path: str, stats: dict[str, stats_lib.LayerStats]) -> None:
+  """Writes {layer: LayerStats} to one .npz atomically (shared objects
+  stored once, `load_stats` restores the sharing)."""
+  groups, of = {}, {}
+  for name, s in stats.items():
+    of[name] = groups.setdefault(id(s), (len(groups), s))[0]
+  arrays = {}
+  for index, s in groups.values():
+    for field in ('r', 'gram', 'abs_sum'):
+      value = getattr(s, field)
+      if value is not None:
+        arrays[f'{index}.{field}'] = np.asarray(value)
+    arrays[f'{index}.count'] = np.asarray(s.count)
+  arrays['layers'] = np.asarray(json.dumps(of))
+  tmp = path + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_stats(path: str) -> dict[str, stats_lib.LayerStats]:
+  """The {layer: LayerStats} of `save_stats` (layers that shared one object
+  share one again)."""
+  with np.load(path) as f:
+    of = json.loads(str(f['layers']))
+    built = {}
+    for index in set(of.values()):
+      get = (
+          lambda k: jnp.asarray(f[f'{index}.{k}'])
+          if (f'{index}.{k}' in f)
+          else None
+      )
+      built[index] = stats_lib.LayerStats(
+          r=get('r'),
+          gram=get('gram'),
+          abs_sum=get('abs_sum'),
+          count=int(f[f'{index}.count']),
+      )
+  return {n: built[i] for n, i in of.items()}
+
+
+def reset_peak_rss() -> None:
+  """Resets the process's peak RSS (Linux `clear_refs` 5), if allowed."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+  except OSError:
+    pass
+
+
+def peak_rss() -> int | None:
+  """Peak resident set size since the last reset (VmHWM), in bytes."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def stacked_bytes(model, names, tokens: int) -> int:
+  """float32 bytes of every distinct layer input stacked over `tokens`."""
+  d_in = {}
+  for name in names:
+    block = name.rsplit('.', 1)[0]
+    kernel = surgery.kernel_matrix(model, name)
+    group = (
+        block,
+        name.split('.')[-1] in ('q_proj', 'k_proj', 'v_proj'),
+        name.split('.')[-1] in ('gate_proj', 'up_proj'),
+    )
+    d_in[group if any(group[1:]) else name] = kernel.shape[0]
+  return 4 * tokens * sum(d_in.values())
+
+
+def stats_bytes(stats) -> int:
+  """Bytes of the distinct statistics arrays held by {layer: LayerStats}."""
+  seen, total = set(), 0
+  for s in stats.values():
+    if id(s) in seen:
+      continue
+    seen.add(id(s))
+    total += sum(
+        int(np.asarray(a).nbytes)
+        for a in (s.r, s.gram, s.abs_sum)
+        if a is not None
+    )
+  return total
+
+
 # ------------------------------------------------------ resume and finish --
 
 
@@ -631,6 +728,15 @@ def finish(
   if plot is not None:
     plot(workdir)
   print(summary)
+
+
+def fmt_ppl(value: float) -> str:
+  """Perplexity as the tables print it: 4 digits, thousands separated."""
+  if value != value:  # NaN: non-finite factors
+    return 'NaN'
+  if value >= 1e5:
+    return f'{value:.3g}'
+  return f'{value:,.0f}' if value >= 1000 else f'{value:.4g}'
 
 
 # ------------------------------------------------------------------ figures --

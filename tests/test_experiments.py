@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -109,6 +110,44 @@ def test_compare_methods_quick_and_resume(tmp_path):
   again = _launch(*args)  # finished rows are not redone
   assert again.returncode == 0, again.stderr[-3000:]
   assert results.read_json(str(tmp_path / 'results.json')) == out
+
+
+def test_calibration_curve_quick_and_resume(tmp_path):
+  args = (
+      '--config=experiments/configs/calibration_curve.py:quick',
+      f'--workdir={tmp_path}',
+  )
+  proc = _launch(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = results.read_json(str(tmp_path / 'results.json'))
+  assert [(r['run'], r['num_tokens']) for r in out['rows']] == [
+      ('recommended', 128),
+      ('recommended', 256),
+  ]
+  assert [(c['start'], c['stop']) for c in out['chunks']] == [
+      (0, 128),
+      (128, 256),
+  ]
+  assert all(c['peak_rss_bytes'] > 0 for c in out['chunks'])
+  assert (tmp_path / 'calibration_curve.png').stat().st_size > 0
+  again = _launch(*args)  # every size kept: nothing recalibrated
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert results.read_json(str(tmp_path / 'results.json')) == out
+
+
+def test_calibration_curve_merge_is_the_r_of_all_rows():
+  from ctxlr import stats as stats_lib  # pylint: disable=g-import-not-at-top
+  from experiments import calibration_curve  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  x1, x2 = rng.standard_normal((40, 6)), 1e3 * rng.standard_normal((9, 6))
+  part = lambda x: stats_lib.stats_from_x(jnp.asarray(x, jnp.float32))
+  one, two = part(x1), part(x2)
+  merged = calibration_curve.merge(dict(a=one, b=one), dict(a=two, b=two))
+  assert merged['a'] is merged['b'] and merged['a'].count == 49
+  want = np.linalg.qr(np.vstack([x1, x2]), mode='r')
+  want *= np.sign(np.diag(want))[:, None]  # R up to row signs
+  np.testing.assert_allclose(merged['a'].r, want, rtol=2e-5, atol=2e-5 * 1e3)
 
 
 def test_calibration_sweep_quick(tmp_path):
