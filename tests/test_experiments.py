@@ -67,8 +67,12 @@ def test_compress_quick_end_to_end(tmp_path):
   out = results.read_json(str(tmp_path / 'results.json'))
   assert set(out['dense']) == set(out['compressed']) == {'wikipedia', 'sotu'}
   assert 0.75 < out['kept_ratio'] <= 0.8
+  assert out['allocation'] == 'fisher'  # the recommended pipeline
+  assert out['calib_mixture'] == {'wikipedia': 1.0, 'sotu': 1.0}
   layers = out['layers']
-  assert len(layers) == 7 and all(0 < l['rel_err'] < 1 for l in layers.values())
+  factored = [l for l in layers.values() if l['rank'] is not None]
+  assert len(layers) == 7 and factored  # fisher may keep some dense
+  assert all(0 < l['rel_err'] < 1 for l in factored)
   for name in (
       'summary.md',
       'layer_errors.png',

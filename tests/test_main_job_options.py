@@ -57,6 +57,7 @@ def test_mixture_parsing():
       'files:/data/*.jsonl': 1.0,
       'sotu': 0.5,
   }
-  assert compress.mixture(_config().calib) is None
+  assert compress.mixture(_config().calib) == {'wikipedia': 1.0, 'sotu': 1.0}
+  assert compress.mixture(_config(**{'calib.mixture': ''}).calib) is None
   assert compress.method_options(_config(power=1.0)) == dict(power=1.0)
   assert compress.method_options(_config()) == {}
