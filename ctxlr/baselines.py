@@ -109,7 +109,7 @@ def _svd_full(kernel: jax.Array) -> solvers.Factors:
   return solvers.Factors(a.astype(kernel.dtype), vt.astype(kernel.dtype), sigma)
 
 
-@registry.register(needs=(), summary='truncated SVD of K, no data')
+@registry.register(nested=True, needs=(), summary='truncated SVD of K, no data')
 def svd(
     kernel: jax.Array,
     stats: stats_lib.LayerStats,
@@ -146,6 +146,7 @@ def _svd_llm_whitening(gram: jax.Array) -> tuple[jax.Array, ...]:
 
 
 @registry.register(
+    nested=True,
     needs=('gram',),
     summary='SVD-LLM whitening: float64 Cholesky of the float32 Gram',
 )
@@ -228,7 +229,9 @@ def cholesky_shift(r: jax.Array) -> float:
 
 
 @registry.register(
-    needs=('gram',), summary='SVD-LLM with float32 Cholesky and eps jitter'
+    nested=True,
+    needs=('gram',),
+    summary='SVD-LLM with float32 Cholesky and eps jitter',
 )
 def svd_llm_eps(
     kernel: jax.Array,
@@ -266,6 +269,7 @@ def _v2_scaling(gram: jax.Array) -> tuple[jax.Array, ...]:
 
 
 @registry.register(
+    nested=True,
     needs=('gram',),
     summary='SVD-LLM V2: eigh of the Gram, 1/sqrt(lambda) scaling',
 )
@@ -473,7 +477,9 @@ def _corda_damped_inverse(gram: jax.Array) -> tuple[jax.Array, ...]:
 
 
 @registry.register(
-    needs=('gram',), summary='CorDA: SVD of W C, damped explicit inverse'
+    nested=True,
+    needs=('gram',),
+    summary='CorDA: SVD of W C, damped explicit inverse',
 )
 def corda(
     kernel: jax.Array,

@@ -113,6 +113,7 @@ def power_gains(
 @registry.register(
     needs=('r',),
     takes_mu=True,
+    nested=True,
     options=dict(power=EXACT_POWER),
     check=_check_coala_options,
     summary='inversion-free: SVD of R K (QR of X), ridge μ',

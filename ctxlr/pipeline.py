@@ -200,6 +200,7 @@ def assign_ranks(
     method: str = 'coala',
     method_options: Mapping[str, Any] | None = None,
     sensitivity: Mapping[str, Any] | None = None,
+    cache: dict | None = None,
 ) -> dict[str, int | None]:
   """Per-layer ranks for a kept ratio, by the rule `allocation`.
 
@@ -207,7 +208,8 @@ def assign_ranks(
   σ(R K); 'fisher' reads the exact error decrements of the method's
   directions (`error_gains`) and the layers' loss weights from `sensitivity`
   ({layer: `sensitivity.Energy` or float}). `stats` may be None for the
-  uniform rule.
+  uniform rule. `cache`, a dict kept between calls on the same kernels and
+  statistics, keeps the error curves.
   """
   if allocation == 'uniform':
     return allocation_lib.uniform_ranks(shapes, ratio)
@@ -217,15 +219,18 @@ def assign_ranks(
         'sensitivity (sensitivity.output_gradient_energy).'
     )
   gains = {}
+  by = method if allocation in NEEDS_SENSITIVITY else 'coala'
+  options = method_options if allocation in NEEDS_SENSITIVITY else None
+  tag = ('gains', by, tuple(sorted(dict(options or {}).items())))
   for name in tqdm.tqdm(shapes, desc='spectra', unit='layer'):
+    if cache is not None and (tag, name) in cache:
+      gains[name] = cache[tag, name]
+      continue
     gains[name] = error_gains(
-        kernels[name],
-        stats[name].r,
-        method=method if allocation in NEEDS_SENSITIVITY else 'coala',
-        method_options=method_options
-        if allocation in NEEDS_SENSITIVITY
-        else None,
+        kernels[name], stats[name].r, method=by, method_options=options
     )
+    if cache is not None:
+      cache[tag, name] = gains[name]
   sigmas = {n: np.sqrt(g) for n, g in gains.items()}
   if allocation == 'global':
     return allocation_lib.global_ranks(shapes, sigmas, ratio)
@@ -275,6 +280,7 @@ def factorize_layers(
     auto_mu_rule: str = 'energy',
     method_options: Mapping[str, Any] | None = None,
     store: store_lib.RunStore | None = None,
+    full: dict | None = None,
 ) -> dict[str, dict[str, Any]]:
   """The functional core: kernels + statistics -> factors and a report.
 
@@ -297,6 +303,12 @@ def factorize_layers(
     method_options: the method's own keyword options (`Method.options`).
     store: if given, layers it holds are loaded instead of solved, and each
       newly solved layer is saved to it at once.
+    full: a dict the caller keeps between calls on the same kernels and
+      statistics (e.g. one sweep over kept ratios): for a nested method
+      (`registry.Method.nested`) each layer is solved once at full rank per
+      (method, options, μ) and every later rank is its truncation, the same
+      factors as a direct solve. Holds every layer's full factors: clear it
+      when the sweep moves on.
 
   Returns:
     {layer: dict(a, b, rank, rel_err, mu (the layer's μ), auto_mu (whether
@@ -330,16 +342,31 @@ def factorize_layers(
     if auto:
       mu0, rule = auto_mu, auto_mu_rule
     this_mu = layer_mu(kernel, layer_stats.r, mu0, rank=rank, rule=rule)
+    options = dict(method_options or {})
+    solve_rank = rank
+    key = None
+    if full is not None and record.nested:
+      key = (name, method, tuple(sorted(options.items())), this_mu)
+      solve_rank = min(kernel.shape)
     try:
-      factors, info = record.fn(
-          kernel,
-          layer_stats if record.float64 else stats_lib.as_float32(layer_stats),
-          rank=rank,
-          mu=this_mu,
-          **dict(method_options or {}),
-      )
+      if key is not None and key in full:
+        factors, info = full[key]
+      else:
+        factors, info = record.fn(
+            kernel,
+            layer_stats
+            if record.float64
+            else stats_lib.as_float32(layer_stats),
+            rank=solve_rank,
+            mu=this_mu,
+            **options,
+        )
+        if key is not None:
+          full[key] = (factors, info)
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from e
+    if solve_rank != rank:
+      factors = solvers.truncate(factors, rank)
     result = dict(
         a=factors.a,
         b=factors.b,
@@ -596,6 +623,7 @@ def compress_from_stats(
     method_options: Mapping[str, Any] | None = None,
     auto_mu_rule: str = 'energy',
     sensitivity: Mapping[str, Any] | None = None,
+    full: dict | None = None,
 ) -> dict[str, Any]:
   """Compresses the layers named in `stats` in place, from their statistics.
 
@@ -617,6 +645,9 @@ def compress_from_stats(
     method_options, auto_mu_rule: as in `compress`.
     sensitivity: as in `compress`; required (not measured here) for
       allocation 'fisher'.
+    full: a dict kept between calls on the same model and statistics (a
+      sweep over ratios): each layer's error curve and, for nested methods,
+      its full-rank factors are computed once (`factorize_layers`).
 
   Returns:
     The report `compress` returns (seconds: allocate, solve).
@@ -646,6 +677,7 @@ def compress_from_stats(
       method=method,
       method_options=method_options,
       sensitivity=sensitivity,
+      cache=full,
   )
   seconds['allocate'] = time.perf_counter() - t
   t = time.perf_counter()
@@ -660,6 +692,7 @@ def compress_from_stats(
       auto_mu_rule=auto_mu_rule,
       method_options=method_options,
       store=store,
+      full=full,
   )
   apply_factors(model, solved)
   seconds['solve'] = time.perf_counter() - t

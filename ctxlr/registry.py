@@ -77,6 +77,11 @@ class Method:
       keyword is refused.
     check: `check(options) -> None`, raises ValueError for a bad option value
       (run by `check_options` before any long work), or None.
+    nested: whether the rank-r factors are the first r directions of the
+      full-rank ones, for every option value (a truncated decomposition);
+      then `pipeline.factorize_layers` may solve a layer once for several
+      ranks (its `full` cache). False for ASVD's randomized SVD, whose
+      subspace depends on the rank it is asked for.
   """
 
   name: str
@@ -87,6 +92,7 @@ class Method:
   summary: str = ''
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   check: Callable[[Mapping[str, Any]], None] | None = None
+  nested: bool = False
 
   @property
   def want(self) -> stats_lib.Want:
@@ -119,6 +125,7 @@ def register(
     name: str | None = None,
     options: Mapping[str, Any] | None = None,
     check: Callable[[Mapping[str, Any]], None] | None = None,
+    nested: bool = False,
 ) -> Callable[[Callable], Callable]:
   """Decorator: registers `fn` under `name` (default: its `__name__`).
 
@@ -153,6 +160,7 @@ def register(
         summary,
         dict(options or {}),
         check,
+        nested,
     )
     return checked
 

@@ -34,9 +34,12 @@ def label(row: dict) -> str:
 def run(config, workdir: str) -> None:
   """Compresses a copy of the model per (run, ratio), evaluates each.
 
-  One calibration gathers the statistics every run needs; each variant of
-  `config.runs` at each of `config.ratios` is one row of results.json,
-  written as it finishes. A rerun skips the (label, ratio) rows present.
+  One calibration gathers the statistics every run needs (kept in workdir:
+  a rerun reads them); each variant of `config.runs` at each of
+  `config.ratios` is one row of results.json, written as it finishes. A
+  rerun skips the (label, ratio) rows present. The ratios of one run are
+  solved in turn from one set of full-rank factors per layer where the
+  method allows it (`pipeline.compress_from_stats`, `full`).
   """
   validate(config)
   runs = common.check_variants(config.runs, keys=common.SWEEP_KEYS)
@@ -44,21 +47,22 @@ def run(config, workdir: str) -> None:
   done = {(label(r), r['ratio']) for r in out['rows']}
   todo = [
       (name, ratio)
-      for ratio in config.ratios
       for name in runs
+      for ratio in config.ratios
       if (name, ratio) not in done
   ]
   energy = None
   if todo:
     batches = common.calibration_batches(tokenizer, config.calib)
-    stats = common.layer_stats(
-        model, batches, config, [v['method'] for v in runs.values()]
-    )
+    stats = _stats(model, batches, config, runs, workdir)
     if any(
         runs[n]['allocation'] in pipeline.NEEDS_SENSITIVITY for n, _ in todo
     ):
       energy = _sensitivity(model, batches, config, workdir)
+  full, current = {}, None
   for name, ratio in todo:
+    if name != current:  # one run's full-rank factors at a time
+      full, current = {}, name
     compressed = nnx.clone(model)
     options = dict(common.compress_options(runs[name]), sensitivity=energy)
     if runs[name]['mode'] == 'sequential':
@@ -73,7 +77,7 @@ def run(config, workdir: str) -> None:
       )
     else:
       report = pipeline.compress_from_stats(
-          compressed, stats, ratio=ratio, **options
+          compressed, stats, ratio=ratio, full=full, **options
       )
     ppl = common.evaluate(
         compressed, tokenizer, config.eval, f'{name} at {ratio}'
@@ -81,6 +85,29 @@ def run(config, workdir: str) -> None:
     out['rows'].append(common.sweep_row(name, runs[name], ratio, report, ppl))
     common.write_results(workdir, out)  # each finished row is kept
   common.finish(workdir, summarize(out), plot)
+
+
+def _stats(model, batches, config, runs, workdir: str):
+  """The runs' calibration statistics, kept in workdir (`stats.npz`, keyed
+  by the calibration config, the layers and the statistics asked for)."""
+  methods = sorted({v['method'] for v in runs.values()})
+  want = common.want(methods)
+  key = dict(
+      calib=config.calib.to_dict(),
+      include=list(config.include),
+      exclude=list(config.exclude),
+      want=[want.r, want.gram, want.abs_sum],
+  )
+  path, key_path = (
+      os.path.join(workdir, f) for f in ('stats.npz', 'stats.json')
+  )
+  if os.path.exists(path) and os.path.exists(key_path):
+    if results.read_json(key_path) == key:
+      return common.load_stats(path)
+  stats = common.layer_stats(model, batches, config, methods)
+  common.save_stats(path, stats)
+  results.write_json(key_path, key)
+  return stats
 
 
 def _sensitivity(model, batches, config, workdir: str):

@@ -369,3 +369,32 @@ def test_numerical_rank_is_remembered_per_array_only():
   key = id(r)
   del r
   assert key not in pipeline._RANKS  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('method', ['coala', 'svd_llm', 'asvd'])
+def test_full_rank_cache_gives_the_direct_factors(method):
+  """A sweep's `full` cache: one full-rank solve per layer, each rank its
+  truncation, the same factors as solving that rank directly; methods that
+  are not nested (ASVD's randomized SVD) are solved directly every time."""
+  from ctxlr import stats as stats_lib  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((64, 10)), jnp.float32)
+  kernels = {
+      n: jnp.asarray(rng.standard_normal((10, 8)), jnp.float32)
+      for n in ('a', 'b')
+  }
+  s = stats_lib.stats_from_x(x, gram=True, abs_sum=True)
+  stats = dict(a=s, b=s)
+  full = {}
+  for ranks in (dict(a=2, b=5), dict(a=6, b=None), dict(a=2, b=5)):
+    cached = pipeline.factorize_layers(
+        kernels, stats, ranks, method=method, full=full
+    )
+    direct = pipeline.factorize_layers(kernels, stats, ranks, method=method)
+    assert set(cached) == set(direct) == {n for n in ranks if ranks[n]}
+    for n in cached:
+      np.testing.assert_allclose(cached[n]['a'], direct[n]['a'], atol=1e-6)
+      np.testing.assert_allclose(cached[n]['b'], direct[n]['b'], atol=1e-6)
+      assert cached[n]['rel_err'] == pytest.approx(direct[n]['rel_err'])
+  assert len(full) == (0 if method == 'asvd' else 2)
