@@ -13,8 +13,8 @@ Rows (each scored on the held-out Wikipedia and State-of-the-Union sets):
   loss-gradient energy at each layer's output) and the peers' rules
   'svd_llm_v2' and 'coala_hetero';
 * data: a Wikipedia + State-of-the-Union calibration mixture, and 4× the
-  tokens;
-* mode: sequential calibration;
+  tokens (the whole size curve: docs/results/calibration_curve);
+* mode: sequential calibration, for coala and for CorDA;
 * asvd: the authors' randomized SVD vs the exact SVD of the same scaling;
 * mu: the μ rules over small calibration sets (128, 512, 2,048 tokens);
 * combined: the levers that helped, together.
@@ -63,7 +63,6 @@ def get_config(arg=None):
   config.calibs = dict(
       wiki8k=_wiki(8192),
       mix8k=_mix(8192),
-      wiki32k=_wiki(32768),
       mix32k=_mix(32768),
       wiki128=_wiki(128),
       wiki512=_wiki(512),
@@ -74,6 +73,9 @@ def get_config(arg=None):
       coala=c(group='control', calib='wiki8k'),
       coala_global=c(group='control', calib='wiki8k', allocation='global'),
       corda=dict(group='control', calib='wiki8k', method='corda'),
+      corda_sequential=dict(
+          group='mode', calib='wiki8k', method='corda', mode='sequential'
+      ),
       power_0_75=c(group='weighting', calib='wiki8k', options=dict(power=0.75)),
       power_1=c(group='weighting', calib='wiki8k', options=dict(power=1.0)),
       power_1_damped=c(
@@ -110,7 +112,6 @@ def get_config(arg=None):
       ),
       fisher_mix8k=c(group='combined', calib='mix8k', allocation='fisher'),
       fisher_mix32k=c(group='combined', calib='mix32k', allocation='fisher'),
-      fisher_wiki32k=c(group='combined', calib='wiki32k', allocation='fisher'),
       corda_fisher=dict(
           group='allocation',
           calib='wiki8k',
@@ -157,7 +158,6 @@ def get_config(arg=None):
       ),
       mix8k=c(group='data', calib='mix8k'),
       sequential=c(group='mode', calib='wiki8k', mode='sequential'),
-      wiki32k=c(group='data', calib='wiki32k'),
       mix32k=c(group='data', calib='mix32k'),
   )
   for n in ('wiki128', 'wiki512', 'wiki2k'):
