@@ -49,6 +49,8 @@ def global_ranks(
     shapes: Mapping[str, tuple[int, int]],
     sigmas: Mapping[str, np.ndarray],
     ratio: float,
+    *,
+    counts: Mapping[str, int] | None = None,
 ) -> dict[str, int | None]:
   """Ranks that minimise the summed squared relative error within a budget.
 
@@ -56,6 +58,9 @@ def global_ranks(
     shapes: {layer: (d_in, d_out)}.
     sigmas: {layer: σ of R K, descending} (`Factors.sigma`).
     ratio: kept fraction of the layers' total parameters, in (0, 1].
+    counts: {layer: n} for an entry that stands for n layers of one shape
+      sharing one rank (a stack; its σ² the members' mean relative curve
+      times ||·||², any scale): its parameters and gains count n times.
 
   Returns:
     {layer: rank}, each at least 1 and at most `max_saving_rank`, whose
@@ -67,7 +72,8 @@ def global_ranks(
   if ratio == 1:
     return {name: DENSE for name in shapes}
   names = list(shapes)
-  budget = ratio * sum(d_in * d_out for d_in, d_out in shapes.values())
+  count = lambda name: (counts or {}).get(name, 1)
+  budget = ratio * sum(count(n) * a * b for n, (a, b) in shapes.items())
   gains, costs, owners = [], [], []
   spent = 0.0
   for i, name in enumerate(names):
@@ -75,9 +81,11 @@ def global_ranks(
     cap = max(1, max_saving_rank(d_in, d_out))
     s2 = np.square(np.asarray(sigmas[name], np.float64))[:cap]
     total = s2.sum() if s2.sum() > 0 else 1.0
-    cost = d_in + d_out
+    # n layers: n times the gain (a mean curve) at n times the cost, so
+    # the gain per parameter is the mean curve's
+    cost = count(name) * (d_in + d_out)
     spent += cost  # rank 1 for every layer
-    gains.append(s2[1:] / total / cost)  # per parameter, k -> k+1
+    gains.append(s2[1:] / total / (d_in + d_out))  # per parameter, k -> k+1
     costs.append(np.full(len(s2) - 1, cost, np.float64))
     owners.append(np.full(len(s2) - 1, i))
   gains, costs, owners = map(np.concatenate, (gains, costs, owners))
@@ -135,6 +143,7 @@ def weighted_ranks(
     ratio: float,
     *,
     allow_dense: bool = True,
+    counts: Mapping[str, int] | None = None,
 ) -> dict[str, int | None]:
   """Ranks that minimise `Σ_l loss_l(r_l)` within a parameter budget.
 
@@ -147,6 +156,9 @@ def weighted_ranks(
     allow_dense: also offer, after `max_saving_rank`, the step to the dense
       kernel (its remaining gains, at the remaining cost), so that the most
       sensitive layers can stay dense.
+    counts: {layer: n} for an entry that stands for n layers of one shape
+      sharing one rank (a stack; its gains the members' summed): its
+      parameters count n times.
 
   Returns:
     {layer: rank (>= 1) or None (dense)} fitting `ratio · Σ d_in d_out`.
@@ -160,8 +172,9 @@ def weighted_ranks(
   if ratio == 1:
     return {name: DENSE for name in shapes}
   names = list(shapes)
-  budget = ratio * sum(d_in * d_out for d_in, d_out in shapes.values())
-  floor = sum(d_in + d_out for d_in, d_out in shapes.values())
+  count = lambda name: (counts or {}).get(name, 1)
+  budget = ratio * sum(count(n) * a * b for n, (a, b) in shapes.items())
+  floor = sum(count(n) * (a + b) for n, (a, b) in shapes.items())
   if floor > budget:
     raise ValueError(
         f'ratio={ratio}: rank 1 in every layer needs {floor} '
@@ -180,12 +193,12 @@ def weighted_ranks(
       )
     cap = max(1, max_saving_rank(d_in, d_out))
     step_gains = list(g[1:cap])
-    step_costs = [float(d_in + d_out)] * len(step_gains)
+    step_costs = [float(count(name) * (d_in + d_out))] * len(step_gains)
     extra = d_in * d_out - cap * (d_in + d_out)
     has_dense = allow_dense and extra > 0
     if has_dense:
       step_gains.append(float(g[cap:].sum()))
-      step_costs.append(float(extra))
+      step_costs.append(float(count(name) * extra))
     value = _pool_adjacent(np.asarray(step_gains), np.asarray(step_costs))
     values.append(value)
     costs.append(np.asarray(step_costs))
@@ -214,6 +227,7 @@ def fisher_ranks(
     ratio: float,
     *,
     allow_dense: bool = True,
+    counts: Mapping[str, int] | None = None,
 ) -> dict[str, int | None]:
   """`weighted_ranks` on each layer's exact error decrements times its weight.
 
@@ -234,6 +248,7 @@ def fisher_ranks(
       {n: weights[n] * np.asarray(gains[n], np.float64) for n in shapes},
       ratio,
       allow_dense=allow_dense,
+      counts=counts,
   )
 
 

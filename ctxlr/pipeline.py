@@ -231,29 +231,78 @@ def assign_ranks(
     )
     if cache is not None:
       cache[tag, name] = gains[name]
-  sigmas = {n: np.sqrt(g) for n, g in gains.items()}
+  groups = _stacks(shapes)
+  if allocation in ('svd_llm_v2', 'coala_hetero'):
+    rule = (
+        allocation_lib.svd_llm_v2_ranks
+        if allocation == 'svd_llm_v2'
+        else allocation_lib.coala_hetero_ranks
+    )
+    ranks = rule(shapes, {n: np.sqrt(g) for n, g in gains.items()}, ratio)
+    return _tie_ranks(ranks, groups)
+  caps = {n: max(1, allocation_lib.max_saving_rank(*shapes[n])) for n in shapes}
+  if allocation == 'global':  # each layer's relative curve
+    curves = {n: g / (g[: caps[n]].sum() or 1.0) for n, g in gains.items()}
+  elif allocation == 'global_dense':
+    curves = {n: g / (g[: caps[n]].sum() or 1.0) for n, g in gains.items()}
+  else:  # fisher, fisher_factored: loss weight times the error decrements
+    weights = layer_weights(sensitivity, shapes)
+    bad = {n: w for n, w in weights.items() if not (np.isfinite(w) and w >= 0)}
+    if bad:
+      raise ValueError(f'weights must be finite and >= 0; got {bad}.')
+    curves = {n: weights[n] * g for n, g in gains.items()}
+  # A stack's layers share one rank: one entry per stack, its curve the
+  # members' mean (global: relative curves) or sum (loss estimates), its
+  # parameters counted once per member.
+  units, counts = dict(shapes), {}
+  for module, members in groups.items():
+    for n in members:
+      units.pop(n)
+    units[module] = shapes[members[0]]
+    counts[module] = len(members)
+    stacked = np.stack([curves.pop(n) for n in members])
+    curves[module] = (
+        stacked.mean(0) if allocation == 'global' else stacked.sum(0)
+    )
   if allocation == 'global':
-    return allocation_lib.global_ranks(shapes, sigmas, ratio)
-  if allocation == 'svd_llm_v2':
-    return allocation_lib.svd_llm_v2_ranks(shapes, sigmas, ratio)
-  if allocation == 'coala_hetero':
-    return allocation_lib.coala_hetero_ranks(shapes, sigmas, ratio)
-  if allocation == 'global_dense':
-    caps = {
-        n: max(1, allocation_lib.max_saving_rank(*shapes[n])) for n in shapes
-    }
-    weights = {
-        n: 1.0 / (g[: caps[n]].sum() if g[: caps[n]].sum() > 0 else 1.0)
-        for n, g in gains.items()
-    }
-    return allocation_lib.fisher_ranks(shapes, gains, weights, ratio)
-  return allocation_lib.fisher_ranks(
-      shapes,
-      gains,
-      layer_weights(sensitivity, shapes),
-      ratio,
-      allow_dense=allocation == 'fisher',
-  )
+    ranks = allocation_lib.global_ranks(
+        units, {n: np.sqrt(c) for n, c in curves.items()}, ratio, counts=counts
+    )
+  else:
+    ranks = allocation_lib.weighted_ranks(
+        units,
+        curves,
+        ratio,
+        allow_dense=allocation in ('fisher', 'global_dense'),
+        counts=counts,
+    )
+  for module, members in groups.items():
+    rank = ranks.pop(module)
+    ranks.update({n: rank for n in members})
+  return {n: ranks[n] for n in shapes}
+
+
+def _stacks(shapes: Mapping[str, Any]) -> dict[str, list[str]]:
+  """{module: its stacked layers 'module[i]'} among the layers of `shapes`."""
+  groups: dict[str, list[str]] = {}
+  for name in shapes:
+    module, index = surgery.split_name(name)
+    if index:
+      groups.setdefault(module, []).append(name)
+  return groups
+
+
+def _tie_ranks(ranks, groups):
+  """Ranks with each stack's layers at their mean rank (one stored rank)."""
+  out = dict(ranks)
+  for members in groups.values():
+    given = [ranks[n] for n in members]
+    if any(r is None for r in given):
+      rank = None
+    else:
+      rank = max(1, int(round(float(np.mean(given)))))
+    out.update({n: rank for n in members})
+  return out
 
 
 def layer_mu(

@@ -91,3 +91,36 @@ def test_half_ratio_report_names_and_round_trip(tmp_path):
   restored = checkpoint.load(str(tmp_path / 'ckpt'), Encoder)
   assert restored.blocks.attn.value.a.shape == model.blocks.attn.value.a.shape
   np.testing.assert_array_equal(restored(ids), logits)
+
+
+def _stored_params(model, names) -> int:
+  """Numbers the layers' modules hold (factors or kernels, whole stacks)."""
+  total = 0
+  for module in dict.fromkeys(surgery.split_name(n)[0] for n in names):
+    layer = surgery.get_module(model, module)
+    if isinstance(layer, surgery.FactoredLinear):
+      total += layer.a.value.size + layer.b.value.size
+    else:
+      total += layer.kernel.value.size
+  return total
+
+
+def test_allocations_give_a_stack_one_rank_and_a_true_kept_ratio():
+  """Allocations that read the error curves tie a stack's layers (one
+  FactoredLinear stores one rank), so the reported kept ratio is what the
+  model holds. (The loss-driven rule needs per-layer output gradients,
+  which `sensitivity` does not tap inside stacks yet: it says so.)"""
+  dense = Encoder(layers=3)
+  names = surgery.select_linears(dense)
+  before = _stored_params(dense, names)
+  assert before == sum(a * b for a, b in names.values())
+  for allocation in ('global', 'global_dense', 'svd_llm_v2'):
+    model = nnx.clone(dense)
+    report = ctxlr.compress(model, _batches(), ratio=0.6, allocation=allocation)
+    for module in ('blocks.attn.query', 'blocks.up', 'blocks.down'):
+      ranks = {report['layers'][f'{module}[{i}]']['rank'] for i in range(3)}
+      assert len(ranks) == 1, (allocation, module, ranks)
+    np.testing.assert_allclose(
+        _stored_params(model, names) / before, report['kept_ratio'], rtol=1e-9
+    )
+    assert report['kept_ratio'] <= 0.6
