@@ -66,31 +66,38 @@ def _collect(y: jax.Array, sink: jax.Array) -> jax.Array:
 
 
 def _collect_fwd(y, sink):
-  del sink
-  return y, None
+  return y, sink.ndim
 
 
-def _collect_bwd(_, g):
-  g32 = g.astype(jnp.float32).reshape(-1, g.shape[-1])
-  return g, jnp.sum(jnp.square(g32), axis=0)
+def _collect_bwd(features, g):
+  # Σ over every axis before the output features (batch, sequence, heads…)
+  lead = tuple(range(g.ndim - features))
+  return g, jnp.sum(jnp.square(g.astype(jnp.float32)), axis=lead)
 
 
 _collect.defvjp(_collect_fwd, _collect_bwd)
 
 
 class _Tap(nnx.Module):
-  """Stands in for a layer: same output, gradient energy sent to `sink`."""
+  """Stands in for a layer: same output, gradient energy sent to `sink`.
 
-  def __init__(self, inner: nnx.Module, d_out: int):
+  The sink has the layer's stack axes (if any) before its output features,
+  so that `nnx.vmap` / `nnx.scan` over a stack slice it with the kernel and
+  each stacked layer collects its own energy.
+  """
+
+  def __init__(self, inner: nnx.Module, view: surgery.MatrixView, name: str):
     self.inner = inner
-    self.sink = _Sink(jnp.zeros((d_out,), jnp.float32))
+    self.name = name
+    self.features = tuple(view.out_shape)
+    self.sink = _Sink(jnp.zeros(view.stack + self.features, jnp.float32))
 
   def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
     y = self.inner(x, *args, **kwargs)
-    if y.shape[-1] != self.sink.shape[0]:
+    if tuple(y.shape[-len(self.features) :]) != self.features:
       raise ValueError(
-          f'A tapped layer returned shape {y.shape}; expected '
-          f'its last axis to be d_out = {self.sink.shape[0]}.'
+          f'{self.name}: the layer returned shape {y.shape}; the loss '
+          f'gradient energy needs its output features {self.features} last.'
       )
     return _collect(y, self.sink[...])
 
@@ -125,8 +132,10 @@ def output_gradient_energy(
     batches: calibration inputs (int32 ids [batch, seq] for the default loss);
       each is split into micro-batches of `micro_batch` rows along axis 0,
       and each micro-batch's gradient is that of its own mean loss.
-    layers: names of unstacked layers (`surgery.select_linears`) whose output
-      has d_out as its last axis (nnx.Linear).
+    layers: layer names (`surgery.select_linears`; 'path[i]' for one layer
+      of an `nnx.vmap` / `nnx.scan` stack) whose outputs end with the
+      layer's output features (nnx.Linear, nnx.LinearGeneral, and an
+      nnx.Einsum whose output features come last).
     loss_fn: `loss_fn(model, batch) -> scalar`; default next-token
       cross-entropy (`training.next_token_loss`).
     micro_batch: rows per backward pass (memory: one pass's activations).
@@ -136,8 +145,9 @@ def output_gradient_energy(
     {layer: Energy(channel float64[d_out], tokens)}.
 
   Raises:
-    ValueError: no batch, `micro_batch` < 1, a stacked or unknown layer, or a
-      non-finite gradient (naming the layer and the batch).
+    ValueError: no batch, `micro_batch` < 1, an unknown layer, a layer whose
+      output features are not last, or a non-finite gradient (naming the
+      layer and the batch).
   """
   layers = list(layers)
   if (
@@ -148,19 +158,17 @@ def output_gradient_energy(
     raise ValueError(f'micro_batch must be an int >= 1; got {micro_batch!r}.')
   if not layers:
     raise ValueError('layers is empty: name at least one layer to measure.')
-  d_out = {}
+  modules: dict[str, surgery.MatrixView] = {}
   for name in layers:
-    if surgery.split_name(name)[1]:
-      raise ValueError(
-          f'Layer {name!r} is one layer of a stack; '
-          'output_gradient_energy taps unstacked layers only.'
-      )
-    d_out[name] = surgery.matrix_view(surgery.get_module(model, name)).d_out
+    module, _ = surgery.split_name(name)
+    if module not in modules:
+      modules[module] = surgery.matrix_view(surgery.get_module(model, module))
+  d_out = {n: modules[surgery.split_name(n)[0]].d_out for n in layers}
   sums = {n: np.zeros(d_out[n], np.float64) for n in layers}
   tokens = {n: 0 for n in layers}
-  originals = {n: surgery.get_module(model, n) for n in layers}
-  for n, m in originals.items():
-    surgery.replace_module(model, n, _Tap(m, d_out[n]))
+  originals = {m: surgery.get_module(model, m) for m in modules}
+  for m, layer in originals.items():
+    surgery.replace_module(model, m, _Tap(layer, modules[m], m))
   count = 0
   try:
     for index, batch in enumerate(tqdm.tqdm(batches, desc=desc, unit='batch')):
@@ -179,14 +187,15 @@ def output_gradient_energy(
               f'{bad[:3]} at batch {index}.'
           )
         for n in layers:
-          sums[n] += got[n]
+          module, stack_index = surgery.split_name(n)
+          sums[n] += got[module][stack_index].reshape(-1)
         count += 1
       size = int(np.prod(np.shape(jax.tree.leaves(batch)[0])))
       for n in layers:
         tokens[n] += size
   finally:
-    for n, m in originals.items():
-      surgery.replace_module(model, n, m)
+    for m, layer in originals.items():
+      surgery.replace_module(model, m, layer)
   if count == 0:
     raise ValueError('The calibration stream is empty: no batch to measure.')
   return {n: Energy(sums[n], tokens[n]) for n in layers}

@@ -108,13 +108,12 @@ def _stored_params(model, names) -> int:
 def test_allocations_give_a_stack_one_rank_and_a_true_kept_ratio():
   """Allocations that read the error curves tie a stack's layers (one
   FactoredLinear stores one rank), so the reported kept ratio is what the
-  model holds. (The loss-driven rule needs per-layer output gradients,
-  which `sensitivity` does not tap inside stacks yet: it says so.)"""
+  model holds."""
   dense = Encoder(layers=3)
   names = surgery.select_linears(dense)
   before = _stored_params(dense, names)
   assert before == sum(a * b for a, b in names.values())
-  for allocation in ('global', 'global_dense', 'svd_llm_v2'):
+  for allocation in ('global', 'global_dense', 'svd_llm_v2', 'fisher'):
     model = nnx.clone(dense)
     report = ctxlr.compress(model, _batches(), ratio=0.6, allocation=allocation)
     for module in ('blocks.attn.query', 'blocks.up', 'blocks.down'):
@@ -124,3 +123,40 @@ def test_allocations_give_a_stack_one_rank_and_a_true_kept_ratio():
         _stored_params(model, names) / before, report['kept_ratio'], rtol=1e-9
     )
     assert report['kept_ratio'] <= 0.6
+
+
+class Unrolled(nnx.Module):
+  """The Encoder's blocks as a Python list: the same function, no stack."""
+
+  def __init__(self, encoder: Encoder, layers: int):
+    graphdef, state = nnx.split(encoder.blocks)
+    self.embed, self.head = encoder.embed, encoder.head
+    self.blocks = nnx.List(
+        [
+            nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state))
+            for i in range(layers)
+        ]
+    )
+
+  def __call__(self, ids):
+    h = self.embed(ids)
+    for block in self.blocks:
+      h = block(h)
+    return self.head(h)
+
+
+def test_loss_gradient_energy_of_stacked_layers_is_the_unrolled_models():
+  from ctxlr import sensitivity  # pylint: disable=g-import-not-at-top
+
+  model = Encoder(layers=2)
+  unrolled = Unrolled(nnx.clone(model), 2)
+  ids = _batches()[:2]
+  np.testing.assert_allclose(unrolled(ids[0]), model(ids[0]), atol=1e-5)
+  names = ['blocks.up[0]', 'blocks.up[1]', 'blocks.attn.query[1]']
+  stacked = sensitivity.output_gradient_energy(model, ids, names)
+  flat = sensitivity.output_gradient_energy(
+      unrolled, ids, ['blocks.0.up', 'blocks.1.up', 'blocks.1.attn.query']
+  )
+  for name, ref in zip(names, flat.values()):
+    assert stacked[name].tokens == ref.tokens
+    np.testing.assert_allclose(stacked[name].channel, ref.channel, rtol=1e-4)
