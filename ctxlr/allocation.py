@@ -40,6 +40,26 @@ def uniform_ranks(
   return ranks
 
 
+def check_budget(
+    shapes: Mapping[str, tuple[int, int]],
+    ratio: float,
+    *,
+    counts: Mapping[str, int] | None = None,
+) -> None:
+  """Raises ValueError if rank 1 in every layer already exceeds the budget
+  `ratio · Σ d_in d_out` (no allocation can meet the ratio)."""
+  count = lambda name: (counts or {}).get(name, 1)
+  budget = ratio * sum(count(n) * a * b for n, (a, b) in shapes.items())
+  floor = sum(count(n) * (a + b) for n, (a, b) in shapes.items())
+  if floor > budget:
+    raise ValueError(
+        f'ratio={ratio}: infeasible budget: rank 1 in every layer needs '
+        f'{floor} parameters, more than the budget {budget:.0f} of these '
+        f'{len(shapes)} layers; the smallest feasible ratio is '
+        f'{floor / (budget / ratio):.4g}.'
+    )
+
+
 def max_saving_rank(d_in: int, d_out: int) -> int:
   """Largest rank whose factors store fewer numbers than the dense kernel."""
   return (d_in * d_out - 1) // (d_in + d_out)
@@ -71,6 +91,7 @@ def global_ranks(
     raise ValueError(f'ratio must be in (0, 1]; got {ratio}.')
   if ratio == 1:
     return {name: DENSE for name in shapes}
+  check_budget(shapes, ratio, counts=counts)
   names = list(shapes)
   count = lambda name: (counts or {}).get(name, 1)
   budget = ratio * sum(count(n) * a * b for n, (a, b) in shapes.items())
@@ -175,11 +196,7 @@ def weighted_ranks(
   count = lambda name: (counts or {}).get(name, 1)
   budget = ratio * sum(count(n) * a * b for n, (a, b) in shapes.items())
   floor = sum(count(n) * (a + b) for n, (a, b) in shapes.items())
-  if floor > budget:
-    raise ValueError(
-        f'ratio={ratio}: rank 1 in every layer needs {floor} '
-        f'parameters, more than the budget {budget:.0f}.'
-    )
+  check_budget(shapes, ratio, counts=counts)
   values, costs, owners, dense_step = [], [], [], []
   for i, name in enumerate(names):
     d_in, d_out = shapes[name]

@@ -533,6 +533,8 @@ def compress(
   )
   stats_dtype = streaming.check_dtype(stats_dtype)
   shapes = surgery.select_linears(model, include, exclude)
+  if ratio < 1:  # an infeasible budget fails before any calibration
+    allocation_lib.check_budget(shapes, ratio)
   measure = allocation in NEEDS_SENSITIVITY and sensitivity is None
   if mode == 'sequential':
     _check_sequential(model, shapes)

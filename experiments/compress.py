@@ -18,6 +18,7 @@ import jax
 import matplotlib
 import numpy as np
 
+from ctxlr import allocation
 from ctxlr import checkpoint
 from ctxlr import healing
 from ctxlr import models
@@ -125,9 +126,11 @@ def run(config, workdir: str) -> None:
   t = time.perf_counter()
   model, tokenizer = common.load_model(config.model)
   seconds = dict(load=time.perf_counter() - t)
+  layer_shapes = surgery.select_linears(model, config.include, config.exclude)
+  if config.ratio < 1:  # an infeasible budget fails before any long work
+    allocation.check_budget(layer_shapes, config.ratio)
   dense, dense_seconds, reused = _dense_eval(model, tokenizer, config, workdir)
   seconds['eval_dense'] = dense_seconds
-  layer_shapes = surgery.select_linears(model, config.include, config.exclude)
   print(
       models.describe_scale(
           models.scale_facts(

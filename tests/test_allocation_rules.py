@@ -187,3 +187,21 @@ def test_coala_hetero_ranks_follow_their_code():
       assert ranks[n] == solvers.rank_for_ratio(30, 50, kept)
   # The budget is spent on average as uniform's (rounding aside).
   assert abs(allocation.kept_ratio(shapes, ranks) - ratio) < 0.05
+
+
+def test_infeasible_budget_is_refused_before_calibration():
+  """compress refuses a ratio no rank can meet before it reads any batch."""
+  from ctxlr import pipeline  # pylint: disable=g-import-not-at-top
+  from tests import toy_model  # pylint: disable=g-import-not-at-top
+
+  def batches():
+    raise AssertionError('calibration started')
+    yield  # pylint: disable=unreachable
+
+  for rule in ('uniform', 'global', 'fisher'):
+    with pytest.raises(
+        ValueError, match='infeasible budget.*smallest feasible'
+    ):
+      pipeline.compress(toy_model.Toy(), batches(), ratio=0.01, allocation=rule)
+  with pytest.raises(ValueError, match='infeasible budget'):
+    allocation.global_ranks({'x': (100, 100)}, {'x': np.ones(100)}, 0.01)
