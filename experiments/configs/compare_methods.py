@@ -44,15 +44,15 @@ def get_config(arg=None):
   # docs/results/ablation (it does not change the ranking there).
   runs = dict(
       recommended=dict(method='coala', allocation='fisher'),
-      coala=dict(method='coala'),
-      coala_published=dict(method='coala', mu=1.0, mu_rule='error_ratio'),
-      coala_hetero=dict(method='coala', allocation='coala_hetero'),
-      svd=dict(method='svd'),
+      corda=dict(method='corda'),
       svd_llm=dict(method='svd_llm'),
       svd_llm_v2=dict(method='svd_llm_v2', allocation='svd_llm_v2'),
       asvd=dict(method='asvd'),
-      corda=dict(method='corda'),
+      coala=dict(method='coala'),
+      coala_published=dict(method='coala', mu=1.0, mu_rule='error_ratio'),
+      coala_hetero=dict(method='coala', allocation='coala_hetero'),
       corda_fisher=dict(method='corda', allocation='fisher'),
+      svd=dict(method='svd'),
   )
   config.runs = configs.variants(**runs)
   config.include = ('*_proj',)
