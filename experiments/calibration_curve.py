@@ -44,10 +44,7 @@ def validate(config) -> None:
   common.check_model_spec(config.model)
   common.check_data_spec(config.eval, 'eval')
   spec = config.calib
-  for field in ('seq_len', 'batch_size'):
-    common.check_int(spec.get(field), f'calib.{field}')
-  if not common.calib_mixture(spec) and not spec.get('corpus'):
-    common.fail('calib', "a 'mixture' or a 'corpus'", spec.to_dict())
+  common.check_data_spec(spec, 'calib')
   common.check_ints(config.num_tokens, 'num_tokens', minimum=spec.seq_len)
   sizes = list(config.num_tokens)
   if sizes != sorted(set(sizes)):

@@ -186,7 +186,22 @@ def check_data_spec(spec: Any, path: str) -> None:
   batch_size and, where present, num_tokens (>= seq_len)."""
   if 'corpora' in spec:
     check_names(spec['corpora'], f'{path}.corpora')
-  named = ([(f'{path}.corpus', spec['corpus'])] if 'corpus' in spec else []) + [
+  mixed = bool(spec.get('mixture'))
+  if mixed and spec.get('corpus'):
+    fail(
+        f'{path}.corpus',
+        f"'' when {path}.mixture is set (calibrate on one corpus with "
+        f"{path}.mixture='' and {path}.corpus=…, or list it in the mixture "
+        "as 'corpus:1')",
+        spec['corpus'],
+    )
+  if 'corpus' in spec and not mixed and not spec['corpus']:
+    fail(f'{path}.corpus', f'a corpus (or a {path}.mixture)', spec['corpus'])
+  named = (
+      [(f'{path}.corpus', spec['corpus'])]
+      if 'corpus' in spec and not mixed
+      else []
+  ) + [
       (f'{path}.corpora[{i}]', c) for i, c in enumerate(spec.get('corpora', ()))
   ]
   for where, corpus in named:

@@ -33,6 +33,8 @@ def test_defaults_validate():
         ({'calib.mixture': 'wikipedia:-1'}, 'expected a finite number > 0'),
         ({'calib.mixture': 'wikipedia'}, "expected 'corpus:weight"),
         ({'calib.mixture': 'sotu:1,sotu:2'}, 'appears twice'),
+        ({'calib.corpus': 'sotu'}, "calib.corpus: expected '' when calib.mix"),
+        ({'calib.mixture': ''}, 'calib.corpus: expected a corpus'),
         ({'power': 0.0}, 'power: the weighting power'),
         ({'power': -1.0}, 'power: the weighting power'),
         ({'heal.enabled': True}, 'heal.*needs a budget'),
@@ -58,6 +60,8 @@ def test_mixture_parsing():
       'sotu': 0.5,
   }
   assert compress.mixture(_config().calib) == {'wikipedia': 1.0, 'sotu': 1.0}
-  assert compress.mixture(_config(**{'calib.mixture': ''}).calib) is None
+  one = _config(**{'calib.mixture': '', 'calib.corpus': 'sotu'})
+  compress.validate(one)
+  assert compress.mixture(one.calib) is None
   assert compress.method_options(_config(power=1.0)) == dict(power=1.0)
   assert compress.method_options(_config()) == {}

@@ -24,7 +24,7 @@ def get_config(arg=None):
   config.experiment = 'calibration_curve'
   config.model = dict(path='', param_dtype='float32')
   config.calib = dict(
-      corpus='wikipedia',
+      corpus='',
       mixture='wikipedia:1,sotu:1',
       seq_len=512,
       batch_size=4,
@@ -44,7 +44,7 @@ def get_config(arg=None):
   config.exclude = ()
   if arg == 'quick':
     config.calib = dict(
-        corpus='wikipedia',
+        corpus='',
         mixture='wikipedia:1,sotu:1',
         seq_len=64,
         batch_size=2,

@@ -26,7 +26,7 @@ def get_config(arg=None):
   # The main job's calibration: Wikipedia and State-of-the-Union calibration
   # splits in equal shares (held-out splits untouched).
   config.calib = dict(
-      corpus='wikipedia',
+      corpus='',
       mixture='wikipedia:1,sotu:1',
       num_tokens=8192,
       seq_len=512,
@@ -59,7 +59,7 @@ def get_config(arg=None):
   config.exclude = ()
   if arg == 'quick':
     config.calib = dict(
-        corpus='wikipedia',
+        corpus='',
         mixture='wikipedia:1,sotu:1',
         num_tokens=256,
         seq_len=64,

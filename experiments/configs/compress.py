@@ -29,9 +29,10 @@ def get_config(arg=None):
   config.experiment = 'compress'
   config.model = dict(path='', param_dtype='float32')  # '': bundled SmolLM2
   # mixture: 'corpus:weight,…' draws rows from each corpus's calibration
-  # split by weight; '' calibrates on `corpus` alone.
+  # split by weight; to calibrate on one corpus set mixture='' and corpus
+  # (setting both is an error).
   config.calib = dict(
-      corpus='wikipedia',
+      corpus='',
       mixture='wikipedia:1,sotu:1',
       num_tokens=8192,
       seq_len=512,
@@ -81,7 +82,7 @@ def get_config(arg=None):
   )
   if arg == 'quick':  # a CI-sized run: one block, few tokens
     config.calib = dict(
-        corpus='wikipedia',
+        corpus='',
         mixture='wikipedia:1,sotu:1',
         num_tokens=256,
         seq_len=64,
