@@ -359,26 +359,70 @@ def summarize(out: dict) -> str:
 
 
 def plot(workdir: str) -> None:
-  """Per-layer relative error by projection type, from results.json alone."""
+  """From results.json alone: layer_errors.png (per-layer relative error and
+  kept fraction of parameters, by projection type) and, after healing,
+  heal_curve.png (perplexity / dense against training seconds)."""
   out = results.read_json(os.path.join(workdir, 'results.json'))
   by_kind = {}
   for name, layer in out['layers'].items():
-    if layer['rank'] is None:
-      continue
     parts = name.split('.')
     block = next((int(p) for p in parts if p.isdigit()), 0)
-    by_kind.setdefault(parts[-1], []).append((block, layer['rel_err']))
-  fig, ax = plt.subplots(figsize=(8, 4))
+    d_in, d_out = layer['d_in'], layer['d_out']
+    kept = (
+        1.0
+        if layer['rank'] is None
+        else layer['rank'] * (d_in + d_out) / (d_in * d_out)
+    )
+    by_kind.setdefault(parts[-1], []).append(
+        (block, layer.get('rel_err'), kept)
+    )
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4))
   for kind, points in sorted(by_kind.items()):
     points.sort()
-    ax.plot(
-        [p[0] for p in points], [p[1] for p in points], 'o-', ms=3, label=kind
+    errs = [(b, e) for b, e, _ in points if e is not None]
+    (line,) = ax.plot(
+        [p[0] for p in errs], [p[1] for p in errs], 'o-', ms=3, label=kind
+    )
+    ax2.plot(
+        [p[0] for p in points],
+        [p[2] for p in points],
+        'o-',
+        ms=3,
+        color=line.get_color(),
+        label=kind,
     )
   ax.set_xlabel('block')
-  ax.set_ylabel("||X(K - K')||_F / ||XK||_F")
+  ax.set_ylabel("||X(K - K')||_F / ||XK||_F (factored layers)")
   ax.set_yscale('log')
-  ax.set_title(f"{out['method']}, kept ratio {out['ratio']}")
-  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
+  ax.set_title(
+      f"{out['method']}, {out['allocation']} ranks, kept ratio {out['ratio']}"
+  )
+  ax2.set_xlabel('block')
+  ax2.set_ylabel('kept fraction of the layer (1 = dense)')
+  ax2.set_title('where the parameter budget went')
+  ax2.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1))
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'layer_errors.png'), dpi=120)
   plt.close(fig)
+  if out.get('healed'):
+    evals = [e for e in out['heal'].get('eval', []) if len(e) > 2]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for corpus, dense in out['dense'].items():
+      xs = [0.0] + [e['seconds'] for e in evals] + [out['heal']['seconds']]
+      ys = (
+          [out['compressed'][corpus]['perplexity']]
+          + [e[f'ppl_{corpus}'] for e in evals]
+          + [out['healed'][corpus]['perplexity']]
+      )
+      ax.plot(
+          xs, [y / dense['perplexity'] for y in ys], 'o-', ms=3, label=corpus
+      )
+    ax.axhline(1.5, color='grey', lw=0.8, ls='--', label='1.5× dense')
+    ax.set_xlabel('training seconds (factors only)')
+    ax.set_ylabel('perplexity / dense')
+    ax.set_yscale('log')
+    ax.set_title(f"healing at kept ratio {out['ratio']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, 'heal_curve.png'), dpi=120)
+    plt.close(fig)

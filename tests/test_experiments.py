@@ -93,6 +93,26 @@ def test_compress_quick_end_to_end(tmp_path):
     assert rerun['compressed'][corpus]['perplexity'] == row['perplexity']
 
 
+def test_compress_quick_with_healing(tmp_path):
+  proc = _launch(
+      '--config=experiments/configs/compress.py:quick',
+      f'--workdir={tmp_path}',
+      '--config.save=False',
+      '--config.heal.enabled=True',
+      '--config.heal.steps=3',
+      '--config.heal.seq_len=32',
+      '--config.heal.num_tokens=1024',
+      '--config.heal.eval_every_seconds=1e-3',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = results.read_json(str(tmp_path / 'results.json'))
+  assert out['heal']['steps'] == 3 and len(out['heal']['eval']) >= 1
+  assert set(out['healed']) == {'wikipedia', 'sotu'}
+  assert out['seconds']['heal'] > 0
+  assert (tmp_path / 'heal_curve.png').stat().st_size > 0
+  assert 'healed_to_dense' in (tmp_path / 'summary.md').read_text()
+
+
 def test_compare_methods_quick_and_resume(tmp_path):
   args = (
       '--config=experiments/configs/compare_methods.py:quick',
