@@ -241,9 +241,7 @@ def assign_ranks(
     ranks = rule(shapes, {n: np.sqrt(g) for n, g in gains.items()}, ratio)
     return _tie_ranks(ranks, groups)
   caps = {n: max(1, allocation_lib.max_saving_rank(*shapes[n])) for n in shapes}
-  if allocation == 'global':  # each layer's relative curve
-    curves = {n: g / (g[: caps[n]].sum() or 1.0) for n, g in gains.items()}
-  elif allocation == 'global_dense':
+  if allocation in ('global', 'global_dense'):  # relative error curves
     curves = {n: g / (g[: caps[n]].sum() or 1.0) for n, g in gains.items()}
   else:  # fisher, fisher_factored: loss weight times the error decrements
     weights = layer_weights(sensitivity, shapes)
