@@ -13,8 +13,12 @@ export OPENBLAS_NUM_THREADS ?= 1
 
 setup: $(VENV)/.installed
 
-# transformers' Flax Llama (a third-party Linen model) for one test; its pins
-# conflict with requirements.txt, so it lives in a folder of its own.
+# Third-party Linen models for two tests, transformers' Flax Llama and
+# gemma's Transformer: their pins conflict with requirements.txt (or their
+# declared dependencies are far more than they import), so they live in a
+# folder of their own (requirements-dev.txt says what and why). Each test has
+# a process of its own: importing gemma patches nn.Module.param for every
+# Linen module (transformers' RMSNorm init then fails).
 DEV_SITE := .venv-dev-site
 $(DEV_SITE)/.installed: requirements-dev.txt $(VENV)/.installed
 	$(BIN)/pip install --no-deps --target $(DEV_SITE) -r requirements-dev.txt
@@ -35,6 +39,7 @@ test: setup $(DEV_SITE)/.installed
 	$(BIN)/pyink --check --diff ctxlr experiments tests launch.py conftest.py
 	$(BIN)/python -m pytest -q --doctest-modules ctxlr
 	PYTHONPATH=$(DEV_SITE) $(BIN)/python -m pytest -q tests/test_third_party_hf.py
+	PYTHONPATH=$(DEV_SITE) $(BIN)/python -m pytest -q tests/test_third_party_gemma.py
 	$(BIN)/python -m pytest -q tests
 
 format: setup

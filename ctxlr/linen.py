@@ -9,21 +9,33 @@ Calibration runs the model under `nn.intercept_methods`: every `nn.Dense`
 and `nn.DenseGeneral` call (inside `nn.scan`, `nn.remat` and other lifted
 transforms too) sends the rows of its matrix view (`surgery.input_as_matrix`)
 to the host, where they are folded into float64 statistics; nothing in the
-model changes. A layer of a scanned stack (kernel `[L, d_in, d_out]`) gets
-one R per stacked kernel, named `path[i]`. Layers are named by their Linen
-module path joined with dots (`model.layers.0.self_attn.q_proj`), so a name
-never holds a `/`.
+model changes. So does every two-operand `jnp.einsum('in,ker->out', x, w)`
+(either operand order) whose `w` is, as is, a param of a module being
+called: an einsum layer of any Linen module (`surgery.MatrixView` 'einsum':
+the kernel letters shared with `x` are its rows, those of the output its
+columns). A layer of a scanned stack (kernel `[L, d_in, d_out]`) gets one R
+per stacked kernel, named `path[i]`. Layers are named by their Linen module
+path joined with dots (`model.layers.0.self_attn.q_proj`), an einsum layer by
+its param's path (`layer_0.attn.q_einsum.w`), so a name never holds a `/`.
+Modules with matrix params that are neither are listed as unhandled
+(`find_layers`), as are those the trace never saw called: a module inside
+`nn.jit` runs no Python once that jit has a cached trace, so run such a
+model's apply under `jax.disable_jit()` for ctxlr.
 
 Surgery is a params transform: a factored layer's `{'kernel'}` becomes
-`{'a', 'b'}` (its bias kept), so the params really shrink. Under
-`factored()`, each `nn.Dense` / `nn.DenseGeneral` whose params hold `a`
-computes `(x a) b + bias` with its own `dtype`, `precision`, `dot_general`
-and `promote_dtype`; the others run as before. `FactoredDense` is the same
-layer as a Linen module, for models that take a dense class to build with.
-For an `nnx.bridge.ToNNX` model, `compress_bridged` does all of it in place.
+`{'a', 'b'}` (its bias kept), an einsum layer's param `w` becomes
+`w: {'a', 'b'}`, so the params really shrink. Under `factored()`, each
+`nn.Dense` / `nn.DenseGeneral` whose params hold `a` computes
+`(x a) b + bias` with its own `dtype`, `precision`, `dot_general` and
+`promote_dtype`; a module whose param is `{'a', 'b'}` runs its own code, and
+its einsum with that param is done as two (`surgery.contract`); the others
+run as before. `FactoredDense` is the same layer as a Linen module, for
+models that take a dense class to build with. For an `nnx.bridge.ToNNX`
+model, `compress_bridged` does all of it in place.
 """
 
 import contextlib
+import dataclasses
 import fnmatch
 import functools
 from typing import Any, Callable, Iterable, Mapping
@@ -45,6 +57,9 @@ from ctxlr import surgery
 HANDLED = (nn.Dense, nn.DenseGeneral)
 # Linen modules whose params are not a dense layer's.
 _NOT_DENSE = (nn.Embed, nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm)
+# Modules whose kernel goes through other code (flax's Einsum promotes its
+# dtype) on its way to the einsum: `factored()` could not hand it factors.
+_NOT_EINSUM_LAYER = (nn.Einsum,)
 
 
 def _tuple(x) -> tuple:
@@ -107,6 +122,22 @@ def _params_of(variables: Mapping[str, Any]) -> Mapping[str, Any]:
   return meta.unbox(variables['params'])
 
 
+def _as_matrix(kernel: jax.Array, view: surgery.MatrixView) -> jax.Array:
+  """A kernel as float[*stack, d_in, d_out] (an einsum's letters reordered)."""
+  if view.kind == 'einsum':
+    _, ker, _, contracted, outputs = surgery._parse_einsum(view.einsum_str)  # pylint: disable=protected-access
+    s = len(view.stack)
+    order = [ker.index(c) + s for c in contracted + outputs]
+    kernel = jnp.transpose(kernel, list(range(s)) + order)
+  return kernel.reshape(view.stack + (view.d_in, view.d_out))
+
+
+def _kernel(params: Mapping[str, Any], module: str, view) -> Any:
+  """A layer's kernel: a Dense's `kernel`, an einsum layer's param itself."""
+  node = _node(params, _path(module))
+  return node if view.kind == 'einsum' else node['kernel']
+
+
 def kernel_matrix(
     variables: Mapping[str, Any],
     name: str,
@@ -115,9 +146,90 @@ def kernel_matrix(
   """Layer `name`'s kernel as its matrix view, float[d_in, d_out]."""
   module, index = surgery.split_name(name)
   view = views[module]
-  kernel = jnp.asarray(_node(_params_of(variables), _path(module))['kernel'])
-  kernel = kernel.reshape(view.stack + (view.d_in, view.d_out))
+  kernel = _as_matrix(
+      jnp.asarray(_kernel(_params_of(variables), module, view)), view
+  )
   return kernel[index] if index else kernel
+
+
+# ---------------------------------------------------------------- einsum ---
+
+_EINSUM = jnp.einsum
+_einsum_handlers: list[Callable] = []
+
+
+def _einsum(*args, **kwargs):
+  """`jnp.einsum` while ctxlr traces: the first handler that takes it."""
+  for handler in reversed(_einsum_handlers):
+    out = handler(args, kwargs)
+    if out is not NotImplemented:
+      return out
+  return _EINSUM(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _hooked_einsum(handler: Callable):
+  """Within the block, `jnp.einsum(...)` calls go by `handler(args, kwargs)`
+  first (NotImplemented: the plain einsum). Not thread-safe."""
+  _einsum_handlers.append(handler)
+  jnp.einsum = _einsum
+  try:
+    yield
+  finally:
+    _einsum_handlers.remove(handler)
+    if not _einsum_handlers:
+      jnp.einsum = _EINSUM
+
+
+def _split_einsum(args: tuple, is_kernel: Callable) -> tuple | None:
+  """('in,ker->out', x, kernel) of a two-operand string einsum one of whose
+  operands `is_kernel`, else None."""
+  if len(args) != 3 or not isinstance(args[0], str):
+    return None
+  eqn, p, q = args[0].replace(' ', ''), args[1], args[2]
+  if is_kernel(q):
+    return eqn, p, q
+  if is_kernel(p):
+    lhs, arrow, out = eqn.partition('->')
+    first, _, second = lhs.partition(',')
+    return f'{second},{first}{arrow}{out}', q, p
+  return None
+
+
+def _einsum_view(
+    eqn: str, stored: tuple[int, ...], called: tuple[int, ...]
+) -> surgery.MatrixView:
+  """The matrix view of an einsum layer: its kernel stored with shape
+  `stored` ([*stack, *kernel]), given to the einsum as `called`."""
+  _, ker, _, contracted, outputs = surgery._parse_einsum(eqn)  # pylint: disable=protected-access
+  s = len(stored) - len(called)
+  if len(called) != len(ker) or s < 0 or tuple(stored[s:]) != tuple(called):
+    raise ValueError(
+        f'kernel shape {called} (stored {stored}) does not fit '
+        f'subscripts {"".join(ker)!r}'
+    )
+  size = dict(zip(ker, called))
+  return surgery.MatrixView(
+      'einsum',
+      tuple(size[c] for c in contracted),
+      tuple(size[c] for c in outputs),
+      tuple(stored[:s]),
+      einsum_str=eqn,
+  )
+
+
+def _rows_key(view: surgery.MatrixView) -> tuple:
+  """What, beyond the input array, fixes the rows a call multiplies."""
+  if view.kind != 'einsum':
+    return (view.kind, view.in_shape, view.axis, view.stack)
+  inp, _, _, contracted, _ = surgery._parse_einsum(view.einsum_str)  # pylint: disable=protected-access
+  roles = tuple(
+      str(contracted.index(t))
+      if t in contracted
+      else ('...' if t == '...' else '-')
+      for t in inp
+  )
+  return ('einsum', view.in_shape, roles, view.stack)
 
 
 # ---------------------------------------------------------- interception ---
@@ -131,41 +243,84 @@ class _Trace:
     self.views: dict[str, surgery.MatrixView] = {}
     self.calls: dict[str, list[tuple]] = {}
     self.kinds: dict[str, str] = {}  # every module called: its type
+    self.why: dict[str, str] = {}  # einsum layers not seen as one matrix
+    self._active: list[nn.Module] = []  # modules in a call, innermost last
     self._keep = []
+
+  @contextlib.contextmanager
+  def tracing(self):
+    with nn.intercept_methods(self.interceptor):
+      with _hooked_einsum(self.einsum):
+        yield
 
   def interceptor(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != '__call__' or module.scope is None:
+    if module.scope is None or context.method_name == 'setup':
       return next_fun(*args, **kwargs)
     path = tuple(str(p) for p in module.scope.path)
     name = layer_name(path)
     self.kinds.setdefault(name, type(module).__name__)
-    if isinstance(module, HANDLED) and args:
-      x = args[0]
-      if name not in self.views:
-        try:
-          kernel = _node(self.params, path)['kernel']
-          self.views[name] = _view(module, tuple(np.shape(kernel)))
-        except (KeyError, TypeError, ValueError):
-          self.views[name] = None
-      view = self.views[name]
-      if view is not None:
-        call_view = surgery.MatrixView(
-            view.kind, view.in_shape, view.out_shape, (), view.axis
+    if context.method_name == '__call__' and isinstance(module, HANDLED):
+      if args:
+        if name not in self.views:
+          try:
+            kernel = _node(self.params, path)['kernel']
+            self.views[name] = _view(module, tuple(np.shape(kernel)))
+          except (KeyError, TypeError, ValueError):
+            self.views[name] = None
+        self._see(name, args[0])
+      return next_fun(*args, **kwargs)
+    self._active.append(module)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      self._active.pop()
+
+  def _param_of(self, operand) -> tuple[nn.Module, str] | None:
+    """(module, param name) if `operand` is a param of a module in a call."""
+    for module in reversed(self._active):
+      if isinstance(module, _NOT_EINSUM_LAYER):
+        continue
+      for key, value in module.variables.get('params', {}).items():
+        if not isinstance(value, Mapping) and meta.unbox(value) is operand:
+          return module, key
+    return None
+
+  def einsum(self, args, kwargs):
+    del kwargs
+    split = _split_einsum(args, lambda v: self._param_of(v) is not None)
+    if split is None:
+      return NotImplemented
+    eqn, x, kernel = split
+    module, key = self._param_of(kernel)
+    path = tuple(str(p) for p in module.scope.path) + (key,)
+    name = layer_name(path)
+    if name not in self.views:
+      try:
+        stored = tuple(np.shape(_node(self.params, path)))
+        self.views[name] = _einsum_view(eqn, stored, tuple(np.shape(kernel)))
+      except (KeyError, TypeError, ValueError) as e:
+        self.views[name] = None
+        self.why[name] = f'{type(module).__name__}: einsum {eqn!r}: {e}'
+    self._see(name, x)
+    return NotImplemented
+
+  def _see(self, name: str, x: jax.Array) -> None:
+    """One call of layer `name` on `x`: folded, or its signature noted."""
+    view = self.views[name]
+    if view is None:
+      return
+    if self.fold:
+      if name in self.fold:
+        io_callback(
+            functools.partial(self.host.receive, name),
+            None,
+            surgery.input_as_matrix(dataclasses.replace(view, stack=()), x),
+            ordered=True,
         )
-        if self.fold:
-          if name in self.fold:
-            io_callback(
-                functools.partial(self.host.receive, name),
-                None,
-                surgery.input_as_matrix(call_view, x),
-                ordered=True,
-            )
-        else:
-          self._keep.append(x)
-          key = (id(x), view.kind, view.in_shape, view.axis, view.stack)
-          self.calls.setdefault(name, []).append(key)
-    return next_fun(*args, **kwargs)
+    else:
+      self._keep.append(x)
+      self.calls.setdefault(name, []).append((id(x),) + _rows_key(view))
 
   def signatures(self) -> dict[str, tuple]:
     return {n: tuple(c) for n, c in self.calls.items()}
@@ -239,7 +394,7 @@ def _discover(apply: Callable, variables, batch) -> _Trace:
   trace = _Trace(_params_of(variables))
 
   def run(v, b):
-    with nn.intercept_methods(trace.interceptor):
+    with trace.tracing():
       apply(v, b)
 
   jax.eval_shape(run, variables, batch)
@@ -254,37 +409,50 @@ def _abstract(batch: Any) -> tuple:
 def find_layers(
     apply: Callable, variables: Mapping[str, Any], example: Any
 ) -> tuple[dict[str, surgery.MatrixView], dict[str, str]]:
-  """The Dense layers one call `apply(variables, example)` reaches.
+  """The Dense and einsum layers one call `apply(variables, example)` reaches.
 
   Returns:
-    (handled, unhandled): `handled[module path]` is each `nn.Dense` /
-    `nn.DenseGeneral`'s MatrixView; `unhandled[module path]` names the other
-    modules called whose own params hold a matrix (embeddings and norms
-    aside).
+    (handled, unhandled): `handled[name]` is the MatrixView of each
+    `nn.Dense` / `nn.DenseGeneral` (by module path) and einsum layer (by
+    param path); `unhandled[path]` says why each other module whose own
+    params hold a matrix is not one (embeddings and norms aside), a module
+    the trace never saw called included.
   """
   trace = _discover(apply, variables, example)
-  params = _params_of(variables)
   handled = {n: v for n, v in trace.views.items() if v is not None}
   unhandled = {
-      n: f'{trace.kinds[n]}: cannot be seen as one matrix'
+      n: trace.why.get(n, f'{trace.kinds.get(n)}: cannot be seen as one matrix')
       for n, v in trace.views.items()
       if v is None
   }
-  for name, kind in trace.kinds.items():
-    if name in trace.views or kind in {t.__name__ for t in _NOT_DENSE}:
-      continue
-    try:
-      node = _node(params, _path(name))
-    except (KeyError, TypeError):
-      continue
+  skip = {t.__name__ for t in _NOT_DENSE}
+  for path, node in _module_nodes(_params_of(variables)):
+    name = layer_name(path)
     own = sorted(
         k
         for k, v in node.items()
-        if not isinstance(v, Mapping) and np.ndim(v) >= 2
+        if not isinstance(v, Mapping)
+        and np.ndim(v) >= 2
+        and layer_name(path + (k,)) not in trace.views
     )
-    if own:
-      unhandled[name] = f'{kind}: params {", ".join(own)}'
+    kind = trace.kinds.get(name)
+    if not own or name in trace.views or kind in skip:
+      continue
+    if kind is None:
+      kind = (
+          'not seen called (inside nn.jit, whose cached trace runs no '
+          'Python? run apply under jax.disable_jit())'
+      )
+    unhandled[name] = f'{kind}: params {", ".join(own)}'
   return handled, unhandled
+
+
+def _module_nodes(params: Mapping[str, Any], path: tuple[str, ...] = ()):
+  """(path, node) for every dict of the params tree, the root first."""
+  yield path, params
+  for key, value in params.items():
+    if isinstance(value, Mapping):
+      yield from _module_nodes(value, path + (str(key),))
 
 
 def select(
@@ -319,9 +487,10 @@ def select(
   for pattern in include:
     if not any(fnmatch.fnmatchcase(n, pattern) for n in list(names_of) + every):
       raise ValueError(
-          f'Pattern {pattern!r} matches no nn.Dense or '
-          f'nn.DenseGeneral layer; layers are e.g. '
-          f'{sorted(every)[:4]}.'
+          f'Pattern {pattern!r} matches no nn.Dense, '
+          f'nn.DenseGeneral or einsum layer; layers are e.g. '
+          f'{sorted(every)[:4]}; not handled: '
+          f'{dict(sorted(unhandled.items())[:4])}.'
       )
   chosen = {}
   for module, names in surgery._choose(names_of, include, exclude).items():  # pylint: disable=protected-access
@@ -380,7 +549,7 @@ def calibrate(
   @functools.partial(jax.jit, static_argnames='fold')
   def step(variables, batch, fold):
     trace = _Trace(_params_of(variables), fold, host)
-    with nn.intercept_methods(trace.interceptor):
+    with trace.tracing():
       apply(variables, batch)
 
   index = -1
@@ -410,7 +579,9 @@ def calibrate(
   never = [n for n in layers if surgery.split_name(n)[0] not in seen]
   if never:
     raise ValueError(
-        f'Layers {never} were not called by the model during ' 'calibration.'
+        f'Layers {never} were not called by the model during '
+        'calibration (inside nn.jit, whose cached trace runs no Python? run '
+        'apply under jax.disable_jit()).'
     )
   out, group_of = {}, {}
   for name in layers:
@@ -458,11 +629,12 @@ def factor_params(
     factors: {layer: (a, b)} or {layer: dict(a=, b=, …)}, a: float[d_in,
       rank], b: float[rank, d_out]; the layers of a stack are stacked back
       (`surgery.stack_factors`).
-    views: {module path: MatrixView} (`find_layers`).
+    views: {layer: MatrixView} (`find_layers`).
 
   Returns:
     New params (plain dicts): `kernel` replaced by `a` [*stack, d_in, rank]
-    and `b` [*stack, rank, d_out] in the kernel's dtype, the bias kept.
+    and `b` [*stack, rank, d_out] in the kernel's dtype, the bias kept; an
+    einsum layer's param replaced by `{'a': a, 'b': b}`.
   """
   by_module: dict[str, dict] = {}
   for name, f in factors.items():
@@ -471,13 +643,21 @@ def factor_params(
     by_module.setdefault(module, {})[index] = (jnp.asarray(a), jnp.asarray(b))
   out = jax.tree.map(lambda x: x, _unfreeze(params))
   for module, parts in by_module.items():
-    node = _node(out, _path(module))
-    kernel = jnp.asarray(meta.unbox(node['kernel']))
     view = views[module]
-    matrix = lambda k=kernel, v=view: k.reshape(v.stack + (v.d_in, v.d_out))
+    path = _path(module)
+    if view.kind == 'einsum':  # the param itself becomes {a, b}
+      node, key = _node(out, path[:-1]), path[-1]
+    else:
+      node, key = _node(out, path), 'kernel'
+    kernel = jnp.asarray(meta.unbox(node[key]))
+    matrix = lambda k=kernel, v=view: _as_matrix(k, v)
     a, b = surgery.stack_factors(module, view, parts, matrix)
-    del node['kernel']
-    node['a'], node['b'] = a.astype(kernel.dtype), b.astype(kernel.dtype)
+    a, b = a.astype(kernel.dtype), b.astype(kernel.dtype)
+    if view.kind == 'einsum':
+      node[key] = {'a': a, 'b': b}
+    else:
+      del node['kernel']
+      node['a'], node['b'] = a, b
   return out
 
 
@@ -510,24 +690,93 @@ def _factored_call(module: nn.Module, x: jax.Array) -> jax.Array:
   )
 
 
+class _Factors:
+  """A factored einsum kernel as its module's code gets it from `param`:
+  the kernel's `shape` and `dtype`, its factors `a`, `b`."""
+
+  def __init__(self, a: jax.Array, b: jax.Array, like: Any):
+    self.a, self.b = a, b
+    self.shape, self.dtype = tuple(like.shape), like.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+
+def _is_factors(value: Any) -> bool:
+  return (
+      isinstance(value, Mapping)
+      and set(value) == {'a', 'b'}
+      and not any(isinstance(value[k], Mapping) for k in 'ab')
+  )
+
+
+def _factored_einsum(args, kwargs):
+  split = _split_einsum(args, lambda v: isinstance(v, _Factors))
+  if split is None:
+    return NotImplemented
+  eqn, x, f = split
+  view = _einsum_view(eqn, f.shape, f.shape)
+  kwargs = dict(kwargs)
+  precision = kwargs.pop('precision', None)
+  out_sharding = kwargs.pop('out_sharding', None)
+  return surgery.contract(
+      view,
+      x,
+      f.a,
+      f.b,
+      None,
+      einsum_op=_EINSUM,
+      precision=precision,
+      out_sharding=out_sharding,
+      **kwargs,
+  )
+
+
 def _factored_interceptor(next_fun, args, kwargs, context):
   module = context.module
+  if module.scope is None or context.method_name == 'setup':
+    return next_fun(*args, **kwargs)
   if (
       context.method_name == '__call__'
       and isinstance(module, HANDLED)
-      and module.scope is not None
       and module.has_variable('params', 'a')
   ):
     return _factored_call(module, args[0])
-  return next_fun(*args, **kwargs)
+  factors = {
+      k: v
+      for k, v in module.variables.get('params', {}).items()
+      if _is_factors(v)
+  }
+  if not factors or 'param' in vars(module):  # none, or patched already
+    return next_fun(*args, **kwargs)
+  original = module.param
+
+  def param(name, init_fn, *init_args, **init_kwargs):
+    if name not in factors:
+      return original(name, init_fn, *init_args, **init_kwargs)
+    init_kwargs.pop('unbox', None)
+    like = jax.eval_shape(
+        lambda: init_fn(jax.random.key(0), *init_args, **init_kwargs)
+    )
+    f = factors[name]
+    return _Factors(meta.unbox(f['a']), meta.unbox(f['b']), like)
+
+  object.__setattr__(module, 'param', param)
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    object.__delattr__(module, 'param')
 
 
 @contextlib.contextmanager
 def factored():
   """Within the block, Dense layers whose params hold `a`, `b` compute
-  factored (`factor_params`); every other module runs as before."""
+  factored (`factor_params`), and so does each einsum with a param that is
+  `{'a', 'b'}`; every other module runs as before."""
   with nn.intercept_methods(_factored_interceptor):
-    yield
+    with _hooked_einsum(_factored_einsum):
+      yield
 
 
 class FactoredDense(nn.Module):
@@ -591,7 +840,7 @@ def compress(
     variables: Mapping[str, Any] | None = None,
     stats_dtype: Any = jnp.float32,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Compresses a Linen model's Dense layers: new params and a report.
+  """Compresses a Linen model's Dense and einsum layers: params and a report.
 
   Args:
     apply: `apply(variables, batch)` runs the model (e.g. `module.apply`).
@@ -604,7 +853,8 @@ def compress(
   Returns:
     (params, report): the factored params (`factor_params`), to apply under
     `factored()`; the report `ctxlr.compress` gives, by Linen layer name,
-    with `unhandled` (chosen modules of kinds not factored).
+    with `unhandled` (chosen modules of kinds not factored, or not seen
+    called).
   """
   from ctxlr import pipeline  # pylint: disable=g-import-not-at-top
 

@@ -187,3 +187,150 @@ def test_bridged_linen_model_compressed_in_place(scanned):
   graphdef, state = nnx.split(model)  # an ordinary NNX model
   again = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, batches[0])
   np.testing.assert_allclose(again, after, rtol=1e-5, atol=1e-5)
+
+
+class Proj(nn.Module):
+  """A kernel contracted by `jnp.einsum`, the way gemma's Einsum does it."""
+
+  shape: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, eqn, x):
+    w = self.param('w', nn.initializers.normal(0.5), self.shape)
+    return jnp.einsum(eqn, x, w)
+
+
+class EinsumBlock(nn.Module):
+  """Heads in and out by einsum layers; an MLP whose kernels are its own
+  params (the first one given to the einsum before its input)."""
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    q = Proj((8, 2, 4), name='q')('btd,dnh->btnh', x)
+    h = x + Proj((2, 4, 8), name='o')('btnh,nhd->btd', jnp.tanh(q))
+    up = self.param('up', nn.initializers.normal(0.3), (16, 8))
+    down = self.param('down', nn.initializers.normal(0.3), (16, 8))
+    g = jax.nn.silu(jnp.einsum('fd,...d->...f', up, h))
+    return h + jnp.einsum('...f,fd->...d', g, down), None
+
+
+class EinsumScanned(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8, name='inp')(x)
+    stack = nn.scan(
+        EinsumBlock,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        length=3,
+    )
+    x, _ = stack(name='blocks')(x, None)
+    b, t, _ = x.shape
+    heads = x.reshape(b, t, 2, 4)  # one matrix per head: not one matrix
+    x = x + Proj((2, 4, 4), name='mixed')('btnd,nde->btne', heads).reshape(
+        b, t, 8
+    )
+    return nn.Dense(5, name='head')(x)
+
+
+@pytest.fixture(scope='module')
+def einsum_scanned(scanned):
+  _, _, batches = scanned
+  model = EinsumScanned()
+  return model, model.init(jax.random.key(1), batches[0]), batches
+
+
+def test_einsum_kernels_of_any_module_are_layers(einsum_scanned):
+  model, variables, batches = einsum_scanned
+  views, unhandled = ctxlr_linen.find_layers(model.apply, variables, batches[0])
+  assert set(views) == {
+      'inp',
+      'head',
+      'blocks.q.w',
+      'blocks.o.w',
+      'blocks.up',
+      'blocks.down',
+  }
+  assert views['blocks.q.w'].in_shape == (8,)
+  assert views['blocks.q.w'].out_shape == (2, 4)
+  assert views['blocks.o.w'].in_shape == (2, 4)
+  assert views['blocks.up'].stack == (3,)
+  assert views['blocks.up'].einsum_str == '...d,fd->...f'  # operands swapped
+  assert list(unhandled) == ['mixed.w']
+  assert "kernel letters ['n']" in unhandled['mixed.w']
+  # The rows folded are the layer's inputs, contracted axes in kernel order.
+  params = variables['params']
+  stats = ctxlr_linen.layer_stats(
+      model.apply, variables, batches, ['blocks.q.w[0]', 'blocks.o.w[0]']
+  )
+  x0 = jnp.concatenate(
+      [nn.Dense(8).apply({'params': params['inp']}, b) for b in batches]
+  )
+  q0 = jnp.einsum('btd,dnh->btnh', x0, params['blocks']['q']['w'][0])
+  rows_of = {'blocks.q.w[0]': x0, 'blocks.o.w[0]': jnp.tanh(q0)}
+  for name, rows in rows_of.items():
+    x = np.asarray(rows, np.float64).reshape(-1, 8)
+    assert stats[name].count == 24
+    assert reference.r_error(stats[name].r, x) < 1e-5, name
+
+
+def test_factored_einsum_layers_keep_outputs_and_compress(einsum_scanned):
+  model, variables, batches = einsum_scanned
+  views, _ = ctxlr_linen.find_layers(model.apply, variables, batches[0])
+  shapes = ctxlr_linen.select(model.apply, variables, batches[0])
+  assert len(shapes) == 1 + 4 * 3 and shapes['blocks.up[1]'] == (8, 16)
+  exact = {}
+  for name in shapes:
+    k = np.asarray(
+        ctxlr_linen.kernel_matrix(variables, name, views), np.float64
+    )
+    u, s, vt = np.linalg.svd(k, full_matrices=False)
+    exact[name] = (u * s, vt)
+  params = ctxlr_linen.factor_params(variables['params'], exact, views)
+  assert jax.tree.map(jnp.shape, params['blocks']['q']['w']) == {
+      'a': (3, 8, 8),
+      'b': (3, 8, 8),
+  }
+  assert params['blocks']['up']['b'].shape == (3, 8, 16)
+  with ctxlr_linen.factored():
+    got = model.apply({'params': params}, batches[0])
+  np.testing.assert_allclose(
+      got, model.apply(variables, batches[0]), rtol=1e-5, atol=1e-5
+  )
+  new, report = ctxlr_linen.compress(
+      model.apply, variables['params'], batches, ratio=0.5
+  )
+  assert set(report['layers']) == set(shapes)
+  assert list(report['unhandled']) == ['mixed.w']
+  assert report['model_ratio'] < 0.8
+  with ctxlr_linen.factored():
+    assert model.apply({'params': new}, batches[0]).shape == (2, 6, 5)
+
+
+class Jitted(nn.Module):
+  """A Dense called inside `nn.jit`."""
+
+  def setup(self):
+    self.proj = nn.Dense(4)
+
+  @nn.jit
+  def __call__(self, x):
+    return self.proj(x)
+
+
+def test_modules_hidden_by_a_cached_jit_are_listed_not_skipped():
+  model, x = Jitted(), jnp.ones((3, 8))
+  variables = model.init(jax.random.key(0), x)
+  model.apply(variables, x)  # nn.jit's trace now cached: no Python reruns
+  views, unhandled = ctxlr_linen.find_layers(model.apply, variables, x)
+  assert views == {} and 'not seen called' in unhandled['proj']
+  with pytest.raises(ValueError, match='not seen called'):
+    ctxlr_linen.select(model.apply, variables, x)
+
+  def apply(v, x):
+    with jax.disable_jit():
+      return model.apply(v, x)
+
+  views, unhandled = ctxlr_linen.find_layers(apply, variables, x)
+  assert list(views) == ['proj'] and unhandled == {}
