@@ -306,7 +306,7 @@ def _run(config, workdir: str) -> None:
       stats = None  # cached without a needed statistic
     if stats is None:
       t = time.perf_counter()
-      common.resetcommon.peak_rss()
+      common.reset_peak_rss()
       stats = calibration.layer_stats(dense, batches, names, want=want)
       out['calibration_seconds'][calib] = time.perf_counter() - t
       out.setdefault('calibration_memory', {})[calib] = dict(

@@ -44,7 +44,9 @@ def run(config, workdir: str) -> None:
   validate(config)
   runs = common.check_variants(config.runs, keys=common.SWEEP_KEYS)
   out, model, tokenizer = common.resume_sweep(workdir, config)
-  done = {(label(r), r['ratio']) for r in out['rows']}
+  done = {(label(r), r['ratio']) for r in out['rows']} | {
+      (e['run'], e['ratio']) for e in out.get('errors', [])
+  }
   todo = [
       (name, ratio)
       for name in runs
@@ -65,20 +67,28 @@ def run(config, workdir: str) -> None:
       full, current = {}, name
     compressed = nnx.clone(model)
     options = dict(common.compress_options(runs[name]), sensitivity=energy)
-    if runs[name]['mode'] == 'sequential':
-      report = pipeline.compress(
-          compressed,
-          batches,
-          ratio=ratio,
-          mode='sequential',
-          include=config.include,
-          exclude=config.exclude,
-          **options,
+    try:
+      if runs[name]['mode'] == 'sequential':
+        report = pipeline.compress(
+            compressed,
+            batches,
+            ratio=ratio,
+            mode='sequential',
+            include=config.include,
+            exclude=config.exclude,
+            **options,
+        )
+      else:
+        report = pipeline.compress_from_stats(
+            compressed, stats, ratio=ratio, full=full, **options
+        )
+    except ValueError as e:  # a rule or method undefined on these data
+      print(f'{name} at {ratio} raised: {e}', flush=True)
+      out.setdefault('errors', []).append(
+          dict(run=name, ratio=ratio, error=str(e))
       )
-    else:
-      report = pipeline.compress_from_stats(
-          compressed, stats, ratio=ratio, full=full, **options
-      )
+      common.write_results(workdir, out)
+      continue
     ppl = common.evaluate(
         compressed, tokenizer, config.eval, f'{name} at {ratio}'
     )
@@ -131,10 +141,49 @@ def _sensitivity(model, batches, config, workdir: str):
   return energy
 
 
+OURS = 'recommended'  # the main job's pipeline, compared with the peers
+
+
+def _is_peer(row: dict) -> bool:
+  """A peer's own pipeline: not ours, and not our loss-driven allocation
+  lent to a peer (those rows are shown, but are not the peer's method)."""
+  return label(row) != OURS and row['allocation'] not in (
+      pipeline.NEEDS_SENSITIVITY
+  )
+
+
 def summarize(out: dict) -> str:
-  """Markdown: dense perplexity, then one line per (run, ratio)."""
+  """Markdown: dense perplexity; per ratio the recommended pipeline against
+  the best peer on each set; every (run, ratio) row; the runs that raised."""
   corpora = list(out['dense'])
   rows = [dict(r, run=label(r)) for r in out['rows']]
+  dense = ', '.join(f'{c} {p:.2f}' for c, p in out['dense'].items())
+  lines = [f'Dense perplexity: {dense}.', '']
+  ours = {r['ratio']: r for r in rows if r['run'] == OURS}
+  if ours:
+    lines += [
+        f'`{OURS}` against the best peer (each with its own allocation) '
+        'at each kept ratio:',
+        '',
+        '| ratio | '
+        + ' | '.join(f'{OURS} {c} | best peer {c}' for c in corpora)
+        + ' |',
+        '|---|' + '---|---|' * len(corpora),
+    ]
+    for ratio in sorted(ours, reverse=True):
+      cells = []
+      for c in corpora:
+        peers = [r for r in rows if r['ratio'] == ratio and _is_peer(r)]
+        best = min(peers, key=lambda r: r[f'ppl_{c}'], default=None)
+        mine = ours[ratio][f'ppl_{c}']
+        cells.append(f'{common.fmt_ppl(mine)} ({mine / out["dense"][c]:.2f}×)')
+        cells.append(
+            'n/a'
+            if best is None
+            else f"{common.fmt_ppl(best[f'ppl_{c}'])} ({best['run']})"
+        )
+      lines.append(f'| {ratio} | ' + ' | '.join(cells) + ' |')
+    lines.append('')
   columns = (
       ['run', 'method', 'allocation', 'ratio', 'kept_ratio']
       + [f'ppl_{c}' for c in corpora]
@@ -142,11 +191,18 @@ def summarize(out: dict) -> str:
   )
   formats = {f'ppl_{c}': '.2f' for c in corpora}
   formats['kept_ratio'] = '.3f'
-  dense = ', '.join(f'{c} {p:.2f}' for c, p in out['dense'].items())
   rows.sort(key=lambda r: (-r['ratio'], r['run']))
-  return f'Dense perplexity: {dense}.\n\n' + results.markdown_table(
-      rows, columns, formats
-  )
+  lines.append(results.markdown_table(rows, columns, formats))
+  if out.get('errors'):
+    lines += [
+        '',
+        'Runs that raised (the rule or method is undefined here):',
+        '',
+    ]
+    lines += [
+        f"- {e['run']} at {e['ratio']}: {e['error']}" for e in out['errors']
+    ]
+  return '\n'.join(lines) + '\n'
 
 
 def plot(workdir: str) -> None:
