@@ -174,6 +174,19 @@ def test_calibration_curve_merge_is_the_r_of_all_rows():
   np.testing.assert_allclose(merged['a'].r, want, rtol=2e-5, atol=2e-5 * 1e3)
 
 
+def test_ablation_quick(tmp_path):
+  proc = _launch(
+      '--config=experiments/configs/ablation.py:quick', f'--workdir={tmp_path}'
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = results.read_json(str(tmp_path / 'results.json'))
+  labels = {r['label'] for r in out['rows']}
+  assert {'coala', 'fisher', 'power_1'} <= labels
+  memory = out['calibration_memory']['tiny']
+  assert memory['peak_rss_bytes'] > memory['statistics_bytes'] > 0
+  assert out['heal']['eval'] and (tmp_path / 'ablation.png').exists()
+
+
 def test_calibration_sweep_quick(tmp_path):
   proc = _launch(
       '--config=experiments/configs/calibration_sweep.py:quick',
