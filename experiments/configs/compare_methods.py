@@ -52,6 +52,11 @@ def get_config(arg=None):
       coala_published=dict(method='coala', mu=1.0, mu_rule='error_ratio'),
       coala_hetero=dict(method='coala', allocation='coala_hetero'),
       corda_fisher=dict(method='corda', allocation='fisher'),
+      # CorDA's weighting without its inverse (coala's power 1) on the same
+      # ranks: what separates the two rows above is the weighting.
+      recommended_p1=dict(
+          method='coala', allocation='fisher', options=dict(power=1.0)
+      ),
       svd=dict(method='svd'),
   )
   config.runs = configs.variants(**runs)
