@@ -905,14 +905,14 @@ def relative_panel(
   notes, shift = {}, 0
   for i, (label, points) in enumerate(series.items()):
     points = sorted(points)
-    color = f'C{i % 10}'
+    color = plt.cm.tab20(i % 20) if len(series) > 10 else f'C{i % 10}'
     on = [y if np.isfinite(y) and y <= high else np.nan for _, y in points]
     # Hollow markers of different shapes: runs that coincide stay visible.
     ax.plot(
         [x for x, _ in points],
         on,
         '-',
-        marker=MARKERS[i % 10],
+        marker=MARKERS[i % len(MARKERS)],
         ms=5,
         mfc='none',
         color=color,

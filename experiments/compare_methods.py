@@ -173,7 +173,13 @@ def summarize(out: dict) -> str:
     for ratio in sorted(ours, reverse=True):
       cells = []
       for c in corpora:
-        peers = [r for r in rows if r['ratio'] == ratio and _is_peer(r)]
+        peers = [
+            r
+            for r in rows
+            if r['ratio'] == ratio
+            and _is_peer(r)
+            and r[f'ppl_{c}'] == r[f'ppl_{c}']
+        ]  # NaN (non-finite factors) is nobody's best
         best = min(peers, key=lambda r: r[f'ppl_{c}'], default=None)
         mine = ours[ratio][f'ppl_{c}']
         cells.append(f'{common.fmt_ppl(mine)} ({mine / out["dense"][c]:.2f}×)')
