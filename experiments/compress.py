@@ -420,7 +420,6 @@ def plot(workdir: str) -> None:
     ax.axhline(1.5, color='grey', lw=0.8, ls='--', label='1.5× dense')
     ax.set_xlabel('training seconds (factors only)')
     ax.set_ylabel('perplexity / dense')
-    ax.set_yscale('log')
     ax.set_title(f"healing at kept ratio {out['ratio']}")
     ax.legend()
     fig.tight_layout()
