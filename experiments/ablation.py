@@ -15,13 +15,11 @@ An optional healing part trains the factors of one row's model
 (`healing.heal`) for a time or step budget and records perplexity against
 seconds.
 
-Calibration compile time: `qr.fold_r_unchecked` (the structured `tpqrt`
-fold) takes 9–18 s to compile per distinct input shape on this CPU, and the
-one-shot calibration step of the whole model inlines one per distinct layer
-input (120 here). With `config.dense_fold` (default True) this experiment
-calibrates with the dense-QR fold `qr_r([X_b; R])` instead, the fold of
-docs/method.md §3 before the structured one, which gives the same R up to
-rounding and compiles in well under a second per input.
+Calibration fold: `config.dense_fold` (default True) makes the calibration
+use the dense-QR fold `qr_r([X_b; R])` (docs/method.md §3). The library's
+`qr.fold_r_unchecked` is that same dense fold today (the structured `tpqrt`
+fold compiles for seconds per input shape inside the whole-model step), so
+the switch only matters if the library's fold changes.
 """
 
 import contextlib
