@@ -83,18 +83,7 @@ def test_compress_quick_end_to_end(tmp_path):
     assert (tmp_path / name).exists(), name
   assert not (tmp_path / 'progress').exists()  # removed after success
   assert out['wall_seconds'] > 0 and out['disk_bytes'] > 0
-  again = _launch(
-      '--config=experiments/configs/compress.py:quick', f'--workdir={tmp_path}'
-  )
-  assert again.returncode == 0, again.stderr[-3000:]
-  rerun = results.read_json(str(tmp_path / 'results.json'))
-  assert rerun['dense_eval_reused'] and rerun['dense'] == out['dense']
-  for corpus, row in out['compressed'].items():  # same data, same result
-    assert rerun['compressed'][corpus]['perplexity'] == row['perplexity']
-
-
-def test_compress_quick_with_healing(tmp_path):
-  proc = _launch(
+  again = _launch(  # the same job again, now with the healing stage
       '--config=experiments/configs/compress.py:quick',
       f'--workdir={tmp_path}',
       '--config.save=False',
@@ -104,11 +93,14 @@ def test_compress_quick_with_healing(tmp_path):
       '--config.heal.num_tokens=1024',
       '--config.heal.eval_every_seconds=1e-3',
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = results.read_json(str(tmp_path / 'results.json'))
-  assert out['heal']['steps'] == 3 and len(out['heal']['eval']) >= 1
-  assert set(out['healed']) == {'wikipedia', 'sotu'}
-  assert out['seconds']['heal'] > 0
+  assert again.returncode == 0, again.stderr[-3000:]
+  rerun = results.read_json(str(tmp_path / 'results.json'))
+  assert rerun['dense_eval_reused'] and rerun['dense'] == out['dense']
+  for corpus, row in out['compressed'].items():  # same data, same result
+    assert rerun['compressed'][corpus]['perplexity'] == row['perplexity']
+  assert rerun['heal']['steps'] == 3 and len(rerun['heal']['eval']) >= 1
+  assert set(rerun['healed']) == {'wikipedia', 'sotu'}
+  assert rerun['seconds']['heal'] > 0
   assert (tmp_path / 'heal_curve.png').stat().st_size > 0
   assert 'healed_to_dense' in (tmp_path / 'summary.md').read_text()
 

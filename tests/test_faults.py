@@ -22,6 +22,9 @@ from experiments import soak
 from tests import toy_model
 
 JOB = 'experiments/configs/compress.py:quick'
+# Uniform ranks: all 7 layers factored, so the kill points below all occur
+# (the default 'fisher' keeps some layers dense).
+OVERRIDES = ('--config.allocation=uniform',)
 
 
 def _layers_saved(count):
@@ -66,7 +69,7 @@ def test_quick_main_job_killed_at_file_events_resumes_identically(tmp_path):
   """
   ref_dir = str(tmp_path / 'reference')
   ref = soak.run_once(
-      soak.job_command(JOB, ref_dir),
+      soak.job_command(JOB, ref_dir, OVERRIDES),
       ref_dir,
       log_path=str(tmp_path / 'reference.log'),
   )
@@ -80,7 +83,7 @@ def test_quick_main_job_killed_at_file_events_resumes_identically(tmp_path):
   for i, (label, event) in enumerate(KILL_POINTS):
     logs.append(tmp_path / f'run{i}.log')
     r = soak.run_once(
-        soak.job_command(JOB, work),
+        soak.job_command(JOB, work, OVERRIDES),
         work,
         kill=event,
         watch=watch,
@@ -96,7 +99,10 @@ def test_quick_main_job_killed_at_file_events_resumes_identically(tmp_path):
     watch = soak.finished_work_files(work)
   logs.append(tmp_path / 'final.log')
   r = soak.run_once(
-      soak.job_command(JOB, work), work, watch=watch, log_path=str(logs[-1])
+      soak.job_command(JOB, work, OVERRIDES),
+      work,
+      watch=watch,
+      log_path=str(logs[-1]),
   )
   assert r['outcome'] == 'finished', logs[-1].read_text()[-3000:]
   assert not r['replaced']

@@ -95,7 +95,7 @@ def test_command_block_runs(tmp_path):
   corpus = f'files:{texts}/*.jsonl'
   assert set(out['dense']) == {corpus, 'wikipedia'}
   assert out['calib_tokens'] == 8192
-  assert out['dense'][corpus]['tokens'] > 8000
+  assert out['dense'][corpus]['tokens'] > 4000  # 8 windows of 512
   assert len(out['layers']) == 14 and 0.7 < out['kept_ratio'] <= 0.8
 
 

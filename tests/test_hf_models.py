@@ -443,9 +443,9 @@ def test_quick_compress_through_launch(name, tmp_path, token_cache):
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
   layers = out['layers']
-  assert len(layers) == 7 and all(
-      0 < l['rel_err'] < 1 and not l['failed'] for l in layers.values()
-  )
+  factored = [l for l in layers.values() if l['rank'] is not None]
+  assert len(layers) == 7 and factored  # fisher ranks may keep some dense
+  assert all(0 < l['rel_err'] < 1 and not l['failed'] for l in factored)
   assert 0.7 < out['kept_ratio'] <= 0.8
   for split in ('dense', 'compressed'):
     assert all(np.isfinite(v['perplexity']) for v in out[split].values())
