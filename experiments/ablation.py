@@ -227,21 +227,6 @@ def _row_result(label, row, spec, report, ppl, dense, seconds):
   return out
 
 
-def _sensitivity(model, batches, names, path):
-  if os.path.exists(path):
-    return sensitivity_lib.from_json(results.read_json(path)['energy'])
-  t = time.perf_counter()
-  energy = sensitivity_lib.output_gradient_energy(model, batches, names)
-  results.write_json(
-      path,
-      dict(
-          seconds=time.perf_counter() - t,
-          energy=sensitivity_lib.to_json(energy),
-      ),
-  )
-  return energy
-
-
 @jax.jit
 def _dense_fold(r: jax.Array, block: jax.Array) -> jax.Array:
   """`qr_r([X_b; R])`: the dense fold (same R as the structured one)."""
@@ -318,11 +303,12 @@ def _run(config, workdir: str) -> None:
       results.write_json(path, out)
     energy = None
     if any(rows[l]['allocation'] in pipeline.NEEDS_SENSITIVITY for l in todo):
-      energy = _sensitivity(
+      energy = common.cached_sensitivity(
           dense,
           batches,
           names,
           os.path.join(cache, f'{calib}.sensitivity.json'),
+          dict(calib=spec),
       )
     for label in todo:
       row = rows[label]

@@ -30,7 +30,6 @@ from ctxlr import data
 from ctxlr import pipeline
 from ctxlr import registry
 from ctxlr import results
-from ctxlr import sensitivity as sensitivity_lib
 from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from ctxlr.linalg import qr
@@ -158,11 +157,13 @@ def run(config, workdir: str) -> None:
   del running
   energy = None
   if any(v['allocation'] in pipeline.NEEDS_SENSITIVITY for v in runs.values()):
-    energy = _sensitivity(
+    first = batches[: max(1, config.sensitivity_tokens // per_batch)]
+    energy = common.cached_sensitivity(
         dense,
-        batches[: max(1, config.sensitivity_tokens // per_batch)],
+        first,
         names,
         os.path.join(cache, 'sensitivity.json'),
+        dict(tokens=int(sum(np.asarray(b).size for b in first))),
     )
   done = {(r['run'], r['num_tokens']) for r in out['rows']}
   for n in sizes:
@@ -187,26 +188,6 @@ def run(config, workdir: str) -> None:
       results.write_json(path, out)
     del stats
   common.finish(workdir, summarize(out), plot)
-
-
-def _sensitivity(model, batches, names, path: str):
-  """Loss-gradient energies of `batches`, kept in `path` once measured."""
-  tokens = int(sum(np.asarray(b).size for b in batches))
-  if os.path.exists(path):
-    cached = results.read_json(path)
-    if cached.get('tokens') == tokens:
-      return sensitivity_lib.from_json(cached['energy'])
-  t = time.perf_counter()
-  energy = sensitivity_lib.output_gradient_energy(model, batches, names)
-  results.write_json(
-      path,
-      dict(
-          tokens=tokens,
-          seconds=time.perf_counter() - t,
-          energy=sensitivity_lib.to_json(energy),
-      ),
-  )
-  return energy
 
 
 def _gib(value: Any) -> str:

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import textwrap
+import time
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
 
 from flax import nnx
@@ -35,6 +36,7 @@ from ctxlr import models
 from ctxlr import pipeline
 from ctxlr import registry
 from ctxlr import results
+from ctxlr import sensitivity as sensitivity_lib
 from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from ctxlr import training
@@ -743,6 +745,31 @@ def finish(
   if plot is not None:
     plot(workdir)
   print(summary)
+
+
+def cached_sensitivity(
+    model, batches, layers, path: str, key: Mapping[str, Any]
+) -> dict:
+  """Loss-gradient energies of `layers` over `batches`
+  (`sensitivity.output_gradient_energy`), kept in `path` with `key` (what
+  they were measured on, JSON-able) and its measuring seconds; a later call
+  with the same key reads them instead of measuring again."""
+  key = json.loads(json.dumps(key))  # as it reads back
+  if os.path.exists(path):
+    cached = results.read_json(path)
+    if cached.get('key') == key:
+      return sensitivity_lib.from_json(cached['energy'])
+  t = time.perf_counter()
+  energy = sensitivity_lib.output_gradient_energy(model, batches, layers)
+  results.write_json(
+      path,
+      dict(
+          key=key,
+          seconds=time.perf_counter() - t,
+          energy=sensitivity_lib.to_json(energy),
+      ),
+  )
+  return energy
 
 
 def fmt_ppl(value: float) -> str:

@@ -12,7 +12,6 @@ from flax import nnx
 
 from ctxlr import pipeline
 from ctxlr import results
-from ctxlr import sensitivity as sensitivity_lib
 from ctxlr import surgery
 from experiments import common
 
@@ -121,24 +120,19 @@ def _stats(model, batches, config, runs, workdir: str):
 
 
 def _sensitivity(model, batches, config, workdir: str):
-  """Loss-gradient energies of the calibration batches, cached in workdir
+  """Loss-gradient energies of the calibration batches, kept in workdir
   (`sensitivity.json`) so that a resumed sweep measures them once."""
-  path = os.path.join(workdir, 'sensitivity.json')
-  key = dict(
-      calib=config.calib.to_dict(),
-      include=list(config.include),
-      exclude=list(config.exclude),
+  return common.cached_sensitivity(
+      model,
+      batches,
+      surgery.select_linears(model, config.include, config.exclude),
+      os.path.join(workdir, 'sensitivity.json'),
+      dict(
+          calib=config.calib.to_dict(),
+          include=list(config.include),
+          exclude=list(config.exclude),
+      ),
   )
-  if os.path.exists(path):
-    cached = results.read_json(path)
-    if cached.get('key') == key:
-      return sensitivity_lib.from_json(cached['energy'])
-  layers = surgery.select_linears(model, config.include, config.exclude)
-  energy = sensitivity_lib.output_gradient_energy(model, batches, layers)
-  results.write_json(
-      path, dict(key=key, energy=sensitivity_lib.to_json(energy))
-  )
-  return energy
 
 
 OURS = 'recommended'  # the main job's pipeline, compared with the peers
