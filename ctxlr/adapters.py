@@ -1,4 +1,4 @@
-"""Fine-tuning adapters `y = x K_res + s (x a) b + bias`, initialised six ways.
+"""Fine-tuning adapters `y = x K_res + s (x a) b + bias`, initialised 7 ways.
 
     stats = calibration.layer_stats(model, batches, layers)   # task inputs
     add_adapters(model, stats, method='coala', rank=8)
@@ -20,9 +20,14 @@ adapter starts from (K float[d_in, d_out], `y = x K`):
 * `corda`: CorDA's instruction-previewed adaptation (IPA), as `iboing/CorDA`
   and PEFT's `corda.py` do it: `svd(W C)` of the damped covariance, top r,
   `V ← (Vᵀ C⁻¹)ᵀ`, `A = √S Vᵀ`, `B = U √S` (`baselines.corda`; W = Kᵀ).
-* `ctxlr`: the inversion-free context-aware top r of the task data
+* `coala`: the inversion-free context-aware top r of the task data
   (docs/method.md §2): `R K = U Σ Vᵀ`, `a = K V_r`, `b = V_rᵀ`, so `a b` is the
-  rank-r minimiser of `||X_task (K − K')||_F`.
+  rank-r minimiser of `||X_task (K − K')||_F`. With `mu` = μ₀ > 0 (rule
+  `mu_rule`: 'energy' or COALA's adaptive 'error_ratio') the regularized
+  minimiser of `||X(K − K')||² + μ||K − K'||²` (`methods.coala`).
+* `k_star`: K_*, the minimiser of `||X_task (K − K')||_F` closest to K, the
+  μ → 0 limit (`methods.k_star`, float64); the `coala` init unless the task
+  data leave the top r directions undetermined.
 * `coala_kpa`: knowledge-preserving: the context-aware directions of
   *general* data stay frozen. With `R_g K = U Σ Vᵀ` (thin SVD, p =
   min(rows of R_g, d_out) triplets), the adapter takes the bottom r:
@@ -46,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from ctxlr import baselines
+from ctxlr import methods
 from ctxlr import stats as stats_lib
 from ctxlr import surgery
 from ctxlr.linalg import checks
@@ -240,17 +246,66 @@ def coala(
     rank: int,
     key: Any = None,
     general_stats: Any = None,
+    mu: float = 0.0,
+    mu_rule: str = 'energy',
 ) -> AdapterInit:
   """Context-aware top r of the task data: `a = K V_r`, `b = V_rᵀ` (§2).
 
   `V_r`: top right singular vectors of `R K`, R from the task inputs, so
   `a b` minimises `||X_task (K − K')||_F` over rank r, with no Gram matrix
-  and no inverse (`solvers.ctx_factors`).
+  and no inverse (`solvers.ctx_factors`). With `mu` = μ₀ > 0 the layer's μ
+  comes from μ₀ by `mu_rule` (`solvers.layer_mu`: 'energy' or COALA's
+  adaptive 'error_ratio', docs/method.md §4) and `a b` minimises
+  `||X(K − K')||² + μ||K − K'||²` instead (`methods.coala`: `regularize_r`,
+  then the same SVD).
   """
   del key, general_stats
   if stats is None or stats.r is None:
     raise ValueError('coala needs task statistics with R (calibrate).')
-  f = solvers.ctx_factors(kernel, stats.r, rank=rank)
+  layer_mu = coala_mu(kernel, stats, rank=rank, mu=mu, mu_rule=mu_rule)
+  f, _ = methods.coala(jnp.asarray(kernel), stats, rank=rank, mu=layer_mu)
+  return _finish(jnp.asarray(kernel), f.a, f.b)
+
+
+def coala_mu(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    mu: float,
+    mu_rule: str,
+) -> float:
+  """The layer's μ of the `coala` init: μ₀ = `mu` under `mu_rule`."""
+  _check_mu('coala', mu, mu_rule)
+  if mu == 0:
+    return 0.0
+  return float(
+      solvers.layer_mu(
+          jnp.asarray(kernel), jnp.asarray(stats.r), mu, rank=rank, rule=mu_rule
+      )
+  )
+
+
+def k_star(
+    kernel: jax.Array,
+    stats: stats_lib.LayerStats,
+    *,
+    rank: int,
+    key: Any = None,
+    general_stats: Any = None,
+) -> AdapterInit:
+  """K_*: the minimiser of `||X_task (K − K')||_F` closest to K (§5).
+
+  The μ → 0 limit of the regularized init (`methods.k_star`, float64 from
+  R): where the task data determine the top r directions (a gap after
+  σ_r(X K)) it is the `coala` init; where they do not (rank X K < r, or a
+  tie) it fits the data exactly and spends the remaining ranks on the part
+  of K the data do not see. `a = K V_*`, `b = V_*ᵀ`.
+  """
+  del key, general_stats
+  if stats is None or stats.r is None:
+    raise ValueError('k_star needs task statistics with R (calibrate).')
+  f, _ = methods.k_star(jnp.asarray(kernel), stats, rank=rank)
   return _finish(jnp.asarray(kernel), f.a, f.b)
 
 
@@ -336,6 +391,7 @@ METHODS: dict[str, Callable[..., AdapterInit]] = {
     'milora': milora,
     'corda': corda,
     'coala': coala,
+    'k_star': k_star,
     'coala_kpa': coala_kpa,
 }
 # Which statistics a method reads: task R / task Gram / general-data R.
@@ -345,8 +401,28 @@ NEEDS = {
     'milora': (),
     'corda': ('gram',),
     'coala': ('r',),
+    'k_star': ('r',),
     'coala_kpa': ('general',),
 }
+# Methods that take the ridge μ₀ and its rule (`coala`).
+TAKES_MU = ('coala',)
+
+
+def _check_mu(method: str, mu: Any, mu_rule: Any) -> None:
+  if mu_rule not in solvers.MU_RULES:
+    raise ValueError(
+        f'mu_rule must be one of {solvers.MU_RULES}; got {mu_rule!r}.'
+    )
+  if (
+      isinstance(mu, bool)
+      or not isinstance(mu, (int, float))
+      or not (math.isfinite(mu) and mu >= 0)
+  ):
+    raise ValueError(f'mu must be a finite number >= 0; got {mu!r}.')
+  if mu and method not in TAKES_MU:
+    raise ValueError(
+        f'mu: only {TAKES_MU} take a ridge μ₀; got mu={mu} for {method}.'
+    )
 
 
 def init_adapter(
@@ -358,6 +434,8 @@ def init_adapter(
     key: jax.Array | None = None,
     general_stats: stats_lib.LayerStats | None = None,
     split: str = 'own',
+    mu: float = 0.0,
+    mu_rule: str = 'energy',
 ) -> AdapterInit:
   """Initial (K_res, a, b) of one layer by `method`, one call for all.
 
@@ -378,6 +456,8 @@ def init_adapter(
     split: 'own' (the method's definition; ctxlr and coala_kpa: `a = K V`,
       `b = Vᵀ`) or 'balanced' (`balance`: the same `a b` and K_res, split
       as `P √D`, `√D Qᵀ`; not for lora, whose b is 0).
+    mu: the ridge μ₀ >= 0 of `coala` (`TAKES_MU`; 0 for the others).
+    mu_rule: how μ₀ becomes the layer's μ (`solvers.MU_RULES`).
 
   Returns:
     AdapterInit(k_res, a, b) in K's dtype, with `k_res + a b = K` to
@@ -392,16 +472,19 @@ def init_adapter(
         f'split must be one of {SPLITS} (lora: own); got '
         f'{split!r} for {method}.'
     )
+  _check_mu(method, mu, mu_rule)
   checks.check_matrix('kernel', kernel)
   checks.check_rank(rank, *kernel.shape)
   checks.check_finite('kernel', kernel)
   key = jax.random.key(0) if key is None else key
+  options = dict(mu=mu, mu_rule=mu_rule) if method in TAKES_MU else {}
   init = METHODS[method](
       jnp.asarray(kernel),
       stats,
       rank=rank,
       key=key,
       general_stats=general_stats,
+      **options,
   )
   if split == 'balanced':
     init = init._replace(**dict(zip('ab', balance(init.a, init.b))))
@@ -420,7 +503,9 @@ def add_adapters(
     general_stats: Mapping[str, stats_lib.LayerStats] | None = None,
     scaling: float = 1.0,
     split: str = 'own',
-) -> dict[str, dict[str, int]]:
+    mu: float = 0.0,
+    mu_rule: str = 'energy',
+) -> dict[str, dict[str, Any]]:
   """Replaces the chosen `nnx.Linear`s by `AdapterLinear`s, in place.
 
   Args:
@@ -437,9 +522,12 @@ def add_adapters(
       divided by s in `b` (as PEFT divides S by the scaling), so
       `K_res + s a b = K` for every s.
     split: 'own' or 'balanced' (see `init_adapter`).
+    mu: `coala`'s ridge μ₀ (`init_adapter`), each layer's μ by `mu_rule`.
+    mu_rule: 'energy' or 'error_ratio' (`solvers.MU_RULES`).
 
   Returns:
-    {layer: dict(d_in, d_out, rank)} of the adapted layers.
+    {layer: dict(d_in, d_out, rank)} of the adapted layers (for `coala`
+    with μ₀ > 0 also `mu`, the layer's μ).
   """
   if method not in METHODS:
     raise ValueError(
@@ -447,6 +535,7 @@ def add_adapters(
     )
   if not scaling > 0:
     raise ValueError(f'scaling must be > 0; got {scaling}.')
+  _check_mu(method, mu, mu_rule)
   shapes = surgery.select_linears(model, include, exclude)
   key = jax.random.key(0) if key is None else key
   if NEEDS[method]:
@@ -472,6 +561,8 @@ def add_adapters(
           if general_stats is None
           else general_stats.get(name),
           split=split,
+          mu=mu,
+          mu_rule=mu_rule,
       )
     except ValueError as e:
       raise ValueError(f'{name}: {e}') from e
@@ -481,6 +572,10 @@ def add_adapters(
         model, name, AdapterLinear(init.k_res, init.a, b, bias, scaling=scaling)
     )
     report[name] = dict(d_in=d_in, d_out=d_out, rank=rank)
+    if mu and stats is not None:
+      report[name]['mu'] = coala_mu(
+          linear.kernel[...], stats[name], rank=rank, mu=mu, mu_rule=mu_rule
+      )
   return report
 
 

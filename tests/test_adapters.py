@@ -70,6 +70,78 @@ def test_ctxlr_is_the_context_aware_optimum(shape):
   assert (err - opt) / opt < 1e-5
 
 
+def _short(d_in, d_out, n, seed=1):
+  """Fewer tokens than d_in: (X, K, LayerStats)."""
+  rng = np.random.default_rng(seed)
+  x = (rng.standard_normal((n, d_in)) * np.linspace(0.3, 3, d_in)).astype(
+      np.float32
+  )
+  kernel = rng.standard_normal((d_in, d_out)).astype(np.float32)
+  return x, kernel, stats_lib.stats_from_x(jnp.asarray(x))
+
+
+def _top_projector(m, rank):
+  return _projector(np.linalg.svd(m, full_matrices=False)[2][:rank].T)
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('rule', ['energy', 'error_ratio'])
+def test_regularized_coala_is_the_ridge_optimum(shape, rule):
+  # n = 12 < d_in: the data alone leave directions free; μ pulls toward K.
+  x, kernel, stats = _short(*shape, n=12)
+  x64, k64 = _f64(x), _f64(kernel)
+  k0 = k64 @ _top_projector(x64 @ k64, RANK)  # the μ = 0 solution
+  if rule == 'energy':  # μ₀ times the mean eigenvalue of XᵀX
+    mu = 0.5 * np.sum(x64**2) / shape[0]
+  else:  # COALA's adaptive rule: both terms equal at K₀
+    mu = 0.5 * np.sum((x64 @ (k64 - k0)) ** 2) / np.sum((k64 - k0) ** 2)
+  got = adapters.coala_mu(kernel, stats, rank=RANK, mu=0.5, mu_rule=rule)
+  assert got == pytest.approx(mu, rel=1e-4)
+  init = adapters.init_adapter(
+      'coala', kernel, stats, rank=RANK, mu=0.5, mu_rule=rule
+  )
+  _check_sum(init, kernel)
+  # float64 reference: the plain problem on [X; √μ I], top r of its X K.
+  stacked = np.concatenate([x64, np.sqrt(mu) * np.eye(shape[0])])
+  p = _top_projector(stacked @ k64, RANK)
+  np.testing.assert_allclose(_f64(init.b).T @ _f64(init.b), p, atol=5e-5)
+  assert _rel(_f64(init.a) @ _f64(init.b), k64 @ p) < 5e-5
+  assert _rel(k64 @ p, k0) > 1e-3  # it is not the μ = 0 init
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_k_star_init_fits_the_data_then_keeps_k(shape):
+  # n = 2 < r = 4: rank X K = 2, the μ = 0 problem has many minimisers.
+  x, kernel, stats = _short(*shape, n=2)
+  x64, k64 = _f64(x), _f64(kernel)
+  init = adapters.init_adapter('k_star', kernel, stats, rank=RANK)
+  _check_sum(init, kernel)
+  # float64 reference: K P + [K (I − P)]_{r−k}, P onto the row space of XK.
+  vt = np.linalg.svd(x64 @ k64, full_matrices=False)[2][:2]
+  p = _projector(vt.T)
+  rest = k64 @ (np.eye(shape[1]) - p)
+  u, s, wt = np.linalg.svd(rest, full_matrices=False)
+  want = k64 @ p + (u[:, :2] * s[:2]) @ wt[:2]
+  assert _rel(_f64(init.a) @ _f64(init.b), want) < 1e-5
+  # With enough data (a gap) K_* is the coala init.
+  _, _, kernel, stats, _ = _data(*shape)
+  star = adapters.init_adapter('k_star', kernel, stats, rank=RANK)
+  plain = adapters.init_adapter('coala', kernel, stats, rank=RANK)
+  assert _rel(_f64(star.a) @ _f64(star.b), _f64(plain.a) @ _f64(plain.b)) < 1e-5
+
+
+def test_add_adapters_reports_each_layers_mu():
+  model, _, stats = _toy_with_stats()
+  report = adapters.add_adapters(
+      model, stats, method='coala', rank=2, mu=0.1, split='balanced'
+  )
+  for name, row in report.items():
+    r = _f64(stats[name].r)
+    assert row['mu'] == pytest.approx(
+        0.1 * np.sum(r**2) / row['d_in'], rel=1e-5
+    )
+
+
 @pytest.mark.parametrize('shape', SHAPES)
 def test_ctxlr_kpa_freezes_the_general_directions(shape):
   _, xg, kernel, _, gstats = _data(*shape)
@@ -253,3 +325,18 @@ def test_errors():
     adapters.init_adapter('pissa', kernel, rank=2, split='sqrt')
   with pytest.raises(ValueError, match='do not fit'):
     adapters.AdapterLinear(jnp.ones((4, 5)), jnp.ones((4, 2)), jnp.ones((2, 4)))
+  with pytest.raises(ValueError, match='mu: only'):
+    adapters.init_adapter('pissa', kernel, rank=2, mu=0.1)
+  with pytest.raises(ValueError, match='mu must be a finite number >= 0'):
+    adapters.add_adapters(model, stats, method='coala', rank=2, mu=-1.0)
+  with pytest.raises(ValueError, match='mu_rule must be one of'):
+    adapters.init_adapter(
+        'coala',
+        kernel,
+        stats_lib.LayerStats(jnp.eye(8), None, None, 8),
+        rank=2,
+        mu=0.1,
+        mu_rule='cholesky',
+    )
+  with pytest.raises(ValueError, match='k_star needs task statistics'):
+    adapters.init_adapter('k_star', kernel, rank=2)
