@@ -177,22 +177,63 @@ def test_finetune_adapters_quick(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
-  assert [r['run'] for r in out['runs']] == [
-      'lora',
+  labels = ['lora', 'coala_energy_balanced', 'coala_kpa_balanced']
+  assert list(dict.fromkeys(r['run'] for r in out['runs'])) == labels
+  by_label = {n: [r for r in out['runs'] if r['run'] == n] for n in labels}
+  for name, runs in by_label.items():
+    # The grid (1e-3, 3e-3) on seed 0, then seed 1 at the chosen rate,
+    # chosen on the validation set.
+    grid = {r['learning_rate']: r for r in runs if r['stage'] == 'grid'}
+    assert sorted(grid) == [1e-3, 3e-3] and all(
+        r['seed'] == 0 for r in grid.values()
+    )
+    chosen = min(grid, key=lambda lr: grid[lr]['val']['ppl_sotu'])
+    (other,) = [r for r in runs if r['stage'] == 'seeds']
+    assert (other['seed'], other['learning_rate']) == (1, chosen)
+    for r in runs:
+      assert [e['step'] for e in r['eval']] == [0, 2, 4]
+      assert r['eval'][-1]['ppl_sotu'] < r['eval'][0]['ppl_sotu']
+      assert r['examples'] == 4
+  mu = by_label['coala_energy_balanced'][0]
+  assert (mu['method'], mu['split'], mu['mu_rule']) == (
       'coala',
-      'coala_kpa_balanced',
-  ]
-  assert [(r['method'], r['split']) for r in out['runs']] == [
-      ('lora', 'own'),
-      ('coala', 'own'),
-      ('coala_kpa', 'balanced'),
-  ]
-  for r in out['runs']:
-    assert [e['step'] for e in r['eval']] == [0, 2, 4]
-    assert r['eval'][-1]['ppl_sotu'] < r['eval'][0]['ppl_sotu']
+      'balanced',
+      'energy',
+  )
+  assert mu['mu'] == 1.0 and mu['median_mu'] > 0
+  assert by_label['lora'][0]['median_mu'] == 0
+  # 4 examples of 8 tokens: every layer's X is short of data (32 < 576).
+  (flags,) = out['inits']['4']['by_width'].values()
+  assert flags['short'] == flags['layers'] == 4
+  assert out['inits']['4']['tokens'] == 32
   assert (tmp_path / 'finetune_curves.png').stat().st_size > 0
-  assert '| coala_kpa_balanced |' in (tmp_path / 'summary.md').read_text()
+  summary = (tmp_path / 'summary.md').read_text()
+  assert '| coala_kpa_balanced |' in summary and 'target' in summary
   assert not os.listdir(tmp_path / 'checkpoints')  # removed when done
+  # A rerun keeps every finished run; an example-sweep point reuses the
+  # rates chosen at 4 examples and runs no grid.
+  again = _launch(
+      '--config=experiments/configs/finetune_adapters.py:quick',
+      f'--workdir={tmp_path}',
+      '--config.init.num_examples=2',
+      '--config.lr_from_examples=4',
+      "--config.only=('coala_energy_balanced',)",
+  )
+  assert again.returncode == 0, again.stderr[-3000:]
+  rerun = results.read_json(str(tmp_path / 'results.json'))
+  assert rerun['runs'][: len(out['runs'])] == out['runs']
+  new = rerun['runs'][len(out['runs']) :]
+  assert [(r['run'], r['examples'], r['seed'], r['stage']) for r in new] == [
+      ('coala_energy_balanced', 2, 0, 'seeds'),
+      ('coala_energy_balanced', 2, 1, 'seeds'),
+  ]
+  assert {r['learning_rate'] for r in new} == {
+      r['learning_rate']
+      for r in by_label['coala_energy_balanced']
+      if r['stage'] == 'seeds'
+  }
+  assert '## Init examples sweep' in (tmp_path / 'summary.md').read_text()
+  assert (tmp_path / 'examples_sweep.png').stat().st_size > 0
 
 
 def test_heal_quick(tmp_path):
