@@ -242,11 +242,25 @@ def test_heal_quick(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
-  assert [r['run'] for r in out['runs']] == ['coala', 'coala_balanced']
-  assert [r['split'] for r in out['runs']] == ['own', 'balanced']
-  first = [r['eval'][0]['ppl_wikipedia'] for r in out['runs']]
-  assert first[0] == pytest.approx(first[1], rel=1e-4)  # same products
+  grid = [r for r in out['runs'] if r['stage'] == 'grid']
+  assert [(r['run'], r['learning_rate'], r['seed']) for r in grid] == [
+      ('coala', 1e-3, 0),
+      ('coala', 2e-3, 0),
+      ('coala_balanced', 1e-3, 0),
+      ('coala_balanced', 2e-3, 0),
+  ]
+  for name in ('coala', 'coala_balanced'):  # seed 1 at the chosen rate
+    mine = [r for r in grid if r['run'] == name]
+    chosen = min(mine, key=lambda r: r['val'])['learning_rate']
+    (seeded,) = [
+        r for r in out['runs'] if r['run'] == name and r['stage'] == 'seeds'
+    ]
+    assert (seeded['seed'], seeded['learning_rate']) == (1, chosen)
+  assert [r['split'] for r in grid] == ['own', 'own', 'balanced', 'balanced']
+  first = [r['eval'][0]['ppl_wikipedia'] for r in grid]
+  assert first[0] == pytest.approx(first[2], rel=1e-4)  # same products
   for r in out['runs']:
     assert r['eval'][-1]['ppl_wikipedia'] < r['eval'][0]['ppl_wikipedia']
     assert 0.55 < r['kept_ratio'] <= 0.6
+  assert '± ' in (tmp_path / 'summary.md').read_text()
   assert (tmp_path / 'heal_curves.png').stat().st_size > 0
