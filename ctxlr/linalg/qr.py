@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ctxlr.linalg import checks
+from ctxlr.linalg import tpqrt
 
 
 def canonical_signs(r: jax.Array) -> jax.Array:
@@ -64,18 +65,43 @@ def qr_r(x: jax.Array) -> jax.Array:
   return qr_r_unchecked(jnp.asarray(x))
 
 
+# Narrower R's fold faster densely on CPU (the callback's fixed cost wins):
+# measured equal at d = 256, b = 256-2048; stpqrt 10% faster at d = 384.
+LAPACK_MIN_WIDTH = 256
+
+
 @jax.jit
 def fold_r_unchecked(r: jax.Array, block: jax.Array) -> jax.Array:
-  """`fold_r` without argument checks, for the package's hot loops."""
+  """`fold_r` without argument checks, for the package's hot loops.
+
+  float32 on CPU, d >= LAPACK_MIN_WIDTH: LAPACK's structured `stpqrt`
+  (`tpqrt.fold_lapack`: R's zeros are never touched; cheaper than the
+  dense QR per call, docs/results/bench_pipeline/); otherwise (float64,
+  narrow R, GPU) the dense QR of the stacked rows (`fold_r_dense`).
+  """
   dtype = checks.compute_dtype(r.dtype, block.dtype)
+  r, block = r.astype(dtype), block.astype(dtype)
+  # Chosen while tracing (backend, dtype, width); float64 stays dense.
+  if (
+      jax.default_backend() == 'cpu'
+      and dtype == jnp.float32
+      and r.shape[1] >= LAPACK_MIN_WIDTH
+  ):
+    return tpqrt.fold_lapack(r, block)
+  return fold_r_dense(r, block)
+
+
+@jax.jit
+def fold_r_dense(r: jax.Array, block: jax.Array) -> jax.Array:
+  """The dense fold: `qr_r([X_block; R])`, R's zeros included (any
+  platform; same R as `fold_r_unchecked` to rounding)."""
+  dtype = checks.compute_dtype(r.dtype, block.dtype)
+  r, block = r.astype(dtype), block.astype(dtype)
   # [X_block; R], not [R; X_block]: the same R (row order does not change
   # RᵀR), but jaxlib 0.10's float64 CPU geqrf returns NaN for some wide
   # blocks under a mostly-zero R (e.g. the first fold into R = 0 with
   # d >= 1000, b = 8); data first never did (tests/test_streaming.py).
-  # The structured fold (`tpqrt.fold`) is faster per call but its compile
-  # time inside a calibration step is not (docs/results/bench_pipeline/).
-  stacked = jnp.concatenate([block.astype(dtype), r.astype(dtype)])  # [b+d, d]
-  return qr_r_unchecked(stacked)
+  return qr_r_unchecked(jnp.concatenate([block, r]))  # qr of [b+d, d]
 
 
 def fold_r(r: jax.Array, block: jax.Array) -> jax.Array:
