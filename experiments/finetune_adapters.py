@@ -222,7 +222,7 @@ def run(config, workdir: str) -> None:
   )
   shapes = surgery.select_linears(model, config.include, config.exclude)
   layers = list(shapes)
-  needs = {n_ for v in runs.values() for n_ in adapters.NEEDS[v['method']]}
+  needs = {x for name in names for x in adapters.NEEDS[runs[name]['method']]}
 
   def examples(corpus):
     return data.sequences(
@@ -458,6 +458,12 @@ def summarize(out: dict) -> str:
       f'validation {dval}. Mean ± standard deviation over seeds, at the '
       'rate chosen on the validation set.\n'
   ]
+  seconds = [x['seconds'] for r in out['runs'] for x in r['train'][1:]]
+  text.append(
+      f'\n{len(out["runs"])} runs; seconds per training step (after the '
+      f'first): median {np.median(seconds):.2f}, 10th-90th percentile '
+      f'{np.percentile(seconds, 10):.2f}-{np.percentile(seconds, 90):.2f}.\n'
+  )
   flag_rows = []
   for n, info in sorted(out['inits'].items(), key=lambda kv: int(kv[0])):
     for width, f in sorted(info['by_width'].items(), key=lambda kv: int(kv[0])):
@@ -478,11 +484,14 @@ def summarize(out: dict) -> str:
       'adapter rank (the layers compression regularizes).\n\n'
       + results.markdown_table(flag_rows, list(flag_rows[0]))
   )
-  grid = {}
+  grid, tests = {}, {}
   for r in out['runs']:
     if r.get('stage') == 'grid':
       g = grid.setdefault((label(r), r['examples']), {})
       g[r['learning_rate']] = r['val']
+      tests.setdefault((label(r), r['examples']), {})[r['learning_rate']] = r[
+          'eval'
+      ][-1]
   rates = sorted({lr for g in grid.values() for lr in g})
   grid_rows = []
   for (name, n), g in grid.items():
@@ -503,6 +512,20 @@ def summarize(out: dict) -> str:
         f'{out["general"]} perplexity at the last step; * the chosen rate '
         f'(lowest validation {out["task"]}).\n\n'
         + results.markdown_table(grid_rows, list(grid_rows[0]))
+    )
+    test_rows = []
+    for (name, n), g in tests.items():
+      line = dict(run=name, examples=n)
+      for lr in rates:
+        v = g.get(lr)
+        line[f'lr {lr:g}'] = (
+            '' if v is None else f'{v[task]:.2f} / {v[general]:.2f}'
+        )
+      test_rows.append(line)
+    text.append(
+        f'\nThe same grid on the test set ({out["task"]} / {out["general"]} at '
+        'the last step; not used to choose):\n\n'
+        + results.markdown_table(test_rows, list(test_rows[0]))
     )
   for n in sorted({r['examples'] for r in rows}):
     table = []

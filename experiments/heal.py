@@ -215,7 +215,9 @@ def summarize(out: dict) -> str:
     first = rs[0]
     row = dict(
         run=name,
-        lr=f'{first.get("learning_rate", 0):g}',
+        lr=(
+            f'{first["learning_rate"]:g}' if 'learning_rate' in first else ''
+        ),  # runs written before the grid carry none
         seeds=len(rs),
         kept_ratio=f'{first["kept_ratio"]:.3f}',
         steps=first['eval'][-1]['step'],
