@@ -17,18 +17,21 @@ def time_calls(
     *,
     repeats: int,
     min_seconds: float,
+    warmup: bool = True,
 ) -> dict[Any, dict[str, float]]:
   """Seconds per call of each `name: (fn, args)`, timed round-robin.
 
-  Each round calls every function once (compiled, blocking), so a change in
-  the machine's load hits all of them alike; rounds go on until each has at
-  least `repeats` calls and `min_seconds` of them. Per name: `min`,
+  After one untimed warm-up call each (skipped with `warmup=False`, when
+  the caller made it), each round calls every function once (compiled,
+  blocking), so a change in the machine's load hits all of them alike;
+  rounds go on until each has at least `repeats` calls and `min_seconds`
+  of them. Per name: `min`,
   `median`, `mean`, `cpu` (the process CPU time per call over all threads:
   `cpu / mean` = cores the call kept busy) and `calls`.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  for fn, args in calls.values():
+  for fn, args in calls.values() if warmup else ():
     jax.block_until_ready(fn(*args))  # compile, warm up
   times = {name: [] for name in calls}
   cpu = dict.fromkeys(calls, 0.0)

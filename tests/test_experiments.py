@@ -399,7 +399,7 @@ def test_bench_pipeline_quick(tmp_path):
       'calib_r',
       'calib_gram',
       'calib_both',
-      'calib_r_dense',
+      'calib_r_stpqrt',
   }
   assert all(v['tokens_per_s'] > 0 for v in out['throughput'].values())
   fold = out['fold'][0]

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 
 from ctxlr.linalg import checks
-from ctxlr.linalg import tpqrt
 
 
 def canonical_signs(r: jax.Array) -> jax.Array:
@@ -65,36 +64,22 @@ def qr_r(x: jax.Array) -> jax.Array:
   return qr_r_unchecked(jnp.asarray(x))
 
 
-# Narrower R's fold faster densely on CPU (the callback's fixed cost wins):
-# measured equal at d = 256, b = 256-2048; stpqrt 10% faster at d = 384.
-LAPACK_MIN_WIDTH = 256
-
-
 @jax.jit
 def fold_r_unchecked(r: jax.Array, block: jax.Array) -> jax.Array:
-  """`fold_r` without argument checks, for the package's hot loops.
-
-  float32 on CPU, d >= LAPACK_MIN_WIDTH: LAPACK's structured `stpqrt`
-  (`tpqrt.fold_lapack`: R's zeros are never touched; cheaper than the
-  dense QR per call, docs/results/bench_pipeline/); otherwise (float64,
-  narrow R, GPU) the dense QR of the stacked rows (`fold_r_dense`).
-  """
-  dtype = checks.compute_dtype(r.dtype, block.dtype)
-  r, block = r.astype(dtype), block.astype(dtype)
-  # Chosen while tracing (backend, dtype, width); float64 stays dense.
-  if (
-      jax.default_backend() == 'cpu'
-      and dtype == jnp.float32
-      and r.shape[1] >= LAPACK_MIN_WIDTH
-  ):
-    return tpqrt.fold_lapack(r, block)
+  """`fold_r` without argument checks, for the package's hot loops: the
+  dense QR of the stacked rows (`fold_r_dense`)."""
   return fold_r_dense(r, block)
 
 
 @jax.jit
 def fold_r_dense(r: jax.Array, block: jax.Array) -> jax.Array:
-  """The dense fold: `qr_r([X_block; R])`, R's zeros included (any
-  platform; same R as `fold_r_unchecked` to rounding)."""
+  """The dense fold: `qr_r([X_block; R])`, R's zeros included.
+
+  LAPACK's structured `stpqrt` skips them and calibrates faster on CPU, but
+  called from inside a jitted step (a host callback) it hung at random
+  inside LAPACK, and the JAX recursion of `tpqrt.fold` compiles for minutes
+  inside a whole-model step (docs/results/bench_pipeline/).
+  """
   dtype = checks.compute_dtype(r.dtype, block.dtype)
   r, block = r.astype(dtype), block.astype(dtype)
   # [X_block; R], not [R; X_block]: the same R (row order does not change

@@ -17,28 +17,20 @@ panels run at matrix-vector speed) and `2 b d²` for the Gram update
 `XᵀX += X_bᵀ X_b`. Same R as the dense fold up to rounding
 (docs/method.md §3).
 
-Two implementations of the same fold. `fold` is this recursion in JAX, for
-any platform. `fold_lapack` calls LAPACK's own `?tpqrt` (SciPy's, the
-library jaxlib's CPU kernels use) from inside a jitted program through
-`jax.pure_callback`: one custom call, so it compiles in no time however many
-layers a calibration step folds (the JAX recursion unrolls into a large
-program per distinct layer input, and a step of the default model inlining
-one per input compiled for minutes). `qr.fold_r_unchecked` — what
-calibration, streaming and TSQR run — uses `fold_lapack` on CPU and the
-dense QR of the stacked rows elsewhere (cuSOLVER's geqrf on GPU, no host
-round trip). Measured against the Gram update in
-docs/results/bench_pipeline/.
+Not used by calibration: the recursion unrolls into a large program, and a
+calibration step that inlines one per distinct layer input compiled for
+about a minute per two blocks of the default model. LAPACK's own `stpqrt`
+called from the step through `jax.pure_callback` compiles at once and
+calibrates faster, but hung at random inside LAPACK on XLA's callback
+thread; docs/results/bench_pipeline/ measures all three folds.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from scipy.linalg import lapack
 
 LEAF = 32  # columns of a leaf panel: geqrf of (32 + b) × 32
-BLOCK = 64  # LAPACK ?tpqrt's block size nb (fastest of 16-128 measured)
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -99,50 +91,3 @@ def fold(r: jax.Array, block: jax.Array, *, leaf: int = LEAF) -> jax.Array:
     rounding; the signs of its rows are not normalised.
   """
   return _fold(r, block, leaf, want_t=False)[0]
-
-
-def _stpqrt_host(r: np.ndarray, block: np.ndarray) -> np.ndarray:
-  """LAPACK `stpqrt` of `[r; block]` on the host; R with diag >= 0."""
-  n = r.shape[0]
-  # Copies in Fortran order (the inputs are read-only views of XLA's
-  # buffers); LAPACK overwrites them.
-  a, b = np.array(r, order='F'), np.array(block, order='F')
-  out, _, _, info = lapack.stpqrt(
-      0, min(BLOCK, max(n, 1)), a, b, overwrite_a=1, overwrite_b=1
-  )
-  if info != 0:  # only on an argument error
-    raise RuntimeError(f'LAPACK stpqrt returned info={info}.')
-  out = np.triu(out)
-  signs = np.where(np.diagonal(out) < 0, -1, 1).astype(out.dtype)
-  return out * signs[:, None]
-
-
-def fold_lapack(r: jax.Array, block: jax.Array) -> jax.Array:
-  """`fold`, by LAPACK's `stpqrt` through a host callback (CPU, float32).
-
-  float32 only: the callback runs on XLA's threads, where a thread-local
-  `jax.enable_x64` context does not reach, and JAX hands it float64
-  operands cast to float32 there (under shard_map, measured); float64
-  folds take the dense QR (`qr.fold_r_unchecked`).
-
-  Args:
-    r: float32[d, d] upper triangular (zeros to start).
-    block: float32[b, d]; any b >= 1.
-
-  Returns:
-    R, float32[d, d] upper triangular with `RᵀR = rᵀr + blockᵀblock` to
-    rounding and a non-negative diagonal. Works under jit, vmap (one call
-    per element) and shard_map (one per device's shard).
-  """
-  if r.dtype != jnp.float32 or block.dtype != jnp.float32:
-    raise ValueError(
-        'fold_lapack: r and block must be float32; got '
-        f'{r.dtype} and {block.dtype}.'
-    )
-  return jax.pure_callback(
-      _stpqrt_host,
-      jax.ShapeDtypeStruct(r.shape, r.dtype),
-      r,
-      block,
-      vmap_method='sequential',
-  )
