@@ -250,7 +250,7 @@ def test_adapter_stats_of_the_wrong_shape_name_the_layer():
   stats = {name: stats_lib.stats_from_x(jnp.ones((20, 8)))}  # d_in is 16
   with pytest.raises(
       ValueError,
-      match=rf'^{name}: r has shape \(8, 8\); ' 'expected 16 columns',
+      match=rf'^{name}: stats.r has shape \(8, 8\); expected 16 columns',
   ):
     adapters.add_adapters(model, stats, method='coala', rank=4, include=(name,))
 
