@@ -510,11 +510,16 @@ def make_eval_fn(tokenizer, eval_config) -> Callable[[Any], dict]:
       c: token_sequences(c, 'eval', tokenizer, eval_config)
       for c in eval_config.corpora
   }
+  return perplexity_fn(sets, eval_config.batch_size)
+
+
+def perplexity_fn(sets: dict, batch_size: int) -> Callable[[Any], dict]:
+  """`model -> {ppl_<corpus>: perplexity}` on `sets` ({corpus: sequences})."""
 
   def eval_fn(model):
     return {
         f'ppl_{c}': evaluation.perplexity(
-            model, s, batch_size=eval_config.batch_size, progress=False
+            model, s, batch_size=batch_size, progress=False
         ).perplexity
         for c, s in sets.items()
     }

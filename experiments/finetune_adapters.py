@@ -26,7 +26,6 @@ import numpy as np
 from ctxlr import adapters
 from ctxlr import calibration
 from ctxlr import data
-from ctxlr import evaluation
 from ctxlr import pipeline
 from ctxlr import results
 from ctxlr import stats as stats_lib
@@ -166,16 +165,7 @@ def _val_fn(tokenizer, config):
       )[v.skip_sequences :]
       for c in (config.task, config.general)
   }
-
-  def val_fn(model):
-    return {
-        f'ppl_{c}': evaluation.perplexity(
-            model, s, batch_size=v.batch_size, progress=False
-        ).perplexity
-        for c, s in sets.items()
-    }
-
-  return val_fn
+  return common.perplexity_fn(sets, v.batch_size)
 
 
 def chosen_rates(out: dict, examples: int, task: str) -> dict[str, float]:
