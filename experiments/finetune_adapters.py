@@ -90,6 +90,12 @@ def validate(config) -> None:
   for i, lr in enumerate(config.learning_rates):
     common.check_number(lr, f'learning_rates[{i}]', positive=True)
   common.check_int(config.lr_from_examples, 'lr_from_examples', minimum=0)
+  if isinstance(config.sweep.examples, int):
+    common.fail('sweep.examples', 'a tuple of counts', config.sweep.examples)
+  for i, m in enumerate(config.sweep.examples):
+    common.check_int(m, f'sweep.examples[{i}]')
+  for i, name in enumerate(config.sweep.only):
+    common.check_choice(name, tuple(runs), f'sweep.only[{i}]')
   if not config.seeds or isinstance(config.seeds, int):
     common.fail('seeds', 'a non-empty tuple of seeds', config.seeds)
   for i, seed in enumerate(config.seeds):
@@ -183,7 +189,9 @@ def chosen_rates(out: dict, examples: int, task: str) -> dict[str, float]:
 
 def run(config, workdir: str) -> None:
   """Per run label of `config.runs` (or `config.only`): the rate grid on
-  the first seed, then the other seeds at the chosen rate.
+  the first seed, then the other seeds at the chosen rate; then every
+  count of `sweep.examples` at the rates chosen here, for the labels of
+  `sweep.only` (empty: this launch's).
 
   Every run sees the same steps and schedule; a seed fixes the order of
   the training batches and LoRA's random init. A finished (label, examples,
@@ -202,7 +210,7 @@ def run(config, workdir: str) -> None:
     out['dense'] = eval_fn(model)
     out['dense_val'] = val_fn(model)
     common.write_results(workdir, out)
-  t, n = config.train, config.init.num_examples
+  t = config.train
   train_seqs = data.sequences(
       config.task,
       'calib',
@@ -212,54 +220,49 @@ def run(config, workdir: str) -> None:
   )
   shapes = surgery.select_linears(model, config.include, config.exclude)
   layers = list(shapes)
-  needs = {x for name in names for x in adapters.NEEDS[runs[name]['method']]}
-
-  def examples(corpus):
-    return data.sequences(
-        corpus,
-        'calib',
-        tokenizer,
-        seq_len=config.init.seq_len,
-        num_sequences=n,
-    )
-
   stats_dir = os.path.join(workdir, 'stats')
-  task = _cached_stats(
-      os.path.join(stats_dir, f'{config.task}_{n}.npz'),
-      lambda: _init_stats(
-          model,
-          examples(config.task),
-          layers,
-          config.init.batch_size,
-          gram=True,
-          desc=f'{config.task} {n} examples',
-      ),
-  )
-  general = None
-  if 'general' in needs:
-    general = _cached_stats(
-        os.path.join(stats_dir, f'{config.general}_{n}.npz'),
-        lambda: _init_stats(
-            model,
-            examples(config.general),
-            layers,
-            config.init.batch_size,
-            gram=False,
-            desc=f'{config.general} {n} examples',
-        ),
-    )
-  if str(n) not in out['inits']:
-    out['inits'][str(n)] = _data_flags(task, shapes, config.rank)
-    common.write_results(workdir, out)
-  logging.info('init statistics, %d examples: %s', n, out['inits'][str(n)])
-
   txs = {}
   done = {_key(r) for r in out['runs']}
 
-  def one(name, lr, seed, stage):
+  def init_stats(n, labels):
+    """(task stats, general stats or None) of the first n examples."""
+
+    def examples(corpus):
+      return data.sequences(
+          corpus,
+          'calib',
+          tokenizer,
+          seq_len=config.init.seq_len,
+          num_sequences=n,
+      )
+
+    def cached(corpus, gram):
+      return _cached_stats(
+          os.path.join(stats_dir, f'{corpus}_{n}.npz'),
+          lambda: _init_stats(
+              model,
+              examples(corpus),
+              layers,
+              config.init.batch_size,
+              gram=gram,
+              desc=f'{corpus} {n} examples',
+          ),
+      )
+
+    needs = {x for name in labels for x in adapters.NEEDS[runs[name]['method']]}
+    task = cached(config.task, True)
+    general = cached(config.general, False) if 'general' in needs else None
+    if str(n) not in out['inits']:
+      out['inits'][str(n)] = _data_flags(task, shapes, config.rank)
+      common.write_results(workdir, out)
+    logging.info('init statistics, %d examples: %s', n, out['inits'][str(n)])
+    return task, general
+
+  def one(name, n, stats, lr, seed, stage):
     if (name, n, lr, seed) in done:
       return
     variant = runs[name]
+    task, general = stats
     order = (
         np.arange(len(train_seqs))
         if seed == config.seeds[0]
@@ -318,30 +321,48 @@ def run(config, workdir: str) -> None:
     done.add((name, n, lr, seed))
     logging.info('%s: %s', name, out['runs'][-1]['eval'][-1])
 
-  reuse = config.lr_from_examples
-  if reuse:
+  def reused(reuse, labels, field):
     rates = chosen_rates(out, reuse, config.task)
-    missing = [name for name in names if name not in rates]
+    missing = [name for name in labels if name not in rates]
     if missing:
       common.fail(
-          'lr_from_examples',
-          f'a number of init examples whose grid ran for {missing}',
-          reuse,
+          field,
+          f'labels whose grid ran at {reuse} init examples (not {missing})',
+          reuse if field == 'lr_from_examples' else labels,
       )
+    return rates
+
+  n, reuse = config.init.num_examples, config.lr_from_examples
+  rates = reused(reuse, names, 'lr_from_examples') if reuse else None
+  stats = init_stats(n, names)
   for name in names:
     if not reuse:
       for lr in config.learning_rates:
-        one(name, lr, config.seeds[0], 'grid')
+        one(name, n, stats, lr, config.seeds[0], 'grid')
       lr = chosen_rates(out, n, config.task)[name]
     else:
       lr = rates[name]
     for seed in config.seeds:
       one(
           name,
+          n,
+          stats,
           lr,
           seed,
           'grid' if seed == config.seeds[0] and not reuse else 'seeds',
       )
+  # The example sweep: the rates of this launch's count, no grid.
+  labels = list(config.sweep.only) or names
+  rates = (
+      reused(reuse or n, labels, 'sweep.only')
+      if config.sweep.examples
+      else None
+  )
+  for m in config.sweep.examples:
+    stats = init_stats(m, labels)
+    for name in labels:
+      for seed in config.seeds:
+        one(name, m, stats, rates[name], seed, 'seeds')
   common.finish(workdir, summarize(out), plot)
 
 

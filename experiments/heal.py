@@ -115,7 +115,7 @@ def run(config, workdir: str) -> None:
         m, val_seqs, batch_size=config.val.batch_size, progress=False
     ).perplexity
 
-  txs = {}
+  txs, wrts = {}, {}
   done = {_key(r) for r in out['runs']}
 
   def one(name, lr, seed, stage):
@@ -135,7 +135,16 @@ def run(config, workdir: str) -> None:
           layer.a[...], layer.b[...] = adapters.balance(
               layer.a[...], layer.b[...]
           )
-    wrt = training.factor_filter(compressed)
+    # One filter object per set of factored layers: the jitted train step
+    # (keyed by it) compiles once per rate, not once per run.
+    factored = frozenset(
+        tuple(path)
+        for path, m in nnx.iter_modules(compressed)
+        if isinstance(m, surgery.FactoredLinear)
+    )
+    if factored not in wrts:
+      wrts[factored] = training.factor_filter(compressed)
+    wrt = wrts[factored]
     if lr not in txs:
       txs[lr] = common.make_tx(dict(t, learning_rate=lr))
     order = (

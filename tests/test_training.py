@@ -170,30 +170,64 @@ def _launch(*args):
   )
 
 
+def _finished_run(name, method, lr, seed, val):
+  """A finished run as results.json records it (eval rows at 0, 2, 4)."""
+  return dict(
+      run=name,
+      method=method,
+      split='own',
+      mu=0.0,
+      mu_rule='energy',
+      examples=4,
+      learning_rate=lr,
+      seed=seed,
+      stage='grid',
+      trainable=1,
+      median_mu=0.0,
+      eval=[
+          dict(step=s, ppl_sotu=p, ppl_wikipedia=p)
+          for s, p in ((0, 9.0), (2, 8.0), (4, 7.0))
+      ],
+      val=dict(ppl_sotu=val, ppl_wikipedia=val),
+      train=[dict(step=s, loss=1.0, seconds=0.1) for s in range(1, 5)],
+  )
+
+
 def test_finetune_adapters_quick(tmp_path):
+  # One launch: a finished run already in results.json is kept and skipped
+  # (a rerun's resume), the grid and seeds at 4 examples, then an
+  # example-sweep point (2 examples) at the rates chosen at 4, no grid.
+  kept = _finished_run('lora', 'lora', 1e-3, 0, val=1e12)  # never chosen
+  results.write_json(
+      str(tmp_path / 'results.json'), dict(runs=[kept], inits={})
+  )
   proc = _launch(
       '--config=experiments/configs/finetune_adapters.py:quick',
       f'--workdir={tmp_path}',
+      '--config.sweep.examples=(2,)',
+      "--config.sweep.only=('coala_energy_balanced',)",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = results.read_json(str(tmp_path / 'results.json'))
+  assert out['runs'][0] == kept
   labels = ['lora', 'coala_energy_balanced', 'coala_kpa_balanced']
   assert list(dict.fromkeys(r['run'] for r in out['runs'])) == labels
-  by_label = {n: [r for r in out['runs'] if r['run'] == n] for n in labels}
+  main = [r for r in out['runs'] if r['examples'] == 4]
+  by_label = {n: [r for r in main if r['run'] == n] for n in labels}
+  chosen = {}
   for name, runs in by_label.items():
     # The grid (1e-3, 3e-3) on seed 0, then seed 1 at the chosen rate,
-    # chosen on the validation set.
+    # chosen on the validation set; lora's 1e-3 run is the kept one.
     grid = {r['learning_rate']: r for r in runs if r['stage'] == 'grid'}
-    assert sorted(grid) == [1e-3, 3e-3] and all(
-        r['seed'] == 0 for r in grid.values()
-    )
-    chosen = min(grid, key=lambda lr: grid[lr]['val']['ppl_sotu'])
+    assert len(runs) == 3 and sorted(grid) == [1e-3, 3e-3]
+    assert all(r['seed'] == 0 for r in grid.values())
+    chosen[name] = min(grid, key=lambda lr: grid[lr]['val']['ppl_sotu'])
     (other,) = [r for r in runs if r['stage'] == 'seeds']
-    assert (other['seed'], other['learning_rate']) == (1, chosen)
+    assert (other['seed'], other['learning_rate']) == (1, chosen[name])
     for r in runs:
       assert [e['step'] for e in r['eval']] == [0, 2, 4]
       assert r['eval'][-1]['ppl_sotu'] < r['eval'][0]['ppl_sotu']
-      assert r['examples'] == 4
+  assert chosen['lora'] == 3e-3
   mu = by_label['coala_energy_balanced'][0]
   assert (mu['method'], mu['split'], mu['mu_rule']) == (
       'coala',
@@ -201,39 +235,28 @@ def test_finetune_adapters_quick(tmp_path):
       'energy',
   )
   assert mu['mu'] == 1.0 and mu['median_mu'] > 0
-  assert by_label['lora'][0]['median_mu'] == 0
+  assert by_label['lora'][1]['median_mu'] == 0
   # 4 examples of 8 tokens: every layer's X is short of data (32 < 576).
   (flags,) = out['inits']['4']['by_width'].values()
   assert flags['short'] == flags['layers'] == 4
   assert out['inits']['4']['tokens'] == 32
-  assert (tmp_path / 'finetune_curves.png').stat().st_size > 0
+  assert out['inits']['2']['tokens'] == 16
+  # The sweep point: both seeds at the rate chosen at 4 examples.
+  sweep = [r for r in out['runs'] if r['examples'] == 2]
+  assert [(r['run'], r['seed'], r['stage']) for r in sweep] == [
+      ('coala_energy_balanced', 0, 'seeds'),
+      ('coala_energy_balanced', 1, 'seeds'),
+  ]
+  assert {r['learning_rate'] for r in sweep} == {
+      chosen['coala_energy_balanced']
+  }
+  assert out['runs'][-len(sweep) :] == sweep  # after the main count
   summary = (tmp_path / 'summary.md').read_text()
   assert '| coala_kpa_balanced |' in summary and 'target' in summary
+  assert '## Init examples sweep' in summary
   assert not os.listdir(tmp_path / 'checkpoints')  # removed when done
-  # A rerun keeps every finished run; an example-sweep point reuses the
-  # rates chosen at 4 examples and runs no grid.
-  again = _launch(
-      '--config=experiments/configs/finetune_adapters.py:quick',
-      f'--workdir={tmp_path}',
-      '--config.init.num_examples=2',
-      '--config.lr_from_examples=4',
-      "--config.only=('coala_energy_balanced',)",
-  )
-  assert again.returncode == 0, again.stderr[-3000:]
-  rerun = results.read_json(str(tmp_path / 'results.json'))
-  assert rerun['runs'][: len(out['runs'])] == out['runs']
-  new = rerun['runs'][len(out['runs']) :]
-  assert [(r['run'], r['examples'], r['seed'], r['stage']) for r in new] == [
-      ('coala_energy_balanced', 2, 0, 'seeds'),
-      ('coala_energy_balanced', 2, 1, 'seeds'),
-  ]
-  assert {r['learning_rate'] for r in new} == {
-      r['learning_rate']
-      for r in by_label['coala_energy_balanced']
-      if r['stage'] == 'seeds'
-  }
-  assert '## Init examples sweep' in (tmp_path / 'summary.md').read_text()
-  assert (tmp_path / 'examples_sweep.png').stat().st_size > 0
+  for png in ('finetune_curves.png', 'examples_sweep.png'):
+    assert (tmp_path / png).stat().st_size > 0
 
 
 def test_heal_quick(tmp_path):

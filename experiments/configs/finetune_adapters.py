@@ -4,6 +4,8 @@ r"""Adapter initialisations from few examples (rank 8), over seeds and rates.
   python launch.py --config=experiments/configs/finetune_adapters.py \
       --config.init.num_examples=96 --config.lr_from_examples=24 \
       --config.only="('coala_balanced',)"
+  python launch.py --config=experiments/configs/finetune_adapters.py \
+      --config.only="('coala_balanced',)" --config.sweep.examples="(8, 96)"
   python launch.py --config=experiments/configs/finetune_adapters.py:quick
 
 Adapts the default model (SmolLM2-135M) to State of the Union speeches:
@@ -36,7 +38,8 @@ def get_config(arg=None):
   and skipped on a rerun; a killed one resumes from its checkpoint),
   summary.md, finetune_curves.png and examples_sweep.png. `only` picks run
   labels for one launch; `init.num_examples` with `lr_from_examples` adds a
-  point of the example sweep at the rates chosen there. `quick`: 2 blocks,
+  point of the example sweep at the rates chosen there, `sweep.examples`
+  adds points after this launch's count at its rates. `quick`: 2 blocks,
   4 steps.
   """
   config = ml_collections.ConfigDict()
@@ -76,6 +79,10 @@ def get_config(arg=None):
   )  # learning_rate: unused, the grid below sets it
   config.learning_rates = (1e-4, 3e-4, 1e-3)  # grid on seeds[0]
   config.lr_from_examples = 0  # > 0: reuse the rates chosen there, no grid
+  # The example sweep in the same launch: after the runs above, every count
+  # of `examples` for the labels of `only` (empty: the launch's), all seeds
+  # at the rates chosen at init.num_examples (or lr_from_examples), no grid.
+  config.sweep = dict(examples=(), only=())
   # Test: the first windows of the held-out (eval) split of each corpus.
   config.eval = dict(
       corpora=('sotu', 'wikipedia'), num_tokens=1024, seq_len=128, batch_size=8
