@@ -24,11 +24,15 @@ $(DEV_SITE)/.installed: requirements-dev.txt $(VENV)/.installed
 	$(BIN)/pip install --no-deps --target $(DEV_SITE) -r requirements-dev.txt
 	touch $@
 
-$(VENV)/.installed: requirements.txt requirements-assets.txt pyproject.toml
+# The package is installed editable, without build isolation: setup.py
+# compiles its LAPACK fold extension (C++, g++) against the jaxlib just
+# installed.
+$(VENV)/.installed: requirements.txt requirements-assets.txt pyproject.toml \
+		setup.py ctxlr/linalg/_lapack_fold.cc
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install --no-deps -r requirements-assets.txt
-	$(BIN)/pip install --no-deps -e .
+	$(BIN)/pip install --no-deps --no-build-isolation -e .
 	touch $@
 
 run: setup
@@ -36,11 +40,11 @@ run: setup
 
 # Formatting (pyink, the Flax/optax formatter), the docstring examples, tests.
 test: setup $(DEV_SITE)/.installed
-	$(BIN)/pyink --check --diff ctxlr experiments tests launch.py conftest.py
+	$(BIN)/pyink --check --diff ctxlr experiments tests launch.py conftest.py setup.py
 	$(BIN)/python -m pytest -q --doctest-modules ctxlr
 	PYTHONPATH=$(DEV_SITE) $(BIN)/python -m pytest -q tests/test_third_party_hf.py
 	PYTHONPATH=$(DEV_SITE) $(BIN)/python -m pytest -q tests/test_third_party_gemma.py
 	$(BIN)/python -m pytest -q tests
 
 format: setup
-	$(BIN)/pyink ctxlr experiments tests launch.py conftest.py
+	$(BIN)/pyink ctxlr experiments tests launch.py conftest.py setup.py

@@ -16,10 +16,10 @@ An optional healing part trains the factors of one row's model
 seconds.
 
 Calibration fold: `config.dense_fold` (default True) makes the calibration
-use the dense-QR fold `qr_r([X_b; R])` (docs/method.md §3). The library's
-`qr.fold_r_unchecked` is that same dense fold today (the structured `tpqrt`
-fold compiles for seconds per input shape inside the whole-model step), so
-the switch only matters if the library's fold changes.
+use the dense-QR fold `qr_r([X_b; R])` (docs/method.md §3), the fold the
+recorded rows were computed with. The library's `qr.fold_r_unchecked` on
+CPU is LAPACK's structured ?tpqrt (`linalg/lapack_fold.py`): the same R to
+rounding, faster.
 """
 
 import contextlib
@@ -29,7 +29,6 @@ from typing import Any
 
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
@@ -227,27 +226,21 @@ def _row_result(label, row, spec, report, ppl, dense, seconds):
   return out
 
 
-@jax.jit
-def _dense_fold(r: jax.Array, block: jax.Array) -> jax.Array:
-  """`qr_r([X_b; R])`: the dense fold (same R as the structured one)."""
-  dtype = jnp.result_type(jnp.float32, r.dtype, block.dtype)
-  return qr.qr_r_unchecked(
-      jnp.concatenate([block.astype(dtype), r.astype(dtype)])
-  )
-
-
 @contextlib.contextmanager
 def folding(dense: bool):
   """Calibration inside uses the dense fold if `dense` (module docstring)."""
   if not dense:
     yield
     return
-  saved = qr.fold_r_unchecked
-  qr.fold_r_unchecked = _dense_fold
+  # Calibration steps compile once per model: cleared on both sides of the
+  # swap so that no step compiled with one fold runs with the other.
+  jax.clear_caches()
+  saved, qr.fold_r_unchecked = qr.fold_r_unchecked, qr.fold_r_dense
   try:
     yield
   finally:
     qr.fold_r_unchecked = saved
+    jax.clear_caches()
 
 
 def run(config, workdir: str) -> None:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ctxlr.linalg import checks
+from ctxlr.linalg import lapack_fold
 
 
 def canonical_signs(r: jax.Array) -> jax.Array:
@@ -64,21 +65,35 @@ def qr_r(x: jax.Array) -> jax.Array:
   return qr_r_unchecked(jnp.asarray(x))
 
 
+# Below this width the dense fold's single geqrf beats the structured one.
+STRUCTURED_MIN_D = 64
+
+
 @jax.jit
 def fold_r_unchecked(r: jax.Array, block: jax.Array) -> jax.Array:
-  """`fold_r` without argument checks, for the package's hot loops: the
-  dense QR of the stacked rows (`fold_r_dense`)."""
-  return fold_r_dense(r, block)
+  """`fold_r` without argument checks, for the package's hot loops.
+
+  On CPU, where the LAPACK extension is built (`lapack_fold.available()`)
+  and `d >= STRUCTURED_MIN_D`, the structured fold (`lapack_fold.fold`,
+  LAPACK `?tpqrt`: R's zeros never touched); elsewhere (GPU, TPU, no
+  extension) the dense QR of the stacked rows (`fold_r_dense`). Both give
+  the same R to rounding (docs/method.md §3).
+  """
+  dtype = checks.compute_dtype(r.dtype, block.dtype)
+  r, block = r.astype(dtype), block.astype(dtype)
+  if r.shape[-1] < STRUCTURED_MIN_D or not lapack_fold.available():
+    return fold_r_dense(r, block)
+  return jax.lax.platform_dependent(
+      r, block, cpu=lapack_fold.fold, default=fold_r_dense
+  )
 
 
 @jax.jit
 def fold_r_dense(r: jax.Array, block: jax.Array) -> jax.Array:
   """The dense fold: `qr_r([X_block; R])`, R's zeros included.
 
-  LAPACK's structured `stpqrt` skips them and calibrates faster on CPU, but
-  called from inside a jitted step (a host callback) it hung at random
-  inside LAPACK, and the JAX recursion of `tpqrt.fold` compiles for minutes
-  inside a whole-model step (docs/results/bench_pipeline/).
+  About `2(b + d)d² − 2d³/3` flops against `2bd²` for the structured fold
+  (docs/results/bench_pipeline/); what accelerators run.
   """
   dtype = checks.compute_dtype(r.dtype, block.dtype)
   r, block = r.astype(dtype), block.astype(dtype)

@@ -19,10 +19,10 @@ panels run at matrix-vector speed) and `2 b d²` for the Gram update
 
 Not used by calibration: the recursion unrolls into a large program, and a
 calibration step that inlines one per distinct layer input compiled for
-about a minute per two blocks of the default model. LAPACK's own `stpqrt`
-called from the step through `jax.pure_callback` compiles at once and
-calibrates faster, but hung at random inside LAPACK on XLA's callback
-thread; docs/results/bench_pipeline/ measures all three folds.
+about a minute per two blocks of the default model. On CPU calibration runs
+LAPACK's own `?tpqrt` as an XLA FFI call (`lapack_fold.py`), on
+accelerators the dense fold; docs/results/bench_pipeline/ measures all of
+them.
 """
 
 import functools
