@@ -65,7 +65,9 @@ def qr_r(x: jax.Array) -> jax.Array:
   return qr_r_unchecked(jnp.asarray(x))
 
 
-# Below this width the dense fold's single geqrf beats the structured one.
+# Below this width the structured fold's fixed costs show: at blocks of 4d
+# rows it took 1.2-1.3x the dense fold's time at d = 16 and 32, 0.85x at 64
+# (one core; at 2,048-row blocks it wins from d = 16).
 STRUCTURED_MIN_D = 64
 
 
