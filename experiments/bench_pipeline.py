@@ -7,14 +7,14 @@ child process (`python -m experiments.bench_pipeline PART CONFIG OUT`):
   evaluation batch shape, (b) `evaluation.perplexity`, (c) calibration with
   R only, (d) with the Gram only (what SVD-LLM accumulates), (e) with both;
   whole passes timed round-robin (`timing.time_calls`), compile time apart;
-  then (f) calibration with R folded by LAPACK's stpqrt from inside the
-  step (`_fold_stpqrt`, a host callback; measured, not the library's).
+  then (f) calibration with R folded densely (`qr.fold_r_dense`, what
+  accelerators and an install without the LAPACK extension run).
 * solve: the solve of every layer (`pipeline.factorize_layers`, coala)
   against the same SVDs of `R K` run back to back in LAPACK (SciPy).
-* fold: one fold of a calibration block into R (the dense QR of `[X_b; R]`
-  that calibration runs, the structured fold of `linalg/tpqrt.py`, LAPACK's
-  stpqrt through SciPy) against the Gram update, per distinct input width,
-  one pinned core.
+* fold: one fold of a calibration block into R (LAPACK ?tpqrt as the XLA
+  FFI call calibration runs on CPU, the same through SciPy on host arrays,
+  the JAX recursion of `linalg/tpqrt.py`, the dense QR of `[X_b; R]`)
+  against the Gram update, per distinct input width, one pinned core.
 * scaling: seconds and peak RSS of calibration (R only) at growing token
   counts, one child each, next to the size the stacked activations would take.
 * processes: weak scaling of data-parallel calibration, 1 process on 1 core
@@ -47,7 +47,7 @@ THROUGHPUT = (  # the calls of the throughput part
     'calib_r',
     'calib_gram',
     'calib_both',
-    'calib_r_stpqrt',
+    'calib_r_dense',
 )
 _MODULE = 'experiments.bench_pipeline'
 
@@ -125,24 +125,23 @@ def throughput(cfg: dict) -> dict:
       min_seconds=0.0,
       warmup=False,  # the first calls above
   )
-  # LAPACK's structured stpqrt called from the calibration step (a host
-  # callback, `_fold_stpqrt`) in place of the library's dense fold: swapped
-  # in after the caches are cleared (calibration's step is compiled once
-  # per model), timed on its own after the round-robin above.
+  # The dense fold in place of the library's (calibration's step is
+  # compiled once per model: swapped in after the caches are cleared),
+  # timed on its own after the round-robin above.
   from ctxlr.linalg import qr  # pylint: disable=g-import-not-at-top
 
-  if cfg.get('calls') and 'calib_r_stpqrt' not in cfg['calls']:
+  if cfg.get('calls') and 'calib_r_dense' not in cfg['calls']:
     return _rates(timed, compile_s, evals, batches)
   jax.clear_caches()
-  library, qr.fold_r_unchecked = qr.fold_r_unchecked, _fold_stpqrt
+  library, qr.fold_r_unchecked = qr.fold_r_unchecked, qr.fold_r_dense
   try:
-    structured = calibrate(stats_lib.Want())
+    dense = calibrate(stats_lib.Want())
     start = time.perf_counter()
-    jax.block_until_ready(jax.tree.leaves(structured()))
-    compile_s['calib_r_stpqrt'] = time.perf_counter() - start
+    jax.block_until_ready(jax.tree.leaves(dense()))
+    compile_s['calib_r_dense'] = time.perf_counter() - start
     timed.update(
         timing.time_calls(
-            dict(calib_r_stpqrt=(structured, ())),
+            dict(calib_r_dense=(dense, ())),
             repeats=cfg['repeats'],
             min_seconds=0.0,
             warmup=False,
@@ -150,6 +149,7 @@ def throughput(cfg: dict) -> dict:
     )
   finally:
     qr.fold_r_unchecked = library
+    jax.clear_caches()
   return _rates(timed, compile_s, evals, batches)
 
 
@@ -182,36 +182,14 @@ def _stpqrt(r, block):
   return out * np.where(np.diagonal(out) < 0, -1, 1).astype(out.dtype)[:, None]
 
 
-def _fold_stpqrt(r, block):
-  """stpqrt from inside a jitted step, through `jax.pure_callback`.
-
-  Measured only: it hung at random inside LAPACK on XLA's callback thread
-  (never in these calibrations, in micro-benchmarks), so the library folds
-  densely. float32 and d >= 256 (below, the callback's fixed cost loses).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  from ctxlr.linalg import qr  # pylint: disable=g-import-not-at-top
-
-  r, block = r.astype(np.float32), block.astype(np.float32)
-  if r.shape[1] < 256:
-    return qr.fold_r_dense(r, block)
-  return jax.pure_callback(
-      _stpqrt,
-      jax.ShapeDtypeStruct(r.shape, r.dtype),
-      r,
-      block,
-      vmap_method='sequential',
-  )
-
-
 def solve(cfg: dict) -> dict:
   """factorize_layers (coala) against back-to-back LAPACK SVDs of R K."""
-  import jax  # pylint: disable=g-import-not-at-top
   import scipy.linalg  # pylint: disable=g-import-not-at-top
   from ctxlr import allocation  # pylint: disable=g-import-not-at-top
   from ctxlr import calibration  # pylint: disable=g-import-not-at-top
   from ctxlr import pipeline  # pylint: disable=g-import-not-at-top
   from ctxlr import surgery  # pylint: disable=g-import-not-at-top
+  from ctxlr.linalg import solvers  # pylint: disable=g-import-not-at-top
 
   model, layers, batches, _ = _setup(cfg)
   stats = calibration.layer_stats(model, batches, layers)
@@ -223,24 +201,44 @@ def solve(cfg: dict) -> dict:
       n: np.asarray(stats[n].r, np.float32) @ np.asarray(kernels[n])
       for n in todo
   }
-  seconds = dict(ours=[], lapack=[])
-  pipeline.factorize_layers(kernels, stats, ranks, method='coala')  # compile
-  for _ in range(cfg['repeats']):
-    start = time.perf_counter()
-    jax.block_until_ready(
-        jax.tree.leaves(
-            pipeline.factorize_layers(kernels, stats, ranks, method='coala')
-        )
-    )
-    seconds['ours'].append(time.perf_counter() - start)
-    start = time.perf_counter()
+
+  def ours():
+    return pipeline.factorize_layers(kernels, stats, ranks, method='coala')
+
+  def lapack():
     for m in rk.values():
       scipy.linalg.svd(m, full_matrices=False, lapack_driver='gesdd')
-    seconds['lapack'].append(time.perf_counter() - start)
-  med = {k: float(np.median(v)) for k, v in seconds.items()}
+
+  # Where the solve's time goes beyond the SVDs: the solver's jitted core
+  # (R K, its SVD, K V) and the error check (`relative_error`: R K again,
+  # a b, R (a b)), each over every layer.
+  factors = ours()
+
+  def core():
+    return [solvers._ctx_full(kernels[n], stats[n].r) for n in todo]
+
+  def error():
+    return [
+        pipeline.relative_error(
+            kernels[n], stats[n].r, factors[n]['a'], factors[n]['b']
+        )
+        for n in todo
+    ]
+
+  t = timing.time_calls(
+      dict(
+          ours=(ours, ()),
+          lapack=(lapack, ()),
+          core=(core, ()),
+          error=(error, ()),
+      ),
+      repeats=cfg['repeats'],
+      min_seconds=0.0,
+  )
+  med = {k: v['median'] for k, v in t.items()}
   return dict(
       layers=len(todo),
-      seconds=seconds,
+      timing=t,
       median=med,
       ratio=med['ours'] / med['lapack'],
   )
@@ -248,11 +246,13 @@ def solve(cfg: dict) -> dict:
 
 def fold(cfg: dict) -> list[dict]:
   """The folds vs the Gram update at the calibration block, one core:
-  LAPACK's stpqrt (SciPy, host arrays), the JAX recursion of `tpqrt.fold`,
-  and the dense QR of the stacked rows (what calibration runs)."""
+  LAPACK ?tpqrt as an XLA FFI call (what calibration runs on CPU), the
+  same through SciPy on host arrays, the JAX recursion of `tpqrt.fold`, and
+  the dense QR of the stacked rows (accelerators)."""
   core = timing.pin_to_one_core()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ctxlr.linalg import lapack_fold  # pylint: disable=g-import-not-at-top
   from ctxlr.linalg import qr  # pylint: disable=g-import-not-at-top
   from ctxlr.linalg import tpqrt  # pylint: disable=g-import-not-at-top
 
@@ -269,6 +269,7 @@ def fold(cfg: dict) -> list[dict]:
     r_np, x_np = np.asarray(r), np.asarray(x)
     t = timing.time_calls(
         dict(
+            ffi=(jax.jit(lapack_fold.fold), (r, x)),
             lapack=(_stpqrt, (r_np, x_np)),
             structured=(tpqrt.fold, (r, x)),
             dense=(dense, (r, x)),
@@ -283,6 +284,7 @@ def fold(cfg: dict) -> list[dict]:
             b=b,
             core=core,
             **{k: v['median'] for k, v in t.items()},
+            ffi_over_gram=t['ffi']['median'] / t['gram']['median'],
             lapack_over_gram=t['lapack']['median'] / t['gram']['median'],
             structured_over_gram=t['structured']['median']
             / t['gram']['median'],
@@ -534,13 +536,13 @@ def summarize(out: dict) -> str:
         f'calibration with R <= 1.3x the time of the Gram-only one '
         f"(measured {gram / t['calib_r']['tokens_per_s']:.2f}x"
         + (
-            f"; {gram / t['calib_r_stpqrt']['tokens_per_s']:.2f}x with "
-            'the stpqrt fold'
-            if 'calib_r_stpqrt' in t
+            f"; {gram / t['calib_r_dense']['tokens_per_s']:.2f}x with "
+            'the dense fold'
+            if 'calib_r_dense' in t
             else ''
         )
-        + '). calib_r: the library (dense fold); calib_r_stpqrt: LAPACK '
-        'stpqrt called from the step through a host callback.',
+        + '). calib_r: the library (on CPU the LAPACK ?tpqrt fold); '
+        'calib_r_dense: the dense fold, what accelerators run.',
         '',
     ]
     before = out.get('throughput_before')
@@ -561,15 +563,19 @@ def summarize(out: dict) -> str:
             [
                 'd',
                 'b',
+                'ffi',
                 'lapack',
                 'structured',
                 'dense',
                 'gram',
+                'ffi_over_gram',
                 'lapack_over_gram',
                 'structured_over_gram',
                 'dense_over_gram',
             ],
             dict(
+                ffi='.4f',
+                ffi_over_gram='.2f',
                 lapack='.4f',
                 structured='.4f',
                 dense='.4f',
@@ -579,11 +585,12 @@ def summarize(out: dict) -> str:
                 dense_over_gram='.2f',
             ),
         ),
-        'Seconds per call. lapack: LAPACK stpqrt through SciPy on host '
-        'arrays; structured: `tpqrt.fold` (the same algorithm in JAX); '
-        'dense: `qr.fold_r_dense` (geqrf of the stacked rows, what '
-        'calibration runs); gram: `G + X_bᵀX_b` (XLA). Target: the fold '
-        '<= 1.5x the Gram update.',
+        'Seconds per call. ffi: `lapack_fold.fold`, LAPACK stpqrt called '
+        'by XLA (what calibration runs on CPU); lapack: the same stpqrt '
+        'through SciPy on host arrays; structured: `tpqrt.fold` (the '
+        'algorithm in JAX); dense: `qr.fold_r_dense` (geqrf of the stacked '
+        'rows, what accelerators run); gram: `G + X_bᵀX_b` (XLA). Target: '
+        'the fold <= 1.5x the Gram update.',
         '',
     ]
   if 'solve' in out:
@@ -594,7 +601,14 @@ def summarize(out: dict) -> str:
         f"coala (factorize_layers) {s['median']['ours']:.1f} s, the "
         f'same SVDs of R K back to back in LAPACK '
         f"{s['median']['lapack']:.1f} s: {s['ratio']:.2f}x (target "
-        '<= 1.2x).',
+        '<= 1.2x).'
+        + (
+            f" Of it: the solver's jitted core (R K, its SVD, K V) "
+            f"{s['median']['core']:.1f} s, the error check (R K, a b, "
+            f"R a b) {s['median']['error']:.1f} s."
+            if 'core' in s['median']
+            else ''
+        ),
         '',
     ]
   if 'scaling' in out:

@@ -399,11 +399,13 @@ def test_bench_pipeline_quick(tmp_path):
       'calib_r',
       'calib_gram',
       'calib_both',
-      'calib_r_stpqrt',
+      'calib_r_dense',
   }
   assert all(v['tokens_per_s'] > 0 for v in out['throughput'].values())
   fold = out['fold'][0]
-  assert min(fold[k] for k in ('lapack', 'structured', 'dense', 'gram')) > 0
+  assert (
+      min(fold[k] for k in ('ffi', 'lapack', 'structured', 'dense', 'gram')) > 0
+  )
   assert set(out['cores']) == set(out['load']) == {'throughput', 'fold'}
   assert '| throughput |' in (tmp_path / 'summary.md').read_text()
   summary = (tmp_path / 'summary.md').read_text()
