@@ -4,9 +4,27 @@ Multi-device code (TSQR over a mesh) is tested on CPU with 8 host devices; a
 single-device test simply runs on the first one.
 """
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
+
+# One persistent compilation cache for the session: the experiment tests
+# launch fresh processes that compile the same quick programs again (a
+# second quick main job took 18% less time with it). Removed at exit.
+_CACHE = tempfile.mkdtemp(prefix='ctxlr-tests-jax-cache-')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+for _name, _value in (
+    ('jax_compilation_cache_dir', _CACHE),
+    ('jax_persistent_cache_min_compile_time_secs', 0),
+    ('jax_persistent_cache_min_entry_size_bytes', 0),
+):
+  jax.config.update(_name, _value)
+  os.environ[_name.upper()] = str(_value)  # for the launched processes
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 import jax.numpy as jnp
