@@ -35,6 +35,8 @@ def available() -> bool:
   from scipy.linalg import cython_lapack  # pylint: disable=g-import-not-at-top
 
   capi = cython_lapack.__pyx_capi__
+  if 'stpqrt' not in capi or 'dtpqrt' not in capi:  # a SciPy without them
+    return False
   _lapack_fold.set_lapack(capi['stpqrt'], capi['dtpqrt'])
   for name, capsule in _lapack_fold.handlers().items():
     jax.ffi.register_ffi_target(
