@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = 'ctxlr_tpqrt'
-BLOCK_SIZE = (
-    32  # nb of ?tpqrt: reflectors per block (docs/results/bench_pipeline)
-)
+# nb of ?tpqrt, reflectors per block: 32 was fastest of 16 ... 128 at the
+# default model's widths (docs/results/bench_pipeline).
+BLOCK_SIZE = 32
 
 
 @functools.cache

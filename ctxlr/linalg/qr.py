@@ -94,7 +94,7 @@ def fold_r_unchecked(r: jax.Array, block: jax.Array) -> jax.Array:
 def fold_r_dense(r: jax.Array, block: jax.Array) -> jax.Array:
   """The dense fold: `qr_r([X_block; R])`, R's zeros included.
 
-  About `2(b + d)d² − 2d³/3` flops against `2bd²` for the structured fold
+  About `2(b + d)d² − 2d³/3` flops against `2.5bd²` for the structured fold
   (docs/results/bench_pipeline/); what accelerators run.
   """
   dtype = checks.compute_dtype(r.dtype, block.dtype)
