@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = 'ctxlr_tpqrt'
-# nb of ?tpqrt, reflectors per block: 32 was fastest of 16 ... 128 at the
-# default model's widths (docs/results/bench_pipeline).
+# nb of ?tpqrt, reflectors per block: of 16 ... 128, 32 was the steadiest
+# (1.48-1.59x a Gram update at d = 576 and 1,536, docs/results/bench_pipeline).
 BLOCK_SIZE = 32
 
 
