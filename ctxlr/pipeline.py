@@ -105,25 +105,26 @@ def relative_error(
 ) -> float:
   """`||X(K − a b)||_F / ||X K||_F`, exactly, from R (never X).
 
-  The factors are zero-padded to rank min(d_in, d_out) (a b unchanged), so
-  that one compile per layer shape serves every rank.
+  Computed as `R K − (R a) b`, whose cost grows with the rank; the factors
+  are zero-padded (a b unchanged) to the next multiple of min(d_in, d_out)/8,
+  so that at most 8 compiles per layer shape serve every rank.
   """
   p = min(kernel.shape)
+  step = -(-p // 8)
+  width = min(p, -(-a.shape[1] // step) * step)
   a = np.asarray(a, np.float32)
   b = np.asarray(b, np.float32)
-  a = np.pad(a, ((0, 0), (0, p - a.shape[1])))
-  b = np.pad(b, ((0, p - b.shape[0]), (0, 0)))
+  a = np.pad(a, ((0, 0), (0, width - a.shape[1])))
+  b = np.pad(b, ((0, width - b.shape[0]), (0, 0)))
   return float(_relative_error(kernel, r, a, b))
 
 
 @jax.jit
 def _relative_error(kernel, r, a, b):
   hi = jax.lax.Precision.HIGHEST
-  k = kernel.astype(jnp.float32)
-  rk = jnp.matmul(r.astype(jnp.float32), k, precision=hi)
-  approx = jnp.matmul(
-      r.astype(jnp.float32), jnp.matmul(a, b, precision=hi), precision=hi
-  )
+  r = r.astype(jnp.float32)
+  rk = jnp.matmul(r, kernel.astype(jnp.float32), precision=hi)
+  approx = jnp.matmul(jnp.matmul(r, a, precision=hi), b, precision=hi)
   return checks.relative_norm_traced(rk - approx, rk)  # no f32 overflow
 
 

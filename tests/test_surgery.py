@@ -354,3 +354,31 @@ def test_compress_a_scanned_model_by_layer_name():
   assert report['model_ratio'] < 1 and report['unhandled'] == {}
   assert model.layers.attn.q_proj.a.shape == (2, 16, 4)
   assert model(ids[0]).shape == (2, 7, 64)
+
+
+class _Containers(nnx.Module):
+  """Modules under every container kind the module graph has."""
+
+  def __init__(self):
+    lin = lambda: nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    self.l = nnx.List([lin(), nnx.Dict({'y': lin()})])
+    self.d = nnx.Dict({'x': lin(), '7': lin()})
+    self.t = nnx.data((lin(),))
+    self.pl = nnx.data([lin()])
+    self.pd = nnx.data({3: lin()})
+
+
+def test_module_lookup_by_name_matches_the_graph_search():
+  model = _Containers()
+  found = [(tuple(p), m) for p, m in nnx.iter_modules(model) if p]
+  assert len(found) == 10
+  for path, module in found:
+    name = surgery.path_name(path)
+    assert surgery._path_of(model, name) == path  # keys of the right type
+    assert surgery.get_module(model, name) is module
+  new = nnx.Linear(2, 2, rngs=nnx.Rngs(1))
+  surgery.replace_module(model, 'pd.3', new)
+  assert model.pd[3] is new
+  for bad in ('l.2', 'l.01', 'd.z', 'pd.4', 'x', 'l.0.kernel'):
+    with pytest.raises(ValueError, match=f"No module at path '{bad}'"):
+      surgery.get_module(model, bad)
