@@ -211,7 +211,7 @@ def solve(cfg: dict) -> dict:
 
   # Where the solve's time goes beyond the SVDs: the solver's jitted core
   # (R K, its SVD, K V) and the error check (`relative_error`: R K again,
-  # a b, R (a b)), each over every layer.
+  # R a, (R a) b), each over every layer.
   factors = ours()
 
   def core():
@@ -419,6 +419,7 @@ def run(config, workdir: str) -> None:
       key = f'throughput ({", ".join(missing)})'
     out.setdefault('cores', {})[key] = len(os.sched_getaffinity(0))
     out.setdefault('load', {})[key] = os.getloadavg()[0]
+    out.setdefault('blas', {})[key] = _blas_kernels()
     if part == 'scaling':  # one child per size, each kept when done
       rows = out.pop('scaling_done', [])
       for n in config.scaling_tokens:
@@ -483,6 +484,23 @@ def validate(config) -> None:
     )
 
 
+def _blas_kernels() -> str:
+  """The BLAS builds LAPACK runs on here and the kernels each picked.
+
+  OpenBLAS chooses its kernels for the processor at load time (or as
+  OPENBLAS_CORETYPE says); the fold and the SVDs run on them, XLA's matrix
+  products do not, so the ratios depend on it.
+  """
+  import scipy.linalg  # pylint: disable=g-import-not-at-top,unused-import
+  import threadpoolctl  # pylint: disable=g-import-not-at-top
+
+  return ', '.join(
+      f"{i['internal_api']} {i['version']} {i.get('architecture', '?')}"
+      for i in threadpoolctl.threadpool_info()
+      if i['user_api'] == 'blas'
+  )
+
+
 def _spread(rows: list[dict], key: str) -> float:
   values = [r[key] for r in rows]
   return max(values) / min(values) - 1
@@ -491,11 +509,13 @@ def _spread(rows: list[dict], key: str) -> float:
 def summarize(out: dict) -> str:
   """summary.md: every ratio against its target."""
   lines = [
-      '| part | cores it could use | load average (1 min) at its start |',
-      '|---|---|---|',
+      '| part | cores it could use | load average (1 min) at its start '
+      '| BLAS kernels (threadpoolctl) |',
+      '|---|---|---|---|',
   ]
   lines += [
-      f"| {part} | {cores} | {out.get('load', {}).get(part, float('nan')):.1f} |"
+      f"| {part} | {cores} | {out.get('load', {}).get(part, float('nan')):.1f}"
+      f" | {out.get('blas', {}).get(part, 'not recorded')} |"
       for part, cores in out.get('cores', {}).items()
   ]
   lines.append('')
@@ -604,8 +624,8 @@ def summarize(out: dict) -> str:
         '<= 1.2x).'
         + (
             f" Of it: the solver's jitted core (R K, its SVD, K V) "
-            f"{s['median']['core']:.1f} s, the error check (R K, a b, "
-            f"R a b) {s['median']['error']:.1f} s."
+            f"{s['median']['core']:.1f} s, the error check (R K, R a, "
+            f"(R a) b) {s['median']['error']:.1f} s."
             if 'core' in s['median']
             else ''
         ),
