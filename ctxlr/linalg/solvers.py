@@ -49,7 +49,7 @@ def _ctx_full(kernel: jax.Array, r: jax.Array) -> Factors:
   if rk.shape[0] > rk.shape[1]:
     # R K = Q T: the same σ and V from the SVD of the square T, and neither
     # Q nor R K's U is formed (the whole solve of a 1536 x 576 layer: 67 ms
-    # instead of 94, LAPACK's SVD of R K alone 76; one core).
+    # instead of 94, LAPACK's SVD of R K alone 76; random data, one core).
     rk = jnp.linalg.qr(rk, mode='r')
   _, sigma, vt = jnp.linalg.svd(rk, full_matrices=False)  # vt: f[p, d_out]
   a = jnp.matmul(k, vt.T, precision=_HIGHEST)  # f[d_in, p]
