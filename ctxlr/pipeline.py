@@ -109,9 +109,7 @@ def relative_error(
   are zero-padded (a b unchanged) to the next multiple of min(d_in, d_out)/8,
   so that at most 8 compiles per layer shape serve every rank.
   """
-  p = min(kernel.shape)
-  step = -(-p // 8)
-  width = min(p, -(-a.shape[1] // step) * step)
+  width = solvers.padded_width(a.shape[1], min(kernel.shape))
   a = np.asarray(a, np.float32)
   b = np.asarray(b, np.float32)
   a = np.pad(a, ((0, 0), (0, width - a.shape[1])))

@@ -6,6 +6,7 @@ Given the R of the calibration inputs X (see `qr.py`) and a kernel K
 no inverse.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -27,12 +28,14 @@ class Factors(NamedTuple):
 
 
 def truncate(full: Factors, rank: int) -> Factors:
-  """The first `rank` directions of factors holding every direction.
+  """The first `rank` directions of factors holding at least that many.
 
-  The jitted solvers compute all directions, so they compile once per layer
-  shape; the rank is applied here, by slicing on the host, so that the
-  different ranks of an allocation compile nothing. Under a transformation
-  (jit, vmap) it is an ordinary slice of the traced arrays.
+  The jitted solvers compute all directions (COALA's `a` to a padded width,
+  see `padded_width`), so they compile once per layer shape (COALA: at most
+  8 small programs more for `a`); the rank is applied here, by slicing on
+  the host, so that the different ranks of an allocation compile next to
+  nothing. Under a transformation (jit, vmap) it is an ordinary slice of the
+  traced arrays.
   """
   if not (checks.is_concrete(full.a) and checks.is_concrete(full.b)):
     return Factors(full.a[..., :rank], full.b[..., :rank, :], full.sigma)
@@ -41,19 +44,47 @@ def truncate(full: Factors, rank: int) -> Factors:
   return Factors(jax.device_put(a), jax.device_put(b), full.sigma)
 
 
+def padded_width(rank: int, p: int) -> int:
+  """`rank` rounded up to a multiple of ceil(p/8), at most p.
+
+  Programs whose cost grows with the rank are compiled for this width and
+  their result sliced: at most 8 compiles per shape serve every rank.
+  """
+  step = -(-p // 8)
+  return min(p, -(-rank // step) * step)
+
+
 @jax.jit
-def _ctx_full(kernel: jax.Array, r: jax.Array) -> Factors:
+def _ctx_spectrum(kernel: jax.Array, r: jax.Array):
+  """σ and Vᵀ of R K (compute dtype), compiled once per layer shape."""
   dtype = checks.compute_dtype(kernel.dtype, r.dtype)
-  k = kernel.astype(dtype)
-  rk = jnp.matmul(r.astype(dtype), k, precision=_HIGHEST)  # f[m, d_out]
+  rk = jnp.matmul(r.astype(dtype), kernel.astype(dtype), precision=_HIGHEST)
   if rk.shape[0] > rk.shape[1]:
     # R K = Q T: the same σ and V from the SVD of the square T, and neither
     # Q nor R K's U is formed (the whole solve of a 1536 x 576 layer: 67 ms
     # instead of 94, LAPACK's SVD of R K alone 76; random data, one core).
     rk = jnp.linalg.qr(rk, mode='r')
   _, sigma, vt = jnp.linalg.svd(rk, full_matrices=False)  # vt: f[p, d_out]
-  a = jnp.matmul(k, vt.T, precision=_HIGHEST)  # f[d_in, p]
-  return Factors(a.astype(kernel.dtype), vt.astype(kernel.dtype), sigma)
+  return sigma, vt
+
+
+@functools.partial(jax.jit, static_argnames='width')
+def _ctx_a(kernel: jax.Array, vt: jax.Array, width: int) -> jax.Array:
+  """a = K V_w for the first `width` right singular vectors."""
+  k = kernel.astype(vt.dtype)
+  return jnp.matmul(k, vt[:width].T, precision=_HIGHEST).astype(kernel.dtype)
+
+
+def _ctx_full(
+    kernel: jax.Array, r: jax.Array, rank: int | None = None
+) -> Factors:
+  """Factors of every direction, or (`rank` given) of the first
+  `padded_width(rank, p)`: `a = K V` costs d_in·d_out per direction, and
+  the directions past the rank would be sliced off unused."""
+  sigma, vt = _ctx_spectrum(kernel, r)
+  p = vt.shape[0]
+  width = p if rank is None else padded_width(rank, p)
+  return Factors(_ctx_a(kernel, vt, width), vt.astype(kernel.dtype), sigma)
 
 
 def ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
@@ -86,7 +117,7 @@ def ctx_factors(kernel: jax.Array, r: jax.Array, *, rank: int) -> Factors:
   checks.check_rank(rank, d_in, d_out)
   checks.check_finite('kernel', kernel)
   checks.check_finite('r', r)
-  return truncate(_ctx_full(jnp.asarray(kernel), jnp.asarray(r)), rank)
+  return truncate(_ctx_full(jnp.asarray(kernel), jnp.asarray(r), rank), rank)
 
 
 @jax.jit
