@@ -37,10 +37,37 @@ def _nll_sum(
   logits = nnx.merge(graphdef, state)(ids)  # f32[b, L, V]
   # The normaliser over the whole logits, sliced after the reduction:
   # slicing the logits first copied all of them (measured 1.8x slower).
-  lse = jax.nn.logsumexp(logits, axis=-1)[:, :-1]  # f32[b, L-1]
+  lse = _logsumexp_rows(logits)[:, :-1]  # f32[b, L-1]
   target = jnp.take_along_axis(logits[:, :-1], ids[:, 1:, None], axis=-1)
   nll = lse - target[..., 0]  # f32[b, L-1]
   return jnp.sum(nll.sum(axis=1) * weights)
+
+
+# Rows of logits per chunk of the CPU normaliser: about 2 MiB of them, so
+# that its two passes (max, then the sum of exponentials) read from cache.
+_LSE_CHUNK_BYTES = 2 << 20
+
+
+def _logsumexp_rows(logits: jax.Array) -> jax.Array:
+  """`logsumexp(logits, axis=-1)`; on CPU in chunks of rows.
+
+  The whole-array reduction reads the logits (400 MB for 2,048 positions of
+  a 49,152-word vocabulary) twice from memory; a loop over chunks of rows
+  that fit in cache ran 5x faster on one core. Chunks divide the rows
+  exactly (a ragged remainder was as slow as no chunks); when no divisor of
+  at least 2 rows fits, or off CPU, the reduction is whole.
+  """
+  if jax.default_backend() != 'cpu':
+    return jax.nn.logsumexp(logits, axis=-1)
+  *lead, vocab = logits.shape
+  n = int(np.prod(lead))
+  fit = max(2, _LSE_CHUNK_BYTES // (vocab * logits.dtype.itemsize))
+  rows = max((k for k in range(2, min(fit, n) + 1) if n % k == 0), default=0)
+  if not rows:
+    return jax.nn.logsumexp(logits, axis=-1)
+  chunks = logits.reshape(n // rows, rows, vocab)
+  lse = jax.lax.map(lambda c: jax.nn.logsumexp(c, axis=-1), chunks)
+  return lse.reshape(lead)
 
 
 def _check_ids(name: str, ids: np.ndarray, vocab_size: int) -> None:

@@ -7,6 +7,7 @@ itself is checked against a float64 forward pass in test_models.py).
 import os
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -49,6 +50,24 @@ def reference_nll(model, seqs):
   logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
   picked = np.take_along_axis(logp, seqs[:, 1:, None], -1)[..., 0]
   return -picked.mean()
+
+
+@pytest.mark.parametrize(
+    'shape,chunked', [((2, 12, 40), True), ((1, 13, 40), False)]
+)
+def test_logsumexp_rows_in_chunks(monkeypatch, shape, chunked):
+  """The CPU normaliser in chunks of 3 rows (a prime row count: whole)
+  against float64 NumPy."""
+  monkeypatch.setattr(evaluation, '_LSE_CHUNK_BYTES', 3 * 40 * 4)
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32) * 30
+  got = evaluation._logsumexp_rows(jnp.asarray(x))
+  x64 = x.astype(np.float64)
+  m = x64.max(-1)
+  want = m + np.log(np.exp(x64 - m[..., None]).sum(-1))
+  assert got.shape == shape[:-1]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+  jaxpr = str(jax.make_jaxpr(evaluation._logsumexp_rows)(jnp.asarray(x)))
+  assert ('scan' in jaxpr) == chunked, jaxpr
 
 
 @pytest.mark.parametrize('n,batch_size', [(5, 2), (3, 8)])
