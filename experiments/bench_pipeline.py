@@ -22,7 +22,10 @@ child process (`python -m experiments.bench_pipeline PART CONFIG OUT`):
   the tokens.
 
 Writes results.json (a rerun skips finished parts), summary.md and
-bench_pipeline.png, redrawn from results.json by `plot`.
+bench_pipeline.png, redrawn from results.json by `plot`. `compare_with`
+names another run's workdir (the same parts on other BLAS kernels, say):
+its results are kept under `compared` and its headline ratios are set beside
+this run's.
 """
 
 import json
@@ -95,7 +98,16 @@ def throughput(cfg: dict) -> dict:
   ]
 
   def run_forward():
-    return [forward(state, b) for b in eval_batches]
+    # One batch in flight while the previous one finishes, as evaluation
+    # keeps; each batch's logits (49,152 per token) are dropped once done
+    # rather than held for the whole pass.
+    prev = None
+    for b in eval_batches:
+      out = forward(state, b)
+      if prev is not None:
+        prev.block_until_ready()
+      prev = out
+    return prev
 
   def run_perplexity():
     return evaluation.perplexity(
@@ -184,6 +196,8 @@ def _stpqrt(r, block):
 
 def solve(cfg: dict) -> dict:
   """factorize_layers (coala) against back-to-back LAPACK SVDs of R K."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import scipy.linalg  # pylint: disable=g-import-not-at-top
   from ctxlr import allocation  # pylint: disable=g-import-not-at-top
   from ctxlr import calibration  # pylint: disable=g-import-not-at-top
@@ -210,12 +224,19 @@ def solve(cfg: dict) -> dict:
       scipy.linalg.svd(m, full_matrices=False, lapack_driver='gesdd')
 
   # Where the solve's time goes beyond the SVDs: the solver's jitted core
-  # (R K, its SVD, K V) and the error check (`relative_error`: R K again,
-  # R a, (R a) b), each over every layer.
+  # (R K, its SVD, K V at the rank's padded width), of it the product R K
+  # alone, and the error check (`relative_error`: R K again, R a, (R a) b),
+  # each over every layer.
   factors = ours()
+  product = jax.jit(lambda r, k: jnp.matmul(r, k, precision='highest'))
 
   def core():
-    return [solvers._ctx_full(kernels[n], stats[n].r) for n in todo]
+    return [
+        solvers._ctx_full(kernels[n], stats[n].r, r) for n, r in todo.items()
+    ]
+
+  def rk_product():
+    return [product(stats[n].r, kernels[n]) for n in todo]
 
   def error():
     return [
@@ -230,6 +251,7 @@ def solve(cfg: dict) -> dict:
           ours=(ours, ()),
           lapack=(lapack, ()),
           core=(core, ()),
+          rk_product=(rk_product, ()),
           error=(error, ()),
       ),
       repeats=cfg['repeats'],
@@ -461,6 +483,11 @@ def run(config, workdir: str) -> None:
           _MODULE, part, cfg, workdir, env=env, timeout_s=cfg['timeout_s']
       )
     results.write_json(path, out)
+  if cfg.get('compare_with'):
+    other = results.read_json(os.path.join(cfg['compare_with'], 'results.json'))
+    other.pop('compared', None)
+    out['compared'] = other
+    results.write_json(path, out)
   results.write_text(os.path.join(workdir, 'summary.md'), summarize(out))
   plot(workdir)
   print(summarize(out))
@@ -481,6 +508,12 @@ def validate(config) -> None:
   if not 0 < config.ratio <= 1:
     raise ValueError(
         f'ratio: expected a number in (0, 1]; got ' f'{config.ratio!r}.'
+    )
+  compare = config.get('compare_with', '')
+  if compare and not os.path.isfile(os.path.join(compare, 'results.json')):
+    raise ValueError(
+        'compare_with: expected a workdir holding results.json; got '
+        f'{compare!r}.'
     )
 
 
@@ -504,6 +537,25 @@ def _blas_kernels() -> str:
 def _spread(rows: list[dict], key: str) -> float:
   values = [r[key] for r in rows]
   return max(values) / min(values) - 1
+
+
+def _headlines(out: dict) -> dict[str, float]:
+  """The ratios a target is set on, of the parts a run has."""
+  h = {}
+  t = out.get('throughput', {})
+  if 'forward' in t and 'perplexity' in t:
+    h['evaluation / forward, tokens/s (>= 0.9)'] = (
+        t['perplexity']['tokens_per_s'] / t['forward']['tokens_per_s']
+    )
+  if 'calib_r' in t and 'calib_gram' in t:
+    h['calibration R / Gram-only, time (<= 1.3)'] = (
+        t['calib_gram']['tokens_per_s'] / t['calib_r']['tokens_per_s']
+    )
+  for row in out.get('fold', []):
+    h[f"fold / Gram update, d = {row['d']} (<= 1.5)"] = row['ffi_over_gram']
+  if 'solve' in out:
+    h['solve / LAPACK SVDs (<= 1.2)'] = out['solve']['ratio']
+  return h
 
 
 def summarize(out: dict) -> str:
@@ -568,7 +620,7 @@ def summarize(out: dict) -> str:
     before = out.get('throughput_before')
     if before:
       lines += [
-          'Before evaluation reduced the logits before slicing them: '
+          f"{before.get('change', 'Before')}: "
           f"forward {before['forward']['tokens_per_s']:.0f} tokens/s, "
           f"perplexity {before['perplexity']['tokens_per_s']:.0f} "
           f"({before['perplexity']['tokens_per_s'] / before['forward']['tokens_per_s']:.2f}x).",
@@ -624,7 +676,13 @@ def summarize(out: dict) -> str:
         '<= 1.2x).'
         + (
             f" Of it: the solver's jitted core (R K, its SVD, K V) "
-            f"{s['median']['core']:.1f} s, the error check (R K, R a, "
+            f"{s['median']['core']:.1f} s"
+            + (
+                f" (the products R K alone {s['median']['rk_product']:.1f} s)"
+                if 'rk_product' in s['median']
+                else ''
+            )
+            + ', the error check (R K, R a, '
             f"(R a) b) {s['median']['error']:.1f} s."
             if 'core' in s['median']
             else ''
@@ -668,6 +726,26 @@ def summarize(out: dict) -> str:
         f"{max(t['seconds'] for t in p['two']):.1f} s for "
         f"{p['two'][0]['tokens']} tokens; efficiency "
         f"{p['efficiency']:.2f} (target >= 0.8).",
+        '',
+    ]
+  if 'compared' in out:
+    other = out['compared']
+    mine, theirs = _headlines(out), _headlines(other)
+    kernels = sorted(set(other.get('blas', {}).values()))
+    lines += [
+        '## The same measures in the compared run',
+        '',
+        'Its BLAS kernels: ' + ('; '.join(kernels) or 'not recorded') + '.',
+        '',
+        results.markdown_table(
+            [
+                dict(measure=k, this_run=v, compared=theirs[k])
+                for k, v in mine.items()
+                if k in theirs
+            ],
+            ['measure', 'this_run', 'compared'],
+            dict(this_run='.2f', compared='.2f'),
+        ),
         '',
     ]
   return '\n'.join(lines)

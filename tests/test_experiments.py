@@ -411,3 +411,20 @@ def test_bench_pipeline_quick(tmp_path):
   summary = (tmp_path / 'summary.md').read_text()
   assert 'evaluation >= 0.9x the forward (measured' in summary
   assert (tmp_path / 'bench_pipeline.png').stat().st_size > 0
+  # A second run set beside the first: its fold ratio next to the first's.
+  proc = _launch(
+      '--config=experiments/configs/bench_pipeline.py:quick',
+      "--config.parts=('fold',)",
+      f'--config.compare_with={tmp_path}',
+      f'--workdir={tmp_path / "second"}',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  second = results.read_json(str(tmp_path / 'second' / 'results.json'))
+  assert second['compared']['fold'] == out['fold']
+  summary = (tmp_path / 'second' / 'summary.md').read_text()
+  assert '## The same measures in the compared run' in summary
+  row = f"| fold / Gram update, d = {fold['d']} (<= 1.5) |"
+  assert (
+      f"{row} {second['fold'][0]['ffi_over_gram']:.2f} | "
+      f"{fold['ffi_over_gram']:.2f} |" in summary
+  ), summary

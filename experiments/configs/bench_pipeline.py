@@ -32,6 +32,9 @@ def get_config(arg=None):
   config.fold_widths = (576, 1536)  # the default model's distinct d_in
   config.scaling_tokens = (8192, 32768, 131072)
   config.timeout_s = 3600
+  # Another run's workdir (the same parts on other BLAS kernels, say): its
+  # results are kept and its headline ratios shown beside this run's.
+  config.compare_with = ''
   if arg == 'quick':
     config.parts = ('throughput', 'solve', 'fold', 'scaling')
     config.num_layers = 1
