@@ -752,18 +752,18 @@ def summarize(out: dict) -> str:
 
 
 def plot(workdir: str) -> None:
-  """bench_pipeline.png from results.json: throughput and scaling."""
+  """bench_pipeline.png from results.json: throughput, fold, scaling."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
   out = results.read_json(os.path.join(workdir, 'results.json'))
-  panels = [p for p in ('throughput', 'scaling') if p in out]
+  panels = [p for p in ('throughput', 'fold', 'scaling') if p in out]
   if not panels:
     return
   fig, axes = plt.subplots(
-      1, len(panels), figsize=(6 * len(panels), 4), squeeze=False
+      1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False
   )
   for ax, part in zip(axes[0], panels):
     if part == 'throughput':
@@ -771,27 +771,59 @@ def plot(workdir: str) -> None:
       ax.barh(names, [out[part][n]['tokens_per_s'] for n in names])
       ax.set_xlabel('tokens / s')
       ax.set_title('throughput (default model)')
+    elif part == 'fold':
+      runs = [('', out[part])]
+      if 'fold' in out.get('compared', {}):
+        runs.append((' (compared run)', out['compared']['fold']))
+      keys = ['ffi', 'lapack', 'structured', 'dense']
+      width = 0.8 / (len(keys) * len(runs))
+      for i, (label, rows) in enumerate(runs):
+        for j, k in enumerate(keys):
+          ax.bar(
+              np.arange(len(rows)) + (i * len(keys) + j) * width - 0.4,
+              [r[f'{k}_over_gram'] for r in rows],
+              width,
+              align='edge',
+              label=k + label,
+              color=f'C{j}',
+              alpha=1.0 if not i else 0.45,
+          )
+      ax.axhline(1.5, color='k', ls=':', lw=1, label='target')
+      ax.set_xticks(range(len(out[part])))
+      ax.set_xticklabels([f"d = {r['d']}" for r in out[part]])
+      ax.set_ylabel('time / Gram update')
+      top = max(
+          r[f'{k}_over_gram'] for _, rows in runs for r in rows for k in keys
+      )
+      ax.set_ylim(0, 1.6 * top)  # room for the legend above the bars
+      ax.legend(fontsize=7, ncol=2, loc='upper left')
+      ax.set_title(f"one fold of b = {out[part][0]['b']} rows")
     else:
       rows = out[part]
+      tokens = [r['tokens'] for r in rows]
       ax.plot(
-          [r['tokens'] for r in rows],
-          [r['seconds'] for r in rows],
+          tokens,
+          [1e3 * r['seconds_per_token'] for r in rows],
           'o-',
-          label='seconds',
+          label='ms / token',
       )
       ax2 = ax.twinx()
       ax2.plot(
-          [r['tokens'] for r in rows],
+          tokens,
           [r['peak_rss_mib'] for r in rows],
           's--',
           color='C1',
           label='peak RSS (MiB)',
       )
       ax.set_xscale('log')
+      ax.set_ylim(bottom=0)
+      ax2.set_ylim(bottom=0)
       ax.set_xlabel('calibration tokens')
-      ax.set_ylabel('seconds')
+      ax.set_ylabel('ms / token')
       ax2.set_ylabel('peak RSS (MiB)')
-      ax.set_title('calibration cost vs tokens')
+      lines = ax.get_lines() + ax2.get_lines()
+      ax.legend(lines, [l.get_label() for l in lines], loc='lower right')
+      ax.set_title('calibration (R only) vs tokens')
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, 'bench_pipeline.png'), dpi=120)
   plt.close(fig)
