@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 TARGET = 'ctxlr_tpqrt'
-# nb of ?tpqrt, reflectors per block: of 16 ... 128, 32 was the steadiest
-# (1.48-1.59x a Gram update at d = 576 and 1,536, docs/results/bench_pipeline).
+# nb of ?tpqrt, reflectors per block: of 16 ... 128, 32 was the fastest at
+# d = 576 (1.38-1.61x a Gram update at d = 576 and 1,536,
+# docs/results/bench_pipeline).
 BLOCK_SIZE = 32
 
 
