@@ -140,7 +140,7 @@ def profile_part(cfg: dict) -> list[dict]:
             (kernel, stats),
         ),
         ('coala', 'jitted core: R K, SVD, K V'): (
-            solvers._ctx_full,
+            functools.partial(solvers._ctx_full, rank=rank),
             (kernel, stats.r),
         ),
         ('coala', 'R K (float32 matmul)'): (matmul, (stats.r, kernel)),

@@ -75,15 +75,12 @@ def _ctx_a(kernel: jax.Array, vt: jax.Array, width: int) -> jax.Array:
   return jnp.matmul(k, vt[:width].T, precision=_HIGHEST).astype(kernel.dtype)
 
 
-def _ctx_full(
-    kernel: jax.Array, r: jax.Array, rank: int | None = None
-) -> Factors:
-  """Factors of every direction, or (`rank` given) of the first
-  `padded_width(rank, p)`: `a = K V` costs d_in·d_out per direction, and
-  the directions past the rank would be sliced off unused."""
+def _ctx_full(kernel: jax.Array, r: jax.Array, rank: int) -> Factors:
+  """σ and V of every direction, `a` of the first `padded_width(rank, p)`:
+  `a = K V` costs d_in·d_out per direction, and the directions past the
+  rank would be sliced off unused."""
   sigma, vt = _ctx_spectrum(kernel, r)
-  p = vt.shape[0]
-  width = p if rank is None else padded_width(rank, p)
+  width = padded_width(rank, vt.shape[0])
   return Factors(_ctx_a(kernel, vt, width), vt.astype(kernel.dtype), sigma)
 
 
